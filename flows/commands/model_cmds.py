@@ -1,0 +1,58 @@
+"""`kedit ask` and `kedit model ...`: load the current model version and use it."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+MODEL_HELP = "Model: 'smollm2' (embedded default) or a local Hugging Face model directory."
+
+
+def register(app: typer.Typer) -> None:
+    model_app = typer.Typer(help="Inspect and prepare the model kedit edits.", no_args_is_help=True)
+
+    @model_app.command("info")
+    def info(model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP)) -> None:
+        """What is loaded: architecture, size, fingerprint, cache path, live version."""
+        from flows.runtime import open_live_model
+
+        live = open_live_model(model)
+        summary = live.summary()
+        for key, value in summary.items():
+            typer.echo(f"{key:>20}: {value}")
+
+    @model_app.command("prepare")
+    def prepare() -> None:
+        """De-quantise the embedded GGUF once and cache it as safetensors."""
+        from kedit_core.model import build_embedded_cache
+
+        path = build_embedded_cache(show_progress=True)
+        typer.echo(f"embedded model cached at {path}")
+
+    app.add_typer(model_app, name="model")
+
+    @app.command("ask")
+    def ask(
+        question: str = typer.Argument(..., help="The question to answer."),
+        model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
+        version: Optional[int] = typer.Option(None, "--version", help="Model version (default: the live one)."),
+        server: Optional[str] = typer.Option(None, "--server", help="Ask a running `kedit serve` at this URL instead."),
+        max_new_tokens: int = typer.Option(48, help="Longest answer in tokens."),
+        as_json: bool = typer.Option(False, "--json", help="Print a JSON object with the version used."),
+    ) -> None:
+        """Greedy answer from the current model version (or a given one)."""
+        if server:
+            from connectors.served import ServedModelClient
+
+            text = ServedModelClient(server).ask(question, max_tokens=max_new_tokens)
+            typer.echo(text)
+            return
+        from flows.runtime import open_live_model
+
+        live = open_live_model(model, version=version)
+        text = live.answer(question, max_new_tokens=max_new_tokens)
+        if as_json:
+            typer.echo(json.dumps({"answer": text, "version": live.version_id, "fingerprint": live.lm.fingerprint}))
+        else:
+            typer.echo(text)

@@ -1,0 +1,118 @@
+"""The DuckDB ledger: one file, a versioned schema, migrations applied on open.
+
+Only `storage/` speaks SQL. Every write runs in a transaction, so a crash mid-write
+leaves the file as it was before the write. DuckDB lets one process hold a file open for
+writing, and kedit has several (a flow, the server, the CLI), so connections are short:
+open, do one unit of work, close; a process that finds the file locked retries for a while
+before giving up with a clear message.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from kedit_core.errors import KeditError
+from storage.schema import MIGRATIONS, SCHEMA_VERSION
+
+
+class StorageError(KeditError):
+    """The ledger cannot be used; the message says why and what to do."""
+
+
+def default_db_path() -> Path:
+    from kedit_core.model import kedit_home
+
+    return kedit_home() / "kedit.duckdb"
+
+
+@dataclass
+class Database:
+    """A handle on the ledger file. Cheap to copy and pass around; holds no open connection."""
+
+    path: Path
+    lock_timeout_s: float = 60.0
+
+    @contextlib.contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection inside one transaction: committed on success, rolled back on error."""
+        # Always a read-write connection: DuckDB refuses a read-only and a read-write handle
+        # on one file in one process, and our connections are short anyway. `read_only`
+        # only skips the explicit transaction.
+        con = _connect_with_retry(self.path, self.lock_timeout_s)
+        try:
+            if read_only:
+                yield con
+            else:
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    yield con
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+        finally:
+            con.close()
+
+    def schema_version(self) -> int:
+        with self.connect(read_only=True) as con:
+            return _read_version(con)
+
+
+def _connect_with_retry(path: Path, timeout_s: float) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path))
+        except duckdb.IOException as exc:
+            # Another process holds the write lock: wait for it (short transactions).
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                raise StorageError(f"cannot open ledger {path}: {exc}") from exc
+            time.sleep(delay + random.random() * delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _read_version(con: duckdb.DuckDBPyConnection) -> int:
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'kedit_meta'"
+    ).fetchone()[0]
+    if not exists:
+        return 0
+    row = con.execute("SELECT value FROM kedit_meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def open_db(path: str | os.PathLike[str] | None = None, upto: int | None = None) -> Database:
+    """Open (creating if needed) the ledger and migrate it to the current schema.
+
+    `upto` stops at an older schema version; tests use it to build previous-version files.
+    Fails with StorageError if the file was written by a newer kedit.
+    """
+    db_path = Path(path) if path is not None else default_db_path()
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    db = Database(db_path)
+    target = SCHEMA_VERSION if upto is None else upto
+    try:
+        with db.connect() as con:
+            current = _read_version(con)
+            if current > SCHEMA_VERSION:
+                raise StorageError(
+                    f"{db_path} was written by a newer kedit (schema v{current}; this kedit knows up to "
+                    f"v{SCHEMA_VERSION}). Upgrade kedit, or point KEDIT_HOME at another folder."
+                )
+            for version in range(current + 1, target + 1):
+                for statement in MIGRATIONS[version]:
+                    con.execute(statement)
+                con.execute(
+                    "INSERT OR REPLACE INTO kedit_meta (key, value) VALUES ('schema_version', ?)", [str(version)]
+                )
+    except duckdb.Error as exc:
+        raise StorageError(f"{db_path} is not a usable kedit ledger: {exc}") from exc
+    return db

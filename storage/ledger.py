@@ -1,0 +1,302 @@
+"""Plain read/write functions for model versions, edit cases and batches, metrics,
+flow cursors and runs. Each function is one transaction."""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from kedit_core.types import EditCase
+from storage.db import Database
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _rows(con, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params or [])
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+# --------------------------------------------------------------------------- model versions
+
+
+def ensure_base_version(db: Database, base_fingerprint: str, base_spec: str) -> int:
+    """The version row of an unedited base (created once per base fingerprint)."""
+    with db.connect() as con:
+        row = con.execute(
+            "SELECT version_id FROM model_versions WHERE base_fingerprint = ? AND status = 'base'",
+            [base_fingerprint],
+        ).fetchone()
+        if row:
+            return int(row[0])
+        vid = con.execute("SELECT coalesce(max(version_id), -1) + 1 FROM model_versions").fetchone()[0]
+        con.execute(
+            "INSERT INTO model_versions (version_id, parent_id, base_fingerprint, base_spec, created, status, "
+            "weights_fingerprint, note) VALUES (?, NULL, ?, ?, ?, 'base', ?, 'unedited base')",
+            [vid, base_fingerprint, base_spec, utcnow(), base_fingerprint],
+        )
+        return int(vid)
+
+
+def add_version(
+    db: Database,
+    parent_id: int,
+    base_fingerprint: str,
+    base_spec: str,
+    method: str,
+    batch_id: str | None,
+    delta_path: str | None,
+    delta_sha256: str | None,
+    weights_fingerprint: str | None = None,
+    status: str = "live",
+    note: str | None = None,
+) -> int:
+    with db.connect() as con:
+        vid = con.execute("SELECT coalesce(max(version_id), -1) + 1 FROM model_versions").fetchone()[0]
+        if status == "live":
+            con.execute(
+                "UPDATE model_versions SET status = 'superseded' WHERE base_fingerprint = ? AND status = 'live'",
+                [base_fingerprint],
+            )
+        con.execute(
+            "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [vid, parent_id, base_fingerprint, base_spec, utcnow(), status, method, batch_id, delta_path,
+             delta_sha256, weights_fingerprint, note],
+        )
+        return int(vid)
+
+
+def set_version_status(db: Database, version_id: int, status: str, note: str | None = None) -> None:
+    with db.connect() as con:
+        con.execute(
+            "UPDATE model_versions SET status = ?, note = coalesce(?, note) WHERE version_id = ?",
+            [status, note, version_id],
+        )
+
+
+def set_live_version(db: Database, base_fingerprint: str, version_id: int) -> None:
+    """Mark `version_id` live and any other live version of the base superseded."""
+    with db.connect() as con:
+        con.execute(
+            "UPDATE model_versions SET status = 'superseded' WHERE base_fingerprint = ? AND status = 'live'",
+            [base_fingerprint],
+        )
+        con.execute(
+            "UPDATE model_versions SET status = 'live' WHERE version_id = ? AND status <> 'base'", [version_id]
+        )
+
+
+def get_version(db: Database, version_id: int) -> dict[str, Any] | None:
+    with db.connect(read_only=True) as con:
+        rows = _rows(con, "SELECT * FROM model_versions WHERE version_id = ?", [version_id])
+    return rows[0] if rows else None
+
+
+def list_versions(db: Database, base_fingerprint: str | None = None) -> list[dict[str, Any]]:
+    with db.connect(read_only=True) as con:
+        if base_fingerprint:
+            return _rows(
+                con, "SELECT * FROM model_versions WHERE base_fingerprint = ? ORDER BY version_id", [base_fingerprint]
+            )
+        return _rows(con, "SELECT * FROM model_versions ORDER BY version_id")
+
+
+def live_version(db: Database, base_fingerprint: str) -> dict[str, Any] | None:
+    """The newest live version of a base, or its base row when nothing is applied."""
+    with db.connect(read_only=True) as con:
+        rows = _rows(
+            con,
+            "SELECT * FROM model_versions WHERE base_fingerprint = ? AND status IN ('live', 'base') "
+            "ORDER BY CASE status WHEN 'live' THEN 0 ELSE 1 END, version_id DESC LIMIT 1",
+            [base_fingerprint],
+        )
+    return rows[0] if rows else None
+
+
+def version_chain(db: Database, version_id: int) -> list[dict[str, Any]]:
+    """Versions from the base (first) to `version_id` (last), following parent links."""
+    chain: list[dict[str, Any]] = []
+    current: int | None = version_id
+    with db.connect(read_only=True) as con:
+        while current is not None:
+            rows = _rows(con, "SELECT * FROM model_versions WHERE version_id = ?", [current])
+            if not rows:
+                raise KeyError(f"model version {current} is not in the ledger")
+            chain.append(rows[0])
+            current = rows[0]["parent_id"]
+    return list(reversed(chain))
+
+
+# --------------------------------------------------------------------------- edit cases
+
+
+def upsert_cases(db: Database, cases: Iterable[EditCase], status: str = "pending", reason: str | None = None) -> int:
+    """Insert new cases; a case id already present is left as it is (idempotent). Returns new rows."""
+    added = 0
+    now = utcnow()
+    with db.connect() as con:
+        for c in cases:
+            exists = con.execute("SELECT 1 FROM edit_cases WHERE case_id = ?", [c.case_id]).fetchone()
+            if exists:
+                continue
+            con.execute(
+                "INSERT INTO edit_cases (case_id, change_id, source, subject, relation, body, status, reason, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [c.case_id, c.change_id, c.source, c.subject, c.relation, c.to_json(), status, reason, now],
+            )
+            added += 1
+    return added
+
+
+def set_case_status(
+    db: Database, case_ids: Iterable[str], status: str, reason: str | None = None, batch_id: str | None = None
+) -> None:
+    ids = list(case_ids)
+    if not ids:
+        return
+    with db.connect() as con:
+        con.executemany(
+            "UPDATE edit_cases SET status = ?, reason = ?, batch_id = coalesce(?, batch_id), updated = ? "
+            "WHERE case_id = ?",
+            [[status, reason, batch_id, utcnow(), cid] for cid in ids],
+        )
+
+
+def get_cases(db: Database, status: str | None = None, limit: int | None = None) -> list[EditCase]:
+    sql = "SELECT body FROM edit_cases"
+    params: list[Any] = []
+    if status:
+        sql += " WHERE status = ?"
+        params.append(status)
+    sql += " ORDER BY created, case_id"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    with db.connect(read_only=True) as con:
+        return [EditCase.from_json(r[0]) for r in con.execute(sql, params).fetchall()]
+
+
+def case_rows(db: Database, status: str | None = None) -> list[dict[str, Any]]:
+    with db.connect(read_only=True) as con:
+        if status:
+            return _rows(con, "SELECT * EXCLUDE (body) FROM edit_cases WHERE status = ? ORDER BY created", [status])
+        return _rows(con, "SELECT * EXCLUDE (body) FROM edit_cases ORDER BY created")
+
+
+def count_cases_by_status(db: Database) -> dict[str, int]:
+    with db.connect(read_only=True) as con:
+        return {s: int(n) for s, n in con.execute("SELECT status, count(*) FROM edit_cases GROUP BY status").fetchall()}
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def create_batch(db: Database, batch_id: str, run_id: str | None, method: str, case_ids: list[str], attempt: int = 1) -> None:
+    with db.connect() as con:
+        con.execute(
+            "INSERT INTO edit_batches (batch_id, run_id, method, status, n_cases, attempt, created) "
+            "VALUES (?, ?, ?, 'applying', ?, ?, ?)",
+            [batch_id, run_id, method, len(case_ids), attempt, utcnow()],
+        )
+        con.executemany(
+            "UPDATE edit_cases SET batch_id = ?, updated = ? WHERE case_id = ?",
+            [[batch_id, utcnow(), cid] for cid in case_ids],
+        )
+
+
+def finish_batch(db: Database, batch_id: str, status: str, reason: str | None = None, version_id: int | None = None) -> None:
+    with db.connect() as con:
+        con.execute(
+            "UPDATE edit_batches SET status = ?, reason = ?, version_id = coalesce(?, version_id), finished = ? "
+            "WHERE batch_id = ?",
+            [status, reason, version_id, utcnow(), batch_id],
+        )
+
+
+def list_batches(db: Database, run_id: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+    sql, params = "SELECT * FROM edit_batches WHERE 1=1", []
+    if run_id:
+        sql += " AND run_id = ?"
+        params.append(run_id)
+    if status:
+        sql += " AND status = ?"
+        params.append(status)
+    with db.connect(read_only=True) as con:
+        return _rows(con, sql + " ORDER BY created, batch_id", params)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def record_metrics(
+    db: Database,
+    values: dict[str, float],
+    run_id: str | None = None,
+    method: str | None = None,
+    step: int | None = None,
+    version_id: int | None = None,
+    batch_id: str | None = None,
+    model_fingerprint: str | None = None,
+) -> None:
+    now = utcnow()
+    with db.connect() as con:
+        con.executemany(
+            "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                [run_id, method, step, name, None if v is None else float(v), version_id, batch_id, model_fingerprint, now]
+                for name, v in values.items()
+            ],
+        )
+
+
+def get_metrics(db: Database, run_id: str | None = None, metric: str | None = None, since: datetime | None = None) -> list[dict[str, Any]]:
+    sql, params = "SELECT * FROM metrics WHERE 1=1", []
+    if run_id:
+        sql += " AND run_id = ?"
+        params.append(run_id)
+    if metric:
+        sql += " AND metric = ?"
+        params.append(metric)
+    if since:
+        sql += " AND created >= ?"
+        params.append(since)
+    with db.connect(read_only=True) as con:
+        return _rows(con, sql + " ORDER BY created, step", params)
+
+
+# --------------------------------------------------------------------------- cursors and runs
+
+
+def get_cursor(db: Database, name: str) -> str | None:
+    with db.connect(read_only=True) as con:
+        row = con.execute("SELECT value FROM flow_cursors WHERE name = ?", [name]).fetchone()
+    return row[0] if row else None
+
+
+def set_cursor(db: Database, name: str, value: str) -> None:
+    with db.connect() as con:
+        con.execute(
+            "INSERT OR REPLACE INTO flow_cursors (name, value, updated) VALUES (?, ?, ?)", [name, value, utcnow()]
+        )
+
+
+def start_run(db: Database, run_id: str, kind: str, config: dict[str, Any], model_fingerprint: str | None) -> None:
+    with db.connect() as con:
+        con.execute(
+            "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, NULL, 'running', ?, ?)",
+            [run_id, kind, utcnow(), json.dumps(config, default=str), model_fingerprint],
+        )
+
+
+def finish_run(db: Database, run_id: str, status: str) -> None:
+    with db.connect() as con:
+        con.execute("UPDATE runs SET finished = ?, status = ? WHERE run_id = ?", [utcnow(), status, run_id])
+
+
+def list_runs(db: Database, kind: str | None = None) -> list[dict[str, Any]]:
+    with db.connect(read_only=True) as con:
+        if kind:
+            return _rows(con, "SELECT * FROM runs WHERE kind = ? ORDER BY started", [kind])
+        return _rows(con, "SELECT * FROM runs ORDER BY started")

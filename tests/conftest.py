@@ -1,0 +1,71 @@
+"""Shared fixtures. Every test gets its own KEDIT_HOME (a temp folder), so tests never touch
+a user's ledger or cache; the embedded model's safetensors cache is shared per session
+(building it takes ~20 s) by pointing at one session-wide folder."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+DATA = REPO / "data"
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("kedit_session_home")
+
+
+@pytest.fixture(autouse=True)
+def kedit_home(tmp_path, monkeypatch, session_home) -> Path:
+    home = tmp_path / "kedit_home"
+    home.mkdir()
+    # Share the session's embedded-model cache so only the first load pays for de-quantising.
+    (session_home / "models").mkdir(exist_ok=True)
+    (home / "models").symlink_to(session_home / "models", target_is_directory=True)
+    monkeypatch.setenv("KEDIT_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def embedded_lm(session_home):
+    """The real embedded model, loaded once per session (integration tests only)."""
+    from kedit_core.model import EMBEDDED_GGUF_NAME, embedded_gguf_path, load_model  # noqa: F401
+
+    old = os.environ.get("KEDIT_HOME")
+    os.environ["KEDIT_HOME"] = str(session_home)
+    try:
+        lm = load_model("smollm2", show_progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("KEDIT_HOME", None)
+        else:
+            os.environ["KEDIT_HOME"] = old
+    return lm
+
+
+@pytest.fixture
+def tiny_llama():
+    from kedit_core.model import tiny_model
+
+    return tiny_model("llama", seed=0)
+
+
+@pytest.fixture
+def tiny_gpt2():
+    from kedit_core.model import tiny_model
+
+    return tiny_model("gpt2", seed=0)
+
+
+@pytest.fixture
+def db(kedit_home):
+    from storage.db import open_db
+
+    return open_db(kedit_home / "test.duckdb")

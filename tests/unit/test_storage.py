@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from kedit_core.types import EditCase, Probe
+from storage import ledger
+from storage.db import StorageError, open_db
+from storage.schema import SCHEMA_VERSION
+
+
+def _tables(path) -> set[str]:
+    con = duckdb.connect(str(path))
+    try:
+        return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    finally:
+        con.close()
+
+
+def test_new_file_gets_current_schema(tmp_path):
+    db = open_db(tmp_path / "a.duckdb")
+    assert db.schema_version() == SCHEMA_VERSION
+    tables = _tables(db.path)
+    for t in ("model_versions", "revisions", "fact_changes", "edit_cases", "edit_batches", "metrics",
+              "flow_cursors", "entity_labels", "edit_memory"):
+        assert t in tables
+
+
+def test_previous_schema_file_is_migrated_and_keeps_data(tmp_path):
+    path = tmp_path / "old.duckdb"
+    old = open_db(path, upto=SCHEMA_VERSION - 1)
+    assert old.schema_version() == SCHEMA_VERSION - 1
+    ledger.set_cursor(old, "nightly", "2026-01-01T00:00:00Z")
+    assert "edit_memory" not in _tables(path)
+    db = open_db(path)
+    assert db.schema_version() == SCHEMA_VERSION
+    assert "edit_memory" in _tables(path)
+    assert ledger.get_cursor(db, "nightly") == "2026-01-01T00:00:00Z"
+
+
+def test_newer_schema_is_refused_clearly(tmp_path):
+    path = tmp_path / "new.duckdb"
+    db = open_db(path)
+    with db.connect() as con:
+        con.execute("UPDATE kedit_meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 5)])
+    with pytest.raises(StorageError, match="newer kedit"):
+        open_db(path)
+
+
+def test_not_a_database_is_refused_clearly(tmp_path):
+    path = tmp_path / "junk.duckdb"
+    path.write_bytes(b"this is not duckdb" * 100)
+    with pytest.raises(StorageError, match="not usable|cannot open"):
+        open_db(path)
+
+
+def test_failed_transaction_leaves_no_partial_write(db):
+    with pytest.raises(RuntimeError):
+        with db.connect() as con:
+            con.execute("INSERT INTO flow_cursors VALUES ('x', '1', now())")
+            raise RuntimeError("crash mid-write")
+    assert ledger.get_cursor(db, "x") is None
+
+
+def test_versions_chain_and_live(db):
+    base = ledger.ensure_base_version(db, "fp0", "tiny")
+    assert ledger.ensure_base_version(db, "fp0", "tiny") == base
+    v1 = ledger.add_version(db, base, "fp0", "tiny", "memit", "b1", "/d1", "sha1")
+    v2 = ledger.add_version(db, v1, "fp0", "tiny", "memit", "b2", "/d2", "sha2")
+    assert ledger.live_version(db, "fp0")["version_id"] == v2
+    assert [r["version_id"] for r in ledger.version_chain(db, v2)] == [base, v1, v2]
+    assert ledger.get_version(db, v1)["status"] == "superseded"
+    ledger.set_version_status(db, v2, "rolled_back")
+    ledger.set_live_version(db, "fp0", v1)
+    assert ledger.live_version(db, "fp0")["version_id"] == v1
+
+
+def test_cases_roundtrip_and_idempotent(db):
+    case = EditCase(
+        case_id="c1", subject="France", relation="P36", prompt="The capital of France is",
+        target_new="Lyon", target_old="Paris", probes=[Probe("paraphrase", "France's capital is", "Lyon")],
+    )
+    assert ledger.upsert_cases(db, [case]) == 1
+    assert ledger.upsert_cases(db, [case]) == 0
+    [back] = ledger.get_cases(db, status="pending")
+    assert back == case
+    ledger.set_case_status(db, ["c1"], "rejected", reason="gate: locality")
+    assert ledger.count_cases_by_status(db) == {"rejected": 1}
+    assert ledger.case_rows(db)[0]["reason"] == "gate: locality"
+
+
+def test_metrics_recorded(db):
+    ledger.record_metrics(db, {"efficacy": 0.9, "locality": 1.0}, run_id="r", method="memit", step=3)
+    rows = ledger.get_metrics(db, run_id="r")
+    assert {(r["metric"], r["value"], r["step"]) for r in rows} == {("efficacy", 0.9, 3), ("locality", 1.0, 3)}
