@@ -35,6 +35,8 @@ EMBEDDED_WHEEL_VERSION = "0.1.2"
 EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The tokenizer and chat template live inside the GGUF; the cache stores both.
 CACHE_FORMAT_VERSION = 1
+# Tiny random models by name, for tests of whole flows (deterministic: seed 0).
+TINY_SPECS = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
 
 
 class ModelLoadError(KeditError):
@@ -238,6 +240,10 @@ def load_model(
     """Load a causal LM for editing and serving, in eval mode, with its fingerprint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec in TINY_SPECS:  # test models, built in memory (flows are tested on these)
+        lm = tiny_model(TINY_SPECS[spec])
+        lm.model.to(device)
+        return lm
     model_dir = resolve_model_dir(spec, show_progress=show_progress)
     _silence_transformers_progress()
     try:
