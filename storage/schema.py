@@ -128,10 +128,6 @@ MIGRATIONS: dict[int, list[str]] = {
             active BOOLEAN NOT NULL DEFAULT TRUE
         )""",
     ],
-    3: [
-        # Memory entries' own metadata (fact key that supersedes older facts, batch id), JSON.
-        """ALTER TABLE edit_memory ADD COLUMN meta TEXT""",
-    ],
 }
 
 SCHEMA_VERSION: int = max(MIGRATIONS)
