@@ -128,6 +128,22 @@ MIGRATIONS: dict[int, list[str]] = {
             active BOOLEAN NOT NULL DEFAULT TRUE
         )""",
     ],
+    3: [
+        # Per-probe scores from the regression gate (known facts, locality drift), so the
+        # drift report can list the worst-hit facts; aggregates stay in `metrics`.
+        """CREATE TABLE probe_results (
+            run_id TEXT,
+            method TEXT,
+            step INTEGER,
+            batch_id TEXT,
+            version_id INTEGER,
+            kind TEXT NOT NULL,            -- known_fact | locality | locality_other | locality_same
+            prompt TEXT NOT NULL,
+            expected TEXT,
+            score DOUBLE,
+            created TIMESTAMP NOT NULL
+        )""",
+    ],
 }
 
 SCHEMA_VERSION: int = max(MIGRATIONS)
