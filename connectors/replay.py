@@ -1,0 +1,271 @@
+"""A loopback HTTP server that answers like the Wikidata action API from a recorded folder,
+so the real `requests` client runs end to end without the internet (tests, demo, benchmark).
+
+Folder layout (see data/wikidata_day/SOURCES.md for one):
+    recentchanges-*.json   `list=recentchanges` answers (MediaWiki shape, formatversion=2);
+                           their rows are merged and re-paged for whatever window is asked
+    revisions/<revid>.json {"title": "Q42", "pageid": 138, "revision": {revid, parentid, timestamp,
+                           user, comment, tags, [texthidden]}, "entity": {...} | null}
+                           (or "content": "<raw text>" to serve a body that is not valid JSON)
+    labels.json            a `wbgetentities` answer holding every entity's labels
+    users.json             {"UserName": {"editcount": 3, "registration": "2024-05-01T00:00:00Z"}}
+
+Handled: action=query&list=recentchanges (rcstart/rcend/rcdir=newer, continuation),
+action=query&prop=revisions&revids=... or &titles=...&rvstart&rvend (continuation),
+action=wbgetentities&ids=..., action=query&list=users. Failures can be injected for the next
+matching requests: maxlag, an HTTP status (429, 500, ...), a slow answer (client timeout),
+a truncated body.
+
+Hand-written on http.server because the job is tiny and must run anywhere with the stdlib.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+
+@dataclass
+class Failure:
+    kind: str  # maxlag | status | slow | truncate
+    status: int = 500
+    retry_after: float | None = None
+    delay_s: float = 0.0
+    match: dict[str, str] = field(default_factory=dict)  # only requests with these params
+
+    def matches(self, params: dict[str, str]) -> bool:
+        return all(params.get(k) == v for k, v in self.match.items())
+
+
+class RecordedWiki:
+    """The recorded data, indexed for answering queries."""
+
+    def __init__(self, folder: str | Path, page_size: int | None = None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"replay folder {self.folder} does not exist")
+        self.changes: list[dict[str, Any]] = []
+        first_page = None
+        for f in sorted(self.folder.glob("recentchanges*.json")):
+            rows = json.loads(f.read_text(encoding="utf-8"))["query"]["recentchanges"]
+            first_page = first_page or len(rows)
+            self.changes.extend(rows)
+        self.changes.sort(key=lambda r: (r["timestamp"], r["rcid"]))
+        # Re-page like the recording did unless told otherwise.
+        self.page_size = page_size or first_page or 500
+        self.revisions: dict[int, dict[str, Any]] = {}
+        for f in sorted((self.folder / "revisions").glob("*.json")):
+            rec = json.loads(f.read_text(encoding="utf-8"))
+            self.revisions[int(rec["revision"]["revid"])] = rec
+        labels = self.folder / "labels.json"
+        self.entities = json.loads(labels.read_text(encoding="utf-8"))["entities"] if labels.exists() else {}
+        users = self.folder / "users.json"
+        self.users = json.loads(users.read_text(encoding="utf-8")) if users.exists() else {}
+
+    # -------------------------------------------------------------- answers
+
+    def recentchanges(self, p: dict[str, str]) -> dict[str, Any]:
+        start, end = p.get("rcstart", ""), p.get("rcend", "\uffff")
+        rows = [r for r in self.changes if start <= r["timestamp"] <= end]
+        if "rccontinue" in p:
+            ts, rcid = p["rccontinue"].split("|")
+            rows = [r for r in rows if (r["timestamp"], r["rcid"]) >= (ts, int(rcid))]
+        limit = self.page_size if p.get("rclimit", "max") == "max" else int(p["rclimit"])
+        page, rest = rows[:limit], rows[limit:]
+        out: dict[str, Any] = {"batchcomplete": True, "query": {"recentchanges": page}}
+        if rest:
+            out["continue"] = {"rccontinue": f"{rest[0]['timestamp']}|{rest[0]['rcid']}", "continue": "-||"}
+        return out
+
+    def _rev_json(self, rec: dict[str, Any]) -> dict[str, Any]:
+        rev = dict(rec["revision"])
+        if rev.get("texthidden"):
+            rev["slots"] = {"main": {"texthidden": True}}
+            return rev
+        content = rec["content"] if "content" in rec else json.dumps(rec.get("entity") or {}, ensure_ascii=False)
+        rev["slots"] = {"main": {"contentmodel": "wikibase-item", "contentformat": "application/json",
+                                 "content": content}}
+        return rev
+
+    def revisions_by_id(self, p: dict[str, str]) -> dict[str, Any]:
+        ids = [int(x) for x in p["revids"].split("|") if x]
+        if len(ids) > 50:
+            return {"error": {"code": "toomanyvalues", "info": "Too many values supplied for parameter \"revids\". The limit is 50."}}
+        pages: dict[str, dict[str, Any]] = {}
+        bad = []
+        for r in ids:
+            rec = self.revisions.get(r)
+            if rec is None:
+                bad.append({"revid": r, "missing": True})
+                continue
+            page = pages.setdefault(rec["title"], {"pageid": rec.get("pageid", 0), "ns": 0, "title": rec["title"],
+                                                   "revisions": []})
+            page["revisions"].append(self._rev_json(rec))
+        query: dict[str, Any] = {"pages": list(pages.values())}
+        if bad:
+            query["badrevids"] = bad
+        return {"batchcomplete": True, "query": query}
+
+    def revisions_by_title(self, p: dict[str, str]) -> dict[str, Any]:
+        title = p["titles"]
+        start, end = p.get("rvstart", ""), p.get("rvend", "\uffff")
+        recs = sorted((r for r in self.revisions.values() if r["title"] == title
+                       and start <= r["revision"]["timestamp"] <= end), key=lambda r: r["revision"]["revid"])
+        if not recs:
+            return {"batchcomplete": True, "query": {"pages": [{"ns": 0, "title": title, "missing": True}]}}
+        if "rvcontinue" in p:
+            recs = [r for r in recs if r["revision"]["revid"] >= int(p["rvcontinue"].split("|")[-1])]
+        limit = int(p.get("rvlimit", "50"))
+        page, rest = recs[:limit], recs[limit:]
+        out: dict[str, Any] = {"query": {"pages": [{"pageid": page[0].get("pageid", 0), "ns": 0, "title": title,
+                                                    "revisions": [self._rev_json(r) for r in page]}]}}
+        if rest:
+            out["continue"] = {"rvcontinue": f"{rest[0]['revision']['timestamp']}|{rest[0]['revision']['revid']}",
+                               "continue": "||"}
+        else:
+            out["batchcomplete"] = True
+        return out
+
+    def wbgetentities(self, p: dict[str, str]) -> dict[str, Any]:
+        lang = p.get("languages", "en")
+        out = {}
+        for eid in p["ids"].split("|"):
+            ent = self.entities.get(eid)
+            if ent is None or "missing" in ent:
+                out[eid] = {"id": eid, "missing": ""}
+                continue
+            trimmed: dict[str, Any] = {"id": eid, "type": ent.get("type", "item")}
+            for part in ("labels", "descriptions", "aliases"):
+                terms = ent.get(part) or {}
+                trimmed[part] = {lang: terms[lang]} if lang in terms else {}
+            out[eid] = trimmed
+        return {"entities": out, "success": 1}
+
+    def users_answer(self, p: dict[str, str]) -> dict[str, Any]:
+        users = []
+        for name in p["ususers"].split("|"):
+            info = self.users.get(name)
+            users.append({"name": name, **info} if info else {"name": name, "missing": True})
+        return {"batchcomplete": True, "query": {"users": users}}
+
+    def answer(self, p: dict[str, str]) -> dict[str, Any]:
+        action = p.get("action")
+        if action == "wbgetentities":
+            return self.wbgetentities(p)
+        if action == "query":
+            if p.get("list") == "recentchanges":
+                return self.recentchanges(p)
+            if p.get("list") == "users":
+                return self.users_answer(p)
+            if p.get("prop") == "revisions" and "revids" in p:
+                return self.revisions_by_id(p)
+            if p.get("prop") == "revisions" and "titles" in p:
+                return self.revisions_by_title(p)
+        return {"error": {"code": "badvalue", "info": f"replay server cannot answer {sorted(p.items())[:6]}"}}
+
+
+class ReplayServer:
+    """`with ReplayServer(folder) as url:` or `url = server.start()` ... `server.stop()`."""
+
+    def __init__(self, folder: str | Path, page_size: int | None = None, gzip_answers: bool = True):
+        self.wiki = RecordedWiki(folder, page_size=page_size)
+        self.gzip_answers = gzip_answers
+        self.failures: list[Failure] = []
+        self.requests: list[dict[str, Any]] = []  # params and headers of every request seen
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def inject(self, kind: str, times: int = 1, **kw: Any) -> None:
+        """Make the next `times` matching requests fail (kind: maxlag | status | slow | truncate)."""
+        with self._lock:
+            self.failures.extend(Failure(kind=kind, **kw) for _ in range(times))
+
+    def _take_failure(self, params: dict[str, str]) -> Failure | None:
+        with self._lock:
+            for i, f in enumerate(self.failures):
+                if f.matches(params):
+                    return self.failures.pop(i)
+        return None
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/w/api.php"
+
+    def start(self) -> str:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output clean
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
+                      length: int | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body) if length is None else length))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                params = {k: v[-1] for k, v in parse_qs(urlparse(self.path).query).items()}
+                with server._lock:
+                    server.requests.append({"params": params, "headers": dict(self.headers)})
+                failure = server._take_failure(params)
+                headers: dict[str, str] = {}
+                if failure and failure.retry_after is not None:
+                    headers["Retry-After"] = str(int(failure.retry_after))
+                if failure and failure.kind == "status":
+                    self._send(failure.status, b'{"error": "injected"}', headers)
+                    return
+                if failure and failure.kind == "maxlag":
+                    body = {"error": {"code": "maxlag", "info": "Waiting for 10.64.16.27: 7 seconds lagged",
+                                      "host": "10.64.16.27", "lag": 7}}
+                    headers["X-Database-Lag"] = "7"
+                    self._send(200, json.dumps(body).encode(), headers)
+                    return
+                if failure and failure.kind == "slow":
+                    time.sleep(failure.delay_s)
+                try:
+                    payload = json.dumps(server.wiki.answer(params), ensure_ascii=False).encode("utf-8")
+                except (KeyError, ValueError) as exc:
+                    payload = json.dumps({"error": {"code": "badvalue", "info": str(exc)}}).encode()
+                if failure and failure.kind == "truncate":
+                    payload = payload[: max(1, len(payload) // 2)]
+                if server.gzip_answers and "gzip" in self.headers.get("Accept-Encoding", ""):
+                    payload = gzip.compress(payload, compresslevel=1)
+                    headers["Content-Encoding"] = "gzip"
+                self._send(200, payload, headers)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="wikidata-replay", daemon=True)
+        self._thread.start()
+        return self.url
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
