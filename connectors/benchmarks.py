@@ -103,6 +103,258 @@ def read_zsre(
     return cases
 
 
+def _read_records(
+    path: str | Path,
+    to_cases: Any,
+    limit: int | None,
+    skip_bad: bool,
+    report: ReadReport | None,
+    whole_records: bool = False,
+) -> list[EditCase]:
+    """Shared loop: `to_cases(rec, index, where)` returns the record's cases; a bad record
+    raises (naming file, record and field) or, with `skip_bad`, is skipped and reported."""
+    records = _load_json_list(path)
+    cases: list[EditCase] = []
+    for i, rec in enumerate(records):
+        if limit is not None and len(cases) >= limit:
+            break
+        try:
+            if not isinstance(rec, dict):
+                raise BenchmarkFormatError(f"{path} record {i}: expected an object, got {type(rec).__name__}")
+            cases.extend(to_cases(rec, i, str(path)))
+        except (BenchmarkFormatError, ValueError, TypeError, KeyError) as exc:
+            msg = str(exc) if isinstance(exc, BenchmarkFormatError) else f"{path} record {i}: {exc}"
+            if not skip_bad:
+                raise BenchmarkFormatError(msg) from exc
+            if report is not None:
+                report.skipped.append(msg)
+    if limit is not None and not whole_records:
+        cases = cases[:limit]
+    if report is not None:
+        report.read = len(cases)
+    return cases
+
+
+def _first_str(value: Any) -> str | None:
+    """Datasets give answers as a string or a list of strings; take the first non-empty."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, list):
+        for v in value:
+            if isinstance(v, str) and v.strip():
+                return v.strip()
+    return None
+
+
+def _need_str(rec: dict[str, Any], key: str, where: str) -> str:
+    value = _first_str(rec.get(key))
+    if value is None:
+        raise BenchmarkFormatError(f"{where}: missing or empty field {key!r}")
+    return value
+
+
+def _need_subject_in(subject: str, prompt: str, where: str, field_name: str = "prompt") -> None:
+    if subject not in prompt:
+        raise BenchmarkFormatError(f"{where}: subject {subject!r} does not occur in {field_name} {prompt!r}")
+
+
+# --------------------------------------------------------------------------- KnowEdit ZsRE
+
+def knowedit_record_to_case(rec: dict[str, Any], index: int, where: str = "knowedit") -> EditCase:
+    """KnowEdit ZsRE: `prompt` -> `target_new`; `rephrase_prompt` paraphrase; locality
+    `Relation_Specificity` (other facts of the same subject, so `locality_same`); portability
+    `Reasoning` / `Subject_Aliasing` / `Logical_Generalization` (kind "portability", the
+    family in meta)."""
+    at = f"{where} record {index}"
+    subject = _need_str(rec, "subject", at)
+    prompt = _need_str(rec, "prompt", at)
+    target = _need_str(rec, "target_new", at)
+    _need_subject_in(subject, prompt, at)
+    probes: list[Probe] = []
+    if _first_str(rec.get("rephrase_prompt")):
+        probes.append(Probe("paraphrase", rec["rephrase_prompt"].strip(), target))
+    for family, items in (rec.get("locality") or {}).items():
+        for j, item in enumerate(items or []):
+            q, a = _first_str((item or {}).get("prompt")), _first_str((item or {}).get("ground_truth"))
+            if q is None or a is None:
+                raise BenchmarkFormatError(f"{at}: locality.{family}[{j}] needs 'prompt' and 'ground_truth'")
+            kind = "locality_same" if family == "Relation_Specificity" else "locality"
+            probes.append(Probe(kind, q, a, {"family": family}))
+    for family, items in (rec.get("portability") or {}).items():
+        for j, item in enumerate(items or []):
+            q, a = _first_str((item or {}).get("prompt")), _first_str((item or {}).get("ground_truth"))
+            if q is None or a is None:
+                raise BenchmarkFormatError(f"{at}: portability.{family}[{j}] needs 'prompt' and 'ground_truth'")
+            probes.append(Probe("portability", q, a, {"family": family}))
+    return EditCase(
+        case_id=f"knowedit-{index}",
+        subject=subject,
+        relation=rec.get("relation") or "zsre",
+        prompt=prompt,
+        question=prompt,
+        target_new=target,
+        target_old=_first_str(rec.get("ground_truth")),
+        probes=probes,
+        source="knowedit",
+    )
+
+
+def read_knowedit(path: str | Path, limit: int | None = None, skip_bad: bool = False,
+                  report: ReadReport | None = None) -> list[EditCase]:
+    """KnowEdit ZsRE (EasyEdit data/knowedit/ZsRE/ZsRE-test-all.json shape)."""
+    return _read_records(path, lambda r, i, w: [knowedit_record_to_case(r, i, w)], limit, skip_bad, report)
+
+
+# --------------------------------------------------------------------------- CounterFact
+
+def counterfact_edit_record_to_case(rec: dict[str, Any], index: int, where: str = "counterfact") -> EditCase:
+    """EasyEdit "counterfact-edit": `prompt` -> `target_new` (old: `ground_truth`);
+    `rephrase_prompt`; `locality_prompt` -> `locality_ground_truth` (another subject with
+    the same relation: `locality_other`)."""
+    at = f"{where} record {index}"
+    subject = _need_str(rec, "subject", at)
+    prompt = _need_str(rec, "prompt", at)
+    target = _need_str(rec, "target_new", at)
+    _need_subject_in(subject, prompt, at)
+    probes: list[Probe] = []
+    if _first_str(rec.get("rephrase_prompt")):
+        probes.append(Probe("paraphrase", rec["rephrase_prompt"].strip(), target))
+    loc_q, loc_a = _first_str(rec.get("locality_prompt")), _first_str(rec.get("locality_ground_truth"))
+    if loc_q and loc_a:
+        probes.append(Probe("locality_other", loc_q, loc_a))
+    return EditCase(
+        case_id=f"counterfact-{rec.get('case_id', index)}",
+        subject=subject,
+        relation=rec.get("relation_id") or "counterfact",
+        prompt=prompt,
+        question=None,
+        target_new=target,
+        target_old=_first_str(rec.get("ground_truth")),
+        probes=probes,
+        source="counterfact",
+    )
+
+
+def read_counterfact(path: str | Path, limit: int | None = None, skip_bad: bool = False,
+                     report: ReadReport | None = None) -> list[EditCase]:
+    """CounterFact in the EasyEdit "counterfact-edit" shape."""
+    return _read_records(path, lambda r, i, w: [counterfact_edit_record_to_case(r, i, w)], limit, skip_bad, report)
+
+
+def _rewrite_target(rw: dict[str, Any], key: str, at: str) -> str:
+    target = rw.get(key)
+    text = _first_str(target.get("str") if isinstance(target, dict) else target)
+    if text is None:
+        raise BenchmarkFormatError(f"{at}: missing or empty field 'requested_rewrite.{key}.str'")
+    return text
+
+
+def _rewrite_prompt(rw: dict[str, Any], at: str) -> tuple[str, str]:
+    """ROME-style `prompt` with "{}" for the subject -> (filled prompt, subject)."""
+    subject = _need_str(rw, "subject", at + " requested_rewrite")
+    template = _need_str(rw, "prompt", at + " requested_rewrite")
+    if "{}" not in template:
+        raise BenchmarkFormatError(f"{at}: requested_rewrite.prompt {template!r} has no '{{}}' for the subject")
+    return template.replace("{}", subject), subject
+
+
+def counterfact_rome_record_to_case(rec: dict[str, Any], index: int, where: str = "counterfact_rome") -> EditCase:
+    """Original CounterFact (ROME): `requested_rewrite` {prompt with "{}", subject,
+    target_new.str, target_true.str}; `paraphrase_prompts`; `neighborhood_prompts` (other
+    subjects that share the true object: expected to keep `target_true`, `locality_other`);
+    `attribute_prompts` (subjects that truly have the new object, kept in meta);
+    `generation_prompts` in meta."""
+    at = f"{where} record {index}"
+    rw = rec.get("requested_rewrite")
+    if not isinstance(rw, dict):
+        raise BenchmarkFormatError(f"{at}: missing or malformed field 'requested_rewrite'")
+    prompt, subject = _rewrite_prompt(rw, at)
+    target = _rewrite_target(rw, "target_new", at)
+    old = _rewrite_target(rw, "target_true", at)
+    probes = [Probe("paraphrase", p, target) for p in rec.get("paraphrase_prompts") or [] if _first_str(p)]
+    probes += [Probe("locality_other", p, old) for p in rec.get("neighborhood_prompts") or [] if _first_str(p)]
+    return EditCase(
+        case_id=f"counterfact-{rec.get('case_id', index)}",
+        subject=subject,
+        relation=rw.get("relation_id") or "counterfact",
+        prompt=prompt,
+        question=None,
+        target_new=target,
+        target_old=old,
+        probes=probes,
+        source="counterfact",
+        meta={
+            "attribute_prompts": list(rec.get("attribute_prompts") or []),
+            "generation_prompts": list(rec.get("generation_prompts") or []),
+            "target_new_id": (rw.get("target_new") or {}).get("id"),
+            "target_true_id": (rw.get("target_true") or {}).get("id"),
+        },
+    )
+
+
+def read_counterfact_rome(path: str | Path, limit: int | None = None, skip_bad: bool = False,
+                          report: ReadReport | None = None) -> list[EditCase]:
+    """CounterFact in the original ROME record shape."""
+    return _read_records(path, lambda r, i, w: [counterfact_rome_record_to_case(r, i, w)], limit, skip_bad, report)
+
+
+# --------------------------------------------------------------------------- MQuAKE
+
+def mquake_record_to_cases(rec: dict[str, Any], index: int, where: str = "mquake") -> list[EditCase]:
+    """One MQuAKE record -> one `EditCase` per `requested_rewrite` (applied together, in
+    order, as one batch: meta["group"]). Each case's own single-hop question is a
+    paraphrase; the multi-hop `questions` -> `new_answer` are multi-hop probes on the last
+    edit of the chain (the one after which every hop has its new value)."""
+    at = f"{where} record {index}"
+    rewrites = rec.get("requested_rewrite")
+    if not isinstance(rewrites, list) or not rewrites:
+        raise BenchmarkFormatError(f"{at}: missing or empty field 'requested_rewrite'")
+    questions = [q for q in rec.get("questions") or [] if _first_str(q)]
+    if not questions:
+        raise BenchmarkFormatError(f"{at}: missing or empty field 'questions'")
+    new_answer = _need_str(rec, "new_answer", at)
+    group = f"mquake-{rec.get('case_id', index)}"
+    cases: list[EditCase] = []
+    for j, rw in enumerate(rewrites):
+        where_rw = f"{at} requested_rewrite[{j}]"
+        if not isinstance(rw, dict):
+            raise BenchmarkFormatError(f"{where_rw}: expected an object")
+        prompt, subject = _rewrite_prompt(rw, where_rw)
+        target = _rewrite_target(rw, "target_new", where_rw)
+        old = _rewrite_target(rw, "target_true", where_rw)
+        probes = []
+        if _first_str(rw.get("question")):
+            probes.append(Probe("paraphrase", rw["question"].strip(), target))
+        cases.append(
+            EditCase(
+                case_id=f"{group}-{j}",
+                subject=subject,
+                relation=rw.get("relation_id") or "mquake",
+                prompt=prompt,
+                question=_first_str(rw.get("question")),
+                target_new=target,
+                target_old=old,
+                probes=probes,
+                source="mquake",
+                meta={"group": group, "step": j, "steps": len(rewrites)},
+            )
+        )
+    aliases = [a for a in rec.get("new_answer_alias") or [] if isinstance(a, str)]
+    cases[-1].probes.extend(
+        Probe("multihop", q.strip(), new_answer, {"aliases": aliases, "old_answer": _first_str(rec.get("answer")),
+                                                  "hops": len(rec.get("new_single_hops") or rewrites)})
+        for q in questions
+    )
+    return cases
+
+
+def read_mquake(path: str | Path, limit: int | None = None, skip_bad: bool = False,
+                report: ReadReport | None = None) -> list[EditCase]:
+    """MQuAKE (multi-hop; several edits per record). `limit` counts cases, but a record's
+    cases are never split: the limit is rounded to whole records."""
+    return _read_records(path, mquake_record_to_cases, limit, skip_bad, report, whole_records=True)
+
+
 def read_dataset(spec: str, limit: int | None = None, report: ReadReport | None = None) -> list[EditCase]:
     """`KIND:PATH`, e.g. `zsre:data/benchmarks/zsre_mend_train_1k.json`. Bad records are
     skipped (a stream should not stop on one broken record) and listed in `report`."""
@@ -123,4 +375,10 @@ def read_dataset(spec: str, limit: int | None = None, report: ReadReport | None 
 
 def dataset_readers() -> dict[str, Any]:
     """Name -> reader(path, limit=..., skip_bad=..., report=...). Extend here when adding a reader."""
-    return {"zsre": read_zsre}
+    return {
+        "zsre": read_zsre,
+        "knowedit": read_knowedit,
+        "counterfact": read_counterfact,
+        "counterfact_rome": read_counterfact_rome,
+        "mquake": read_mquake,
+    }

@@ -1,0 +1,442 @@
+"""From fact changes to edit cases: the question, the answers and the probes that test them.
+
+`build_cases(changes, labels, facts, config)` reads top to bottom:
+
+1. collect every entity id whose English label is needed and look them all up at once;
+2. per change, apply the quality filters (each drop is recorded with a reason code);
+3. render the new (and old) answer per datatype (`kedit_core.render`);
+4. take the property's template (`kedit_core.templates`; label fallback otherwise) and
+   write the edit's cloze prompt (subject verbatim, answer follows) and its question;
+5. attach probes: paraphrases (the template's questions; the edit itself trains only on
+   the cloze), locality of other subjects and of the same subject (from `SubjectFacts`,
+   the current claims of entities we hold), negation (PP/PN "Is it true that ...?") and
+   multi-hop questions through the new object when its own facts are known.
+
+No remote model writes questions: wording comes from the template table alone.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from kedit_core.render import Unrenderable, ids_needed, render_value
+from kedit_core.templates import PropertyTemplate, template_for
+from kedit_core.types import EditCase, FactChange, Probe
+
+# (list of entity ids) -> {id: English label}; ids without a label are simply absent.
+LabelLookup = Callable[[list[str]], dict[str, str]]
+
+# Wikimedia-internal items: not facts about the world (P31 values).
+META_CLASSES = {
+    "Q4167410": "disambiguation page",
+    "Q4167836": "Wikimedia category",
+    "Q11266439": "Wikimedia template",
+    "Q13406463": "Wikimedia list article",
+    "Q17442446": "Wikimedia internal item",
+    "Q15184295": "Wikimedia module",
+    "Q14204246": "Wikimedia project page",
+}
+META_PREFIXES = ("Category:", "Template:", "Wikipedia:", "Portal:", "Help:", "Module:", "List of ")
+
+# Datatypes that are identifiers or media, not facts a person would ask a model about.
+EXCLUDED_DATATYPES = (
+    "external-id", "url", "commonsMedia", "geo-shape", "tabular-data", "math", "musical-notation",
+    "entity-schema", "wikibase-lexeme", "wikibase-form", "wikibase-sense", "wikibase-property",
+)
+
+
+def dict_labels(table: Mapping[str, str]) -> LabelLookup:
+    """A `LabelLookup` backed by a dict (tests, and labels already at hand)."""
+
+    def lookup(ids: list[str]) -> dict[str, str]:
+        return {i: table[i] for i in ids if i in table}
+
+    return lookup
+
+
+@dataclass
+class QAConfig:
+    max_answer_chars: int = 80
+    max_answer_words: int = 12
+    max_locality_other: int = 3
+    max_locality_same: int = 3
+    max_multihop: int = 2
+    use_fallback: bool = True  # properties outside the table: generic questions from the label
+    # Plain strings of properties without a template are almost always identifiers
+    # (2015-era external ids were typed "string"): drop them unless asked.
+    allow_untemplated_strings: bool = False
+    excluded_datatypes: tuple[str, ...] = EXCLUDED_DATATYPES
+    negation: bool = True
+
+
+@dataclass(frozen=True)
+class DroppedChange:
+    change_id: str
+    subject: str
+    property: str
+    kind: str
+    reason: str  # short code, e.g. "removed", "multi_valued_update", "answer_in_question"
+    detail: str = ""
+
+
+@dataclass
+class CaseBuildReport:
+    cases: list[EditCase] = field(default_factory=list)
+    dropped: list[DroppedChange] = field(default_factory=list)
+    specific_template: int = 0  # cases whose property has its own template
+    fallback_template: int = 0  # cases written from the property label
+
+    def reasons(self) -> Counter:
+        return Counter(d.reason for d in self.dropped)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cases": [c.to_dict() for c in self.cases],
+            "dropped": [asdict(d) for d in self.dropped],
+            "specific_template": self.specific_template,
+            "fallback_template": self.fallback_template,
+        }
+
+
+class SubjectFacts:
+    """Current facts of the entities at hand: id -> property -> [normalised values], plus
+    the labels those entity JSONs carry. Feeds locality and multi-hop probes."""
+
+    def __init__(self, facts: Mapping[str, Mapping[str, list[dict[str, Any]]]] | None = None,
+                 labels: Mapping[str, str] | None = None):
+        self.facts: dict[str, dict[str, list[dict[str, Any]]]] = {
+            s: {p: list(v) for p, v in props.items()} for s, props in (facts or {}).items()
+        }
+        self.labels: dict[str, str] = dict(labels or {})
+
+    @classmethod
+    def from_entities(cls, entities: Iterable[Any]) -> SubjectFacts:
+        sf = cls()
+        for e in entities:
+            sf.add_entity(e)
+        return sf
+
+    def add_entity(self, entity: Any) -> str | None:
+        """Add one entity JSON (any shape `kedit_core.diff.parse_entity` reads); returns its id."""
+        # The diff already knows Wikidata's truthy view (ranks, end dates): reuse it by
+        # diffing the entity against nothing, which lists every current statement.
+        from kedit_core.diff import diff_entities, english_label, parse_entity
+
+        parsed = parse_entity(entity)
+        if parsed is None or not parsed.get("id"):
+            return None
+        eid = str(parsed["id"])
+        props: dict[str, list[dict[str, Any]]] = {}
+        for ch in diff_entities(None, parsed):
+            if ch.new_value is not None:
+                props.setdefault(ch.property, []).append(ch.new_value)
+        self.facts[eid] = props
+        label = english_label(parsed)
+        if label:
+            self.labels[eid] = label
+        return eid
+
+    def values(self, subject: str, pid: str) -> list[dict[str, Any]]:
+        return self.facts.get(subject, {}).get(pid, [])
+
+    def properties(self, subject: str) -> list[str]:
+        return sorted(self.facts.get(subject, {}), key=lambda p: int(p[1:]) if p[1:].isdigit() else 0)
+
+    def subjects_with(self, pid: str) -> list[str]:
+        return sorted(s for s, props in self.facts.items() if props.get(pid))
+
+    def all_ids(self) -> set[str]:
+        out = set(self.facts)
+        for props in self.facts.values():
+            for pid, vals in props.items():
+                out.add(pid)
+                for v in vals:
+                    out.update(ids_needed(v))
+        return out
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _mentions(text: str, answer: str) -> bool:
+    """Does `answer` occur in `text` as whole words (case-insensitive)?"""
+    a = answer.strip()
+    if not a:
+        return False
+    return re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", text, flags=re.IGNORECASE) is not None
+
+
+def _sentence(template: PropertyTemplate, form: str, subject: str) -> str:
+    """A filled cloze usable inside "Is it true that ...": lower-case its first word
+    unless the sentence starts with the subject (a name keeps its capital)."""
+    text = template.fill(form, subject)
+    if form.startswith("{subject}"):
+        return text
+    return text[:1].lower() + text[1:]
+
+
+def _question(template: PropertyTemplate, subject: str) -> str:
+    return template.question_forms(subject)[0]
+
+
+def _meta_subject(subject_id: str, label: str, facts: SubjectFacts | None) -> str | None:
+    if label.startswith(META_PREFIXES) or label.endswith("(disambiguation)"):
+        return f"label {label!r}"
+    if facts is not None:
+        for v in facts.values(subject_id, "P31"):
+            if v.get("id") in META_CLASSES:
+                return f"instance of {META_CLASSES[v['id']]}"
+    return None
+
+
+def _render(value: dict[str, Any] | None, labels: dict[str, str]) -> str:
+    return render_value(value, labels)
+
+
+def _fits(answer: str, cfg: QAConfig) -> bool:
+    return len(answer) <= cfg.max_answer_chars and len(answer.split()) <= cfg.max_answer_words
+
+
+# ---------------------------------------------------------------------------- the build
+
+
+def build_cases(
+    changes: list[FactChange],
+    labels: LabelLookup,
+    facts: SubjectFacts | None = None,
+    config: QAConfig | None = None,
+) -> CaseBuildReport:
+    """Edit cases for the changes that pass the quality filters; the rest are in `dropped`."""
+    cfg = config or QAConfig()
+    report = CaseBuildReport()
+
+    # 1. One label lookup for everything: subjects, values, units, property labels (for
+    #    the fallback), and whatever the locality / multi-hop facts mention.
+    wanted: set[str] = set()
+    for ch in changes:
+        wanted.update({ch.subject, ch.property})
+        wanted.update(ids_needed(ch.new_value))
+        wanted.update(ids_needed(ch.old_value))
+    if facts is not None:
+        wanted |= facts.all_ids()
+    known = dict(facts.labels) if facts is not None else {}
+    missing = sorted(i for i in wanted if i not in known)
+    if missing:
+        known.update({k: v for k, v in (labels(missing) or {}).items() if v})
+
+    # A later change of the same fact in the batch supersedes an earlier one. For a
+    # multi-valued relation each value is its own fact (five occupations are five facts).
+    def fact_of(ch: FactChange) -> tuple[str, ...]:
+        t = template_for(ch.property)
+        if t is not None and t.single_valued:
+            return (ch.subject, ch.property)
+        return (ch.subject, ch.property, json.dumps(ch.new_value, sort_keys=True, default=str))
+
+    last_index = {fact_of(ch): i for i, ch in enumerate(changes)}
+    changed_facts = {(ch.subject, ch.property) for ch in changes}
+
+    def drop(ch: FactChange, reason: str, detail: str = "") -> None:
+        report.dropped.append(DroppedChange(ch.change_id, ch.subject, ch.property, ch.kind, reason, detail))
+
+    for i, ch in enumerate(changes):
+        # 2. Filters that need no wording.
+        if ch.kind == "removed" or ch.new_value is None:
+            drop(ch, "removed", "a removed statement states no new fact to teach")
+            continue
+        if last_index[fact_of(ch)] != i:
+            drop(ch, "superseded", "a later change in this batch edits the same fact")
+            continue
+        datatype = ch.datatype or ch.new_value.get("type")
+        if datatype in cfg.excluded_datatypes:
+            drop(ch, "datatype_excluded", f"{datatype} values are identifiers or media, not QA facts")
+            continue
+        subject = known.get(ch.subject)
+        if not subject:
+            drop(ch, "subject_unlabelled", f"{ch.subject} has no English label")
+            continue
+        why_meta = _meta_subject(ch.subject, subject, facts)
+        if why_meta:
+            drop(ch, "meta_subject", why_meta)
+            continue
+
+        # 3. Answers.
+        try:
+            new_answer = _render(ch.new_value, known)
+        except Unrenderable as exc:
+            drop(ch, f"new_value_{exc.reason}", exc.detail)
+            continue
+        old_answer: str | None = None
+        if ch.kind == "updated" and ch.old_value is not None:
+            try:
+                old_answer = _render(ch.old_value, known)
+            except Unrenderable:
+                old_answer = None  # an unknown old value still allows teaching the new one
+        if old_answer is not None and old_answer == new_answer:
+            drop(ch, "unchanged_answer", f"old and new both read {new_answer!r}")
+            continue
+        if new_answer.startswith(META_PREFIXES):
+            drop(ch, "meta_value", f"value {new_answer!r} is a Wikimedia page, not a fact")
+            continue
+        if not _fits(new_answer, cfg):
+            drop(ch, "answer_too_long", f"{len(new_answer)} chars / {len(new_answer.split())} words")
+            continue
+        if ch.new_value.get("id") == ch.subject:
+            drop(ch, "self_reference", "the value is the subject itself")
+            continue
+
+        # 4. Template and wording.
+        template = template_for(ch.property, known.get(ch.property) if cfg.use_fallback else None, datatype)
+        if template is None:
+            drop(ch, "no_template", f"{ch.property} has no template and no English label")
+            continue
+        if not template.specific and datatype == "string" and not cfg.allow_untemplated_strings:
+            drop(ch, "identifier_like", f"string value of {ch.property} ({template.label}) without a template")
+            continue
+        if ch.kind == "updated" and not template.single_valued:
+            drop(ch, "multi_valued_update",
+                 f"{template.label} is multi-valued: the old value may still hold, so this is no replacement")
+            continue
+        prompt = template.prompt(subject)
+        questions = template.question_forms(subject)
+        if subject not in prompt or any(subject not in q for q in questions):
+            drop(ch, "subject_not_in_question", prompt)
+            continue
+        if _mentions(prompt, new_answer) or any(_mentions(q, new_answer) for q in questions):
+            drop(ch, "answer_in_question", f"{new_answer!r} occurs in {prompt!r}")
+            continue
+
+        # 5. Probes.
+        probes = [Probe("paraphrase", q, new_answer, {"template": template.pid}) for q in questions]
+        if cfg.negation:
+            probes += _negation_probes(template, subject, new_answer, old_answer)
+        if facts is not None:
+            probes += _locality_other(ch, template, facts, known, changed_facts, cfg)
+            probes += _locality_same(ch, facts, known, changed_facts, cfg)
+            probes += _multihop(ch, template, subject, facts, known, cfg)
+
+        report.cases.append(
+            EditCase(
+                case_id=f"wd-{ch.change_id}",
+                subject=subject,
+                relation=ch.property,
+                prompt=prompt,
+                question=questions[0],
+                target_new=new_answer,
+                target_old=old_answer,
+                probes=probes,
+                source="wikidata",
+                change_id=ch.change_id,
+                meta={
+                    "subject_id": ch.subject,
+                    "kind": ch.kind,
+                    "revid": ch.revid,
+                    "timestamp": ch.timestamp,
+                    "template": "specific" if template.specific else "fallback",
+                    "relation_label": template.label,
+                    "new_value": ch.new_value,
+                    "old_value": ch.old_value,
+                },
+            )
+        )
+        if template.specific:
+            report.specific_template += 1
+        else:
+            report.fallback_template += 1
+    return report
+
+
+def _negation_probes(t: PropertyTemplate, subject: str, new: str, old: str | None) -> list[Probe]:
+    """PP/PN: the new statement must be affirmed, its negation and the old statement denied."""
+    probes = [
+        Probe("negation", f"Is it true that {_sentence(t, t.cloze, subject)} {new}?", "Yes", {"polarity": "new"}),
+        Probe("negation", f"Is it true that {_sentence(t, t.negation, subject)} {new}?", "No",
+              {"polarity": "new_negated"}),
+    ]
+    if old is not None and t.single_valued:
+        probes.append(
+            Probe("negation", f"Is it true that {_sentence(t, t.cloze, subject)} {old}?", "No", {"polarity": "old"})
+        )
+    return probes
+
+
+def _answer_for(values: list[dict[str, Any]], known: dict[str, str], cfg: QAConfig) -> str | None:
+    """A locality/multi-hop answer: only a single current value (several would make the
+    expected answer ambiguous), rendered and short."""
+    if len(values) != 1:
+        return None
+    try:
+        text = render_value(values[0], known)
+    except Unrenderable:
+        return None
+    return text if _fits(text, cfg) else None
+
+
+def _locality_other(ch: FactChange, t: PropertyTemplate, facts: SubjectFacts, known: dict[str, str],
+                    changed: set[tuple[str, str]], cfg: QAConfig) -> list[Probe]:
+    out: list[Probe] = []
+    for other in facts.subjects_with(ch.property):
+        if len(out) >= cfg.max_locality_other:
+            break
+        if other == ch.subject or (other, ch.property) in changed or other not in known:
+            continue
+        ans = _answer_for(facts.values(other, ch.property), known, cfg)
+        if ans is None:
+            continue
+        q = _question(t, known[other])
+        if _mentions(q, ans):
+            continue
+        out.append(Probe("locality_other", q, ans, {"subject_id": other, "property": ch.property}))
+    return out
+
+
+def _locality_same(ch: FactChange, facts: SubjectFacts, known: dict[str, str], changed: set[tuple[str, str]],
+                   cfg: QAConfig) -> list[Probe]:
+    out: list[Probe] = []
+    subject = known[ch.subject]
+    for pid in facts.properties(ch.subject):
+        if len(out) >= cfg.max_locality_same:
+            break
+        if pid == ch.property or (ch.subject, pid) in changed or pid == "P31":
+            continue
+        t = template_for(pid)  # only properties with their own template: fallback wording is weaker
+        if t is None:
+            continue
+        ans = _answer_for(facts.values(ch.subject, pid), known, cfg)
+        if ans is None:
+            continue
+        q = _question(t, subject)
+        if _mentions(q, ans):
+            continue
+        out.append(Probe("locality_same", q, ans, {"subject_id": ch.subject, "property": pid}))
+    return out
+
+
+def _multihop(ch: FactChange, t1: PropertyTemplate, subject: str, facts: SubjectFacts, known: dict[str, str],
+              cfg: QAConfig) -> list[Probe]:
+    """Two hops through the new object: "Who is the head of government of the capital of X?"."""
+    obj = (ch.new_value or {}).get("id")
+    if not obj or ch.new_value.get("type") != "wikibase-item" or obj not in facts.facts:
+        return []
+    if not t1.single_valued:  # "the notable work of X" names no single object to hop through
+        return []
+    via = t1.object_phrase(subject)
+    out: list[Probe] = []
+    for pid in facts.properties(obj):
+        if len(out) >= cfg.max_multihop:
+            break
+        t2 = template_for(pid)
+        if t2 is None or pid == "P31":
+            continue
+        ans = _answer_for(facts.values(obj, pid), known, cfg)
+        if ans is None or ans == subject:
+            continue
+        # Prefer a question of the "... of {subject}" shape: "the capital of X's mayor" reads badly.
+        forms = [q for q in t2.questions if "{subject}'s" not in q] or list(t2.questions)
+        q = t2.fill(forms[0], via)
+        if _mentions(q, ans):
+            continue
+        out.append(Probe("multihop", q, ans, {"hops": [ch.property, pid], "via": known.get(obj, obj)}))
+    return out
