@@ -86,21 +86,7 @@ def read_zsre(
     The public file has a few records with an empty `alt`; with `skip_bad=True` they are
     skipped and listed in `report.skipped`.
     """
-    records = _load_json_list(path)
-    cases: list[EditCase] = []
-    for i, rec in enumerate(records):
-        if limit is not None and len(cases) >= limit:
-            break
-        try:
-            cases.append(zsre_record_to_case(rec, i, where=str(path)))
-        except (BenchmarkFormatError, ValueError) as exc:
-            if not skip_bad:
-                raise BenchmarkFormatError(str(exc)) from exc
-            if report is not None:
-                report.skipped.append(str(exc))
-    if report is not None:
-        report.read = len(cases)
-    return cases
+    return _read_records(path, lambda r, i, w: [zsre_record_to_case(r, i, w)], limit, skip_bad, report)
 
 
 def _read_records(
