@@ -196,6 +196,15 @@ def _render(value: dict[str, Any] | None, labels: dict[str, str]) -> str:
     return render_value(value, labels)
 
 
+def _sortable_time(t: str) -> str:
+    """"+2017-12-31T.." -> a string that sorts by date (BCE first, years zero-padded)."""
+    m = re.match(r"([+-])0*(\d+)-(\d{2})-(\d{2})", t)
+    if not m:
+        return ""
+    year = int(m.group(2)) * (-1 if m.group(1) == "-" else 1)
+    return f"{year + 10**11:012d}-{m.group(3)}-{m.group(4)}"
+
+
 def _fits(answer: str, cfg: QAConfig) -> bool:
     return len(answer) <= cfg.max_answer_chars and len(answer.split()) <= cfg.max_answer_words
 
@@ -235,7 +244,24 @@ def build_cases(
             return (ch.subject, ch.property)
         return (ch.subject, ch.property, json.dumps(ch.new_value, sort_keys=True, default=str))
 
-    last_index = {fact_of(ch): i for i, ch in enumerate(changes)}
+    # Among values of one single-valued fact in the same revision (e.g. populations with
+    # different "point in time" qualifiers), the most recent one by qualifier wins.
+    def recency(i: int) -> tuple[int, str, int]:
+        ch = changes[i]
+        quals = ch.qualifiers or {}
+        when = ""
+        for qp in ("P585", "P580"):
+            vals = quals.get(qp) or []
+            if vals and isinstance(vals[0], dict) and isinstance(vals[0].get("time"), str):
+                when = _sortable_time(vals[0]["time"])
+                break
+        return (ch.revid, when, i)
+
+    last_index: dict[tuple[str, ...], int] = {}
+    for i, ch in enumerate(changes):
+        key = fact_of(ch)
+        if key not in last_index or recency(i) > recency(last_index[key]):
+            last_index[key] = i
     changed_facts = {(ch.subject, ch.property) for ch in changes}
 
     def drop(ch: FactChange, reason: str, detail: str = "") -> None:
@@ -247,7 +273,7 @@ def build_cases(
             drop(ch, "removed", "a removed statement states no new fact to teach")
             continue
         if last_index[fact_of(ch)] != i:
-            drop(ch, "superseded", "a later change in this batch edits the same fact")
+            drop(ch, "superseded", "a later change (or a more recent value) of the same fact is in this batch")
             continue
         datatype = ch.datatype or ch.new_value.get("type")
         if datatype in cfg.excluded_datatypes:

@@ -268,3 +268,15 @@ def test_every_item_and_date_fact_of_q42_reads_naturally(q42_labels):
     reasons = rep.reasons()
     assert reasons["answer_in_question"] == 2  # given name "Douglas", family name "Adams"
     assert reasons["new_value_unlabelled"] >= 1
+
+
+def test_most_recent_value_by_point_in_time_wins_within_a_revision():
+    def pop(amount, year):
+        return FactChange("Q64", "P1082", None, {"type": "quantity", "amount": amount, "unit": "1"}, "added", 5,
+                          "2024-05-01T00:00:00Z",
+                          qualifiers={"P585": [{"type": "time", "time": f"+{year}-00-00T00:00:00Z", "precision": 9}]},
+                          datatype="quantity")
+
+    rep = build([pop("+3700000", 2022), pop("+3755251", 2023), pop("+3600000", 2019)])
+    assert [c.target_new for c in rep.cases] == ["3,755,251"]
+    assert rep.reasons() == {"superseded": 2}
