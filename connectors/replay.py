@@ -46,8 +46,9 @@ class Failure:
 class RecordedWiki:
     """The recorded data, indexed for answering queries."""
 
-    def __init__(self, folder: str | Path, page_size: int | None = None):
+    def __init__(self, folder: str | Path, page_size: int | None = None, rev_page_size: int = 50):
         self.folder = Path(folder)
+        self.rev_page_size = rev_page_size  # below 50 forces revision continuation (tests)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"replay folder {self.folder} does not exist")
         self.changes: list[dict[str, Any]] = []
@@ -94,9 +95,12 @@ class RecordedWiki:
         return rev
 
     def revisions_by_id(self, p: dict[str, str]) -> dict[str, Any]:
-        ids = [int(x) for x in p["revids"].split("|") if x]
+        ids = sorted(int(x) for x in p["revids"].split("|") if x)
         if len(ids) > 50:
             return {"error": {"code": "toomanyvalues", "info": "Too many values supplied for parameter \"revids\". The limit is 50."}}
+        if "rvcontinue" in p:
+            ids = [r for r in ids if r >= int(p["rvcontinue"])]
+        ids, rest = ids[: self.rev_page_size], ids[self.rev_page_size:]
         pages: dict[str, dict[str, Any]] = {}
         bad = []
         for r in ids:
@@ -110,6 +114,8 @@ class RecordedWiki:
         query: dict[str, Any] = {"pages": list(pages.values())}
         if bad:
             query["badrevids"] = bad
+        if rest:
+            return {"continue": {"rvcontinue": str(rest[0]), "continue": "||"}, "query": query}
         return {"batchcomplete": True, "query": query}
 
     def revisions_by_title(self, p: dict[str, str]) -> dict[str, Any]:
@@ -121,7 +127,7 @@ class RecordedWiki:
             return {"batchcomplete": True, "query": {"pages": [{"ns": 0, "title": title, "missing": True}]}}
         if "rvcontinue" in p:
             recs = [r for r in recs if r["revision"]["revid"] >= int(p["rvcontinue"].split("|")[-1])]
-        limit = int(p.get("rvlimit", "50"))
+        limit = min(int(p.get("rvlimit", "50")), self.rev_page_size)
         page, rest = recs[:limit], recs[limit:]
         out: dict[str, Any] = {"query": {"pages": [{"pageid": page[0].get("pageid", 0), "ns": 0, "title": title,
                                                     "revisions": [self._rev_json(r) for r in page]}]}}
@@ -173,8 +179,9 @@ class RecordedWiki:
 class ReplayServer:
     """`with ReplayServer(folder) as url:` or `url = server.start()` ... `server.stop()`."""
 
-    def __init__(self, folder: str | Path, page_size: int | None = None, gzip_answers: bool = True):
-        self.wiki = RecordedWiki(folder, page_size=page_size)
+    def __init__(self, folder: str | Path, page_size: int | None = None, gzip_answers: bool = True,
+                 rev_page_size: int = 50):
+        self.wiki = RecordedWiki(folder, page_size=page_size, rev_page_size=rev_page_size)
         self.gzip_answers = gzip_answers
         self.failures: list[Failure] = []
         self.requests: list[dict[str, Any]] = []  # params and headers of every request seen
@@ -254,7 +261,7 @@ class ReplayServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="wikidata-replay", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="wikidata-replay", daemon=True)
         self._thread.start()
         return self.url
 

@@ -109,7 +109,10 @@ def parse_entity(obj: Any, entity_id: str | None = None) -> dict[str, Any] | Non
 
 
 def _is_legacy(obj: dict[str, Any]) -> bool:
-    return "entity" in obj or isinstance(obj.get("claims"), list) or "label" in obj or "links" in obj
+    # Legacy: "entity": "q42" or ["item", 42]; claims a list of {"m": snak, ...}.
+    claims = obj.get("claims")
+    legacy_claims = isinstance(claims, list) and bool(claims) and isinstance(claims[0], dict) and "m" in claims[0]
+    return isinstance(obj.get("entity"), (str, list)) or legacy_claims or "label" in obj or "links" in obj
 
 
 def _legacy_snak(snak: list[Any]) -> dict[str, Any]:

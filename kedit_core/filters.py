@@ -164,7 +164,7 @@ def is_nonsense(text: str) -> bool:
         return True
     if any(run in low for run in _KEYBOARD_RUNS):
         return True
-    if re.search(r"\b(\w{2,3})\1{3,}\b", low):  # "lolololol", "abcabcabcabc"
+    if re.search(r"(\w{2,3})\1{3,}", low):  # "lolololol", "abcabcabcabc"
         return True
     return any(len(w) >= 7 and not re.search(r"[aeiouy]", w) for w in _words(text))
 
