@@ -91,7 +91,9 @@ class _Processor:
         batch.entities.update(have)
         return batch
 
-    def process(self, refs: Sequence[RevisionRef], reverted: dict[int, str], suspicious: dict[str, str]) -> None:
+    def process(self, refs: Sequence[RevisionRef], reverted: dict[int, str], suspicious: dict[str, str],
+                cursor: tuple[str, str] | None = None) -> None:
+        """Diff, judge and store one batch; the cursor moves in the same transaction."""
         outcomes: list[RevisionOutcome] = []
         verdicts = {r.revid: revision_verdict(r, self.config, reverted) for r in refs}
         need = [r for r in refs if verdicts[r.revid].accepted or self.diff_filtered]
@@ -147,10 +149,12 @@ class _Processor:
                         v = Verdict("filtered", why_this)
                 judged.append((c, v.status, v.reason))
             outcomes.append(RevisionOutcome(r, "diffed" if rv.accepted else "filtered", rv.reason, judged))
-        new_revs, new_changes = wikidata_store.record_outcomes(self.db, outcomes)
-        # A change stored accepted in an earlier batch and undone now: correct its status.
-        for change_id, why in late_reverts:
-            wikidata_store.set_change_status(self.db, change_id, "filtered", why)
+        # A change stored accepted (in this batch or an earlier one) and undone now: corrected
+        # in the same transaction.
+        pending_labels = self.labels.drain() if isinstance(self.labels, CachedLabelLookup) else []
+        new_revs, new_changes = wikidata_store.record_outcomes(
+            self.db, outcomes, cursor=cursor, labels=pending_labels,
+            corrections=[(cid, "filtered", why) for cid, why in late_reverts])
         self._count(outcomes, new_revs, new_changes, late_reverts)
         self._recent = {k: v for k, v in batch.entities.items() if k in {r.revid for r in refs}}
 
@@ -188,13 +192,13 @@ def _parse(ts: datetime | str) -> datetime:
 
 
 def _run_batches(proc: _Processor, todo: list[RevisionRef], reverted: dict[int, str], suspicious: dict[str, str],
-                 batch_size: int, on_batch: Callable[[RevisionRef], None], desc: str, progress: bool) -> None:
+                 batch_size: int, cursor_of: Callable[[RevisionRef], tuple[str, str] | None], desc: str,
+                 progress: bool) -> None:
     t0 = time.monotonic()
     with tqdm(total=len(todo), desc=desc, unit="rev", disable=not progress, leave=False) as bar:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
-            proc.process(chunk, reverted, suspicious)
-            on_batch(chunk[-1])
+            proc.process(chunk, reverted, suspicious, cursor_of(chunk[-1]))
             bar.update(len(chunk))
             if not progress and (i // batch_size) % 200 == 199:
                 done = i + len(chunk)
@@ -235,10 +239,10 @@ def ingest_window(client: WikidataClient, db: Database, start: datetime | str, e
     todo = [r for r in in_window if r.revid not in known]
     proc = _Processor(db, cfg, _default_labels(client, db, labels), report, client.fetch_revisions, diff_filtered)
 
-    def save_cursor(last: RevisionRef) -> None:
-        ledger.set_cursor(db, cursor_name, json.dumps({"start": start_s, "end": end_s, "done_until": last.timestamp}))
+    def cursor_of(last: RevisionRef) -> tuple[str, str]:
+        return cursor_name, json.dumps({"start": start_s, "end": end_s, "done_until": last.timestamp})
 
-    _run_batches(proc, todo, reverted, suspicious, batch_size, save_cursor, f"wikidata {start_s[:10]}", progress)
+    _run_batches(proc, todo, reverted, suspicious, batch_size, cursor_of, f"wikidata {start_s[:10]}", progress)
     ledger.set_cursor(db, cursor_name, json.dumps({"start": start_s, "end": end_s, "done_until": end_s}))
     report.requests = client.stats.requests - req0
     report.seconds = round(time.monotonic() - t0, 3)
@@ -307,6 +311,8 @@ def backfill_items(client: WikidataClient, db: Database, items: Sequence[str], s
         todo = [r for r in refs if r.revid not in known]
         _run_batches(proc, todo, reverted_revisions(refs, cfg), {}, BATCH, lambda _r: None,
                      f"backfill {iso(day_start)[:10]}", False)
+        if isinstance(proc.labels, CachedLabelLookup):
+            proc.labels.flush()
         ledger.set_cursor(db, cursor_name, json.dumps({**key, "done_until": iso(day_end)}))
     report.requests = client.stats.requests - req0
     report.seconds = round(time.monotonic() - t0, 3)
@@ -378,9 +384,7 @@ def ingest_dump(path: str | Path, db: Database, filter_config: FilterConfig | No
         known = wikidata_store.known_revids(db, [r.revid for r in pending])
         report.revisions_already_stored += len(known)
         todo = [r for r in pending if r.revid not in known]
-        if todo:
-            proc.process(todo, reverted_revisions(pending, cfg), {})
-        ledger.set_cursor(db, cursor_name, json.dumps({"done": position}))
+        proc.process(todo, reverted_revisions(pending, cfg), {}, (cursor_name, json.dumps({"done": position})))
         pending = []
         if counters:
             bar.n = counters[0].bytes_read

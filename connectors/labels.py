@@ -1,5 +1,5 @@
-"""English labels for question generation and filters: DuckDB first, the API only for ids
-never asked before (a missing label is cached too, so it is not asked again every night)."""
+"""English labels for question generation and filters: memory, then DuckDB, then the API only
+for ids never asked before (a missing label is cached too, so it is not asked every night)."""
 from __future__ import annotations
 
 import logging
@@ -11,23 +11,40 @@ from storage.db import Database
 
 log = logging.getLogger(__name__)
 
+LabelRow = tuple[str, "str | None", "str | None", tuple[str, ...]]
+
 
 class CachedLabelLookup:
-    """`LabelLookup` backed by the `entity_labels` table and `WikidataClient.labels`."""
+    """`kedit_core.labels.LabelLookup` backed by the `entity_labels` table and `WikidataClient.labels`."""
 
     def __init__(self, client: WikidataClient | None, db: Database, lang: str = "en",
                  max_age: timedelta | None = None):
         self.client, self.db, self.lang, self.max_age = client, db, lang, max_age
         self.api_lookups = 0  # ids asked from the API (for reports and tests)
+        self._mem: dict[str, str | None] = {}
+        self._pending: list[LabelRow] = []
 
     def remember(self, labels: dict[str, str | None]) -> None:
-        """Seed the cache with labels already at hand (e.g. from entity bodies just fetched)."""
-        wikidata_store.put_labels(self.db, [(i, lab, None, ()) for i, lab in labels.items()], self.lang)
+        """Labels already at hand (e.g. from entity bodies just fetched). They are written with the
+        next ingestion batch (`drain`) or by `flush()`."""
+        for i, lab in labels.items():
+            if self._mem.get(i, "\0") != lab:
+                self._mem[i] = lab
+                self._pending.append((i, lab, None, ()))
+
+    def drain(self) -> list[LabelRow]:
+        rows, self._pending = self._pending, []
+        return rows
+
+    def flush(self) -> None:
+        wikidata_store.put_labels(self.db, self.drain(), self.lang)
 
     def __call__(self, ids: list[str]) -> dict[str, str]:
         wanted = sorted({i for i in ids if i})
-        known = wikidata_store.get_labels(self.db, wanted, self.lang, self.max_age)
-        unknown = [i for i in wanted if i not in known]
+        unknown = [i for i in wanted if i not in self._mem]
+        if unknown:
+            self._mem.update(wikidata_store.get_labels(self.db, unknown, self.lang, self.max_age))
+            unknown = [i for i in unknown if i not in self._mem]
         if unknown and self.client is not None:
             fetched = self.client.labels(unknown, lang=self.lang)
             self.api_lookups += len(unknown)
@@ -36,8 +53,8 @@ class CachedLabelLookup:
                 lab = fetched.get(i)
                 rows.append((i, lab.label if lab else None, lab.description if lab else None,
                              lab.aliases if lab else ()))
-                known[i] = lab.label if lab else None
+                self._mem[i] = lab.label if lab else None
             wikidata_store.put_labels(self.db, rows, self.lang)
         elif unknown:
             log.debug("no client: %d ids without a cached label", len(unknown))
-        return {i: lab for i, lab in known.items() if lab}
+        return {i: self._mem[i] for i in wanted if self._mem.get(i)}

@@ -124,7 +124,9 @@ class RecordedWiki:
         recs = sorted((r for r in self.revisions.values() if r["title"] == title
                        and start <= r["revision"]["timestamp"] <= end), key=lambda r: r["revision"]["revid"])
         if not recs:
-            return {"batchcomplete": True, "query": {"pages": [{"ns": 0, "title": title, "missing": True}]}}
+            exists = any(r["title"] == title for r in self.revisions.values())
+            page_info = {"ns": 0, "title": title} if exists else {"ns": 0, "title": title, "missing": True}
+            return {"batchcomplete": True, "query": {"pages": [page_info]}}
         if "rvcontinue" in p:
             recs = [r for r in recs if r["revision"]["revid"] >= int(p["rvcontinue"].split("|")[-1])]
         limit = min(int(p.get("rvlimit", "50")), self.rev_page_size)

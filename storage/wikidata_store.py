@@ -47,38 +47,54 @@ def known_revids(db: Database, revids: Iterable[int]) -> set[int]:
     return {int(r[0]) for r in rows}
 
 
-def record_outcomes(db: Database, outcomes: Sequence[RevisionOutcome]) -> tuple[int, int]:
-    """Store revisions and their changes in one transaction; rows already present are kept as they
-    are. Returns (new revisions, new changes)."""
-    if not outcomes:
-        return 0, 0
+def record_outcomes(db: Database, outcomes: Sequence[RevisionOutcome], cursor: tuple[str, str] | None = None,
+                    labels: Sequence[tuple[str, str | None, str | None, Sequence[str]]] = (),
+                    corrections: Sequence[tuple[str, str, str | None]] = (), lang: str = "en") -> tuple[int, int]:
+    """Store revisions and their changes, status corrections of earlier changes (change_id, status,
+    reason), labels to cache and the run's cursor, all in ONE transaction: a crash leaves the
+    batch and its cursor either both written or both absent. Rows already present are kept as
+    they are. Returns (new revisions, new changes)."""
     now = _utcnow()
+    rev_rows = [[o.ref.revid, o.ref.item, o.ref.old_revid, _ts(o.ref.timestamp), o.ref.user, o.ref.is_bot,
+                 o.ref.is_anon, json.dumps(list(o.ref.tags)), o.ref.comment, o.status, o.reason, now] for o in outcomes]
+    change_rows = [
+        [c.change_id, c.revid, c.old_revid, c.subject, c.property, c.datatype, c.kind,
+         json.dumps(c.old_value, sort_keys=True) if c.old_value is not None else None,
+         json.dumps(c.new_value, sort_keys=True) if c.new_value is not None else None,
+         json.dumps(c.qualifiers, sort_keys=True), _ts(c.timestamp), status, reason, now]
+        for o in outcomes for c, status, reason in o.changes
+    ]
+    new_revs = new_changes = 0
     with db.connect() as con:
-        before_r = con.execute("SELECT count(*) FROM revisions").fetchone()[0]
-        before_c = con.execute("SELECT count(*) FROM fact_changes").fetchone()[0]
-        con.executemany(
-            "INSERT OR IGNORE INTO revisions (revid, item, old_revid, timestamp, user_name, is_bot, is_anon, tags, "
-            "comment, status, reason, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [[o.ref.revid, o.ref.item, o.ref.old_revid, _ts(o.ref.timestamp), o.ref.user, o.ref.is_bot,
-              o.ref.is_anon, json.dumps(list(o.ref.tags)), o.ref.comment, o.status, o.reason, now] for o in outcomes],
-        )
-        rows = [
-            [c.change_id, c.revid, c.old_revid, c.subject, c.property, c.datatype, c.kind,
-             json.dumps(c.old_value, sort_keys=True) if c.old_value is not None else None,
-             json.dumps(c.new_value, sort_keys=True) if c.new_value is not None else None,
-             json.dumps(c.qualifiers, sort_keys=True), _ts(c.timestamp), status, reason, now]
-            for o in outcomes for c, status, reason in o.changes
-        ]
-        if rows:
+        if rev_rows:
+            ids = [r[0] for r in rev_rows]
+            present = con.execute("SELECT count(*) FROM revisions WHERE revid IN (SELECT unnest(?::BIGINT[]))",
+                                  [ids]).fetchone()[0]
+            new_revs = len(set(ids)) - present
+            con.executemany(
+                "INSERT OR IGNORE INTO revisions (revid, item, old_revid, timestamp, user_name, is_bot, is_anon, "
+                "tags, comment, status, reason, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rev_rows,
+            )
+        if change_rows:
+            cids = [r[0] for r in change_rows]
+            present = con.execute("SELECT count(*) FROM fact_changes WHERE change_id IN (SELECT unnest(?::TEXT[]))",
+                                  [cids]).fetchone()[0]
+            new_changes = len(set(cids)) - present
             con.executemany(
                 "INSERT OR IGNORE INTO fact_changes (change_id, revid, old_revid, subject, property, datatype, kind, "
                 "old_value, new_value, qualifiers, timestamp, status, reason, created) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
+                change_rows,
             )
-        after_r = con.execute("SELECT count(*) FROM revisions").fetchone()[0]
-        after_c = con.execute("SELECT count(*) FROM fact_changes").fetchone()[0]
-    return after_r - before_r, after_c - before_c
+        for change_id, status, reason in corrections:
+            con.execute("UPDATE fact_changes SET status = ?, reason = ? WHERE change_id = ?", [status, reason, change_id])
+        if labels:
+            _put_labels(con, labels, lang)
+        if cursor is not None:
+            con.execute("INSERT OR REPLACE INTO flow_cursors (name, value, updated) VALUES (?, ?, ?)",
+                        [cursor[0], cursor[1], now])
+    return new_revs, new_changes
 
 
 def set_change_status(db: Database, change_id: str, status: str, reason: str | None) -> None:
@@ -158,13 +174,18 @@ def get_labels(db: Database, ids: Iterable[str], lang: str = "en",
 def put_labels(db: Database, labels: Iterable[tuple[str, str | None, str | None, Sequence[str]]],
                lang: str = "en") -> int:
     """Cache (id, label, description, aliases); a label of None records "asked, none"."""
-    rows = [[eid, label, desc, json.dumps(list(aliases)), lang, _utcnow()] for eid, label, desc, aliases in labels]
-    if not rows:
+    labels = list(labels)
+    if not labels:
         return 0
     with db.connect() as con:
-        con.executemany(
-            "INSERT OR REPLACE INTO entity_labels (entity_id, label, description, aliases, lang, fetched_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-    return len(rows)
+        _put_labels(con, labels, lang)
+    return len(labels)
+
+
+def _put_labels(con, labels: Sequence[tuple[str, str | None, str | None, Sequence[str]]], lang: str) -> None:
+    rows = [[eid, label, desc, json.dumps(list(aliases)), lang, _utcnow()] for eid, label, desc, aliases in labels]
+    con.executemany(
+        "INSERT OR REPLACE INTO entity_labels (entity_id, label, description, aliases, lang, fetched_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        rows,
+    )
