@@ -14,6 +14,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from kedit_core.editors.base import Editor, EditorConfig, EditResult, WeightDelta
@@ -166,3 +167,13 @@ class HarmfulEditor(NudgeEditor):
 
 def weights_equal(a: torch.nn.Module, b_state: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(t, b_state[n]) for n, t in a.state_dict().items())
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny matrices: torch's thread pool only adds overhead on a shared 2-core CPU
+    (a 5-prompt generation takes ~6x longer with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

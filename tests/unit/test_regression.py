@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gatekit as g
+from gatekit import single_thread  # noqa: F401  (autouse fixture)
 from kedit_core.regression import (
     RegressionSuite,
     at_base,

@@ -1,0 +1,385 @@
+"""The gated batch loop: edit a batch, check it, keep it or roll it back, record everything.
+
+A plain function (`apply_gated_batches`) so the Prefect flows, the CLI and tests all run
+the same loop. For each batch of pending cases:
+
+1. a batch row is created (status 'applying') and the model's predictions on the batch's
+   locality probes are recorded *before* the edit;
+2. the editor edits; the regression gate measures (fast check, full check every N) and
+   decides (`kedit_core.gate.decide`);
+3. accepted: the delta is saved as safetensors (sha256 in the ledger), the editor's
+   sequential state beside it, a new live model version is recorded, cases are 'applied';
+   rejected: the edit is rolled back exactly, the editor's state restored, cases are
+   'rejected' with the reason; a batch whose own cases did not take is retried once with
+   `editor.config.stronger()` (a new batch row, attempt 2) before it is rejected;
+4. every metric goes to DuckDB with run, method, step, version, batch and fingerprint.
+
+Crash safety: a process killed mid-batch leaves the batch 'applying'. The next run looks
+at the ledger (the truth): if the batch's version was recorded, the batch is completed;
+otherwise it is marked 'failed' and its cases are retried. The model is brought to the
+ledger's live version before any edit, and cases already applied are never applied again.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from flows.runtime import LiveModel, delta_dir, rebuild_version
+from kedit_core.editors.base import Editor, EditResult
+from kedit_core.evaluate import reference_predictions
+from kedit_core.gate import GateConfig, GateDecision, decide, is_full_check
+from kedit_core.model import fingerprint_model
+from kedit_core.regression import RegressionSuite, fast_check, full_check
+from kedit_core.types import EditCase
+from storage import ledger, pipeline_store
+from storage.db import Database
+
+log = logging.getLogger("kedit.pipeline")
+
+
+@dataclass
+class BatchOutcome:
+    batch_id: str
+    status: str  # applied | rejected | failed
+    n_cases: int
+    attempts: int
+    version_id: int | None
+    reasons: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineReport:
+    run_id: str | None
+    method: str
+    batches: list[BatchOutcome] = field(default_factory=list)
+    n_applied: int = 0
+    n_rejected: int = 0
+    n_skipped: int = 0  # already applied / rejected / filtered before this run
+    recovered_batches: list[str] = field(default_factory=list)
+    start_version: int | None = None
+    final_version: int | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- editor state files
+
+
+def state_path(base_fingerprint: str, batch_id: str) -> Path:
+    """Where an editor's sequential state after `batch_id` is kept (beside the delta)."""
+    return delta_dir(base_fingerprint) / f"{batch_id}.state.safetensors"
+
+
+def save_editor_state(state: dict[str, Any], path: Path, method: str) -> None:
+    """Tensors go into safetensors under their path in the dict; everything else into a
+    JSON skeleton in the metadata, with {"__tensor__": key} where a tensor was."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def strip(obj: Any, key: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensors[key] = obj.detach().to("cpu").contiguous()
+            return {"__tensor__": key}
+        if isinstance(obj, dict):
+            return {str(k): strip(v, f"{key}/{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [strip(v, f"{key}/{i}") for i, v in enumerate(obj)]
+        return obj
+
+    skeleton = strip(state, "state")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"method": method, "skeleton": json.dumps(skeleton)})
+    tmp.replace(path)
+
+
+def load_editor_state(path: Path) -> tuple[str, dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+    def fill(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            if set(obj) == {"__tensor__"}:
+                return tensors[obj["__tensor__"]]
+            return {k: fill(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [fill(v) for v in obj]
+        return obj
+
+    return meta.get("method", ""), fill(json.loads(meta.get("skeleton", "{}")))
+
+
+def restore_editor_state(editor: Editor, db: Database, live: LiveModel) -> int | None:
+    """Load the editor's state saved with the newest version of its method in the live
+    chain (the ledger's truth). Returns that version id, or None if there is none."""
+    for row in reversed(ledger.version_chain(db, live.version_id)):
+        if row.get("method") != editor.name or not row.get("batch_id"):
+            continue
+        path = state_path(live.lm.fingerprint, row["batch_id"])
+        if path.exists():
+            method, state = load_editor_state(path)
+            if method == editor.name:
+                editor.load_state_dict(state)
+                return int(row["version_id"])
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def recover_interrupted(db: Database, base_fingerprint: str) -> tuple[list[str], list[EditCase]]:
+    """Settle batches a killed process left 'applying'. Returns (batch ids, cases to retry)."""
+    recovered, retry = [], []
+    for b in pipeline_store.batches_in_status(db, "applying"):
+        bid = b["batch_id"]
+        cases = pipeline_store.cases_of_batch(db, bid)
+        version = pipeline_store.version_of_batch(db, bid)
+        if version is not None and version["base_fingerprint"] == base_fingerprint and version["status"] in (
+            "live",
+            "superseded",
+        ):
+            # The process died after recording the version: the edit is in the ledger's model.
+            ledger.set_case_status(db, [c.case_id for c in cases], "applied", None, bid)
+            ledger.finish_batch(db, bid, "applied", "completed on recovery", version_id=int(version["version_id"]))
+        else:
+            ledger.finish_batch(db, bid, "failed", "interrupted while applying; cases retried")
+            ledger.set_case_status(db, [c.case_id for c in cases], "pending", f"retry after interrupted batch {bid}")
+            retry.extend(cases)
+        recovered.append(bid)
+        log.warning("recovered interrupted batch %s (%d cases)", bid, len(cases))
+    return recovered, retry
+
+
+def sync_with_ledger(live: LiveModel, db: Database) -> None:
+    """Bring the in-memory model to the ledger's live version if they differ."""
+    row = ledger.live_version(db, live.lm.fingerprint)
+    target = int(row["version_id"]) if row else live.base_version_id
+    if target == live.version_id:
+        return
+    log.warning("model is at version %s but the ledger's live version is %s: rebuilding", live.version_id, target)
+    for d in reversed([d for d in live.applied if not d.is_empty]):
+        d.revert(live.lm.model)  # exact: back to the base weights
+    live.applied = rebuild_version(live.lm, db, target)
+    live.version_id = target
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def apply_gated_batches(
+    live: LiveModel,
+    editor: Editor,
+    cases: Sequence[EditCase],
+    db: Database,
+    gate_config: GateConfig,
+    batch_size: int,
+    run_id: str | None,
+    suite: RegressionSuite,
+    retry_rejected: bool = False,
+) -> PipelineReport:
+    """Apply `cases` to the live model in gated batches; see the module docstring."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    lm = live.lm
+    if suite.base_fingerprint != lm.fingerprint:
+        raise ValueError(
+            f"the regression suite was frozen on base {suite.base_fingerprint[:12]}, not {lm.fingerprint[:12]}"
+        )
+    t0 = time.perf_counter()
+    method = editor.name
+    report = PipelineReport(run_id=run_id, method=method)
+
+    report.recovered_batches, retry_cases = recover_interrupted(db, lm.fingerprint)
+    sync_with_ledger(live, db)
+    report.start_version = live.version_id
+    restore_editor_state(editor, db, live)
+
+    # Interrupted cases first, then the new ones; each case once.
+    seen: set[str] = set()
+    ordered = []
+    for c in list(retry_cases) + list(cases):
+        if c.case_id not in seen:
+            seen.add(c.case_id)
+            ordered.append(c)
+    ledger.upsert_cases(db, ordered)
+    statuses = pipeline_store.case_statuses(db, [c.case_id for c in ordered])
+    runnable = {"pending"} | ({"rejected"} if retry_rejected else set())
+    todo = [c for c in ordered if statuses.get(c.case_id) in runnable]
+    report.n_skipped = len(ordered) - len(todo)
+
+    step = pipeline_store.count_metric_steps(db, run_id, method)
+    if step == 0 and suite.base_metrics:
+        ledger.record_metrics(db, suite.base_metrics, run_id, method, 0, live.base_version_id, None, lm.fingerprint)
+    n_batches = (len(todo) + batch_size - 1) // batch_size
+    log.info(
+        "pipeline %s (%s): %d cases to apply in %d batches of %d, %d skipped (already settled), live version %s",
+        run_id, method, len(todo), n_batches, batch_size, report.n_skipped, live.version_id,
+    )
+    for i in range(n_batches):
+        batch = todo[i * batch_size : (i + 1) * batch_size]
+        outcome, step = _gated_batch(live, editor, batch, db, gate_config, run_id, suite, step, report)
+        report.batches.append(outcome)
+        if outcome.status == "applied":
+            report.n_applied += len(batch)
+        else:
+            report.n_rejected += len(batch)
+        elapsed = time.perf_counter() - t0
+        done = sum(b.n_cases for b in report.batches)
+        log.info(
+            "batch %d/%d %s: %s after %d attempt(s)%s | applied %d, rejected %d, skipped %d | %.2f cases/s",
+            i + 1, n_batches, outcome.batch_id, outcome.status, outcome.attempts,
+            f" ({'; '.join(outcome.reasons)})" if outcome.reasons else "",
+            report.n_applied, report.n_rejected, report.n_skipped, done / max(elapsed, 1e-9),
+        )
+    report.final_version = live.version_id
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _gated_batch(
+    live: LiveModel,
+    editor: Editor,
+    batch: list[EditCase],
+    db: Database,
+    cfg: GateConfig,
+    run_id: str | None,
+    suite: RegressionSuite,
+    step: int,
+    report: PipelineReport,
+) -> tuple[BatchOutcome, int]:
+    lm, method = live.lm, editor.name
+    ids = [c.case_id for c in batch]
+    batch_no = pipeline_store.count_batches(db, run_id) + 1
+    base_id = f"{run_id or 'run'}-b{batch_no:05d}"
+    full = is_full_check(sum(1 for b in report.batches) + 1, cfg)
+    rewriter = editor if editor.is_memory_editor else live.rewriter
+    # What the model says on the batch's locality probes before the edit (locality reference).
+    before = reference_predictions(lm, batch)
+    original_config = editor.config
+    reasons: list[str] = []
+    try:
+        for attempt in range(1, cfg.max_attempts + 1):
+            batch_id = base_id if attempt == 1 else f"{base_id}-a{attempt}"
+            ledger.create_batch(db, batch_id, run_id, method, ids, attempt)
+            step += 1
+            state_before = copy.deepcopy(editor.state_dict())
+            t_edit = time.perf_counter()
+            try:
+                result = editor.edit(lm, batch)
+            except Exception as exc:  # an editor bug or bad case must not stop the stream
+                log.exception("editor %s failed on batch %s", method, batch_id)
+                why = f"editor failed: {type(exc).__name__}: {exc}"
+                editor.load_state_dict(state_before)
+                ledger.finish_batch(db, batch_id, "failed", why)
+                ledger.set_case_status(db, ids, "rejected", why, batch_id)
+                return BatchOutcome(batch_id, "failed", len(batch), attempt, None, [why]), step
+            if not result.applied and not result.delta.is_empty:
+                result.delta.apply(lm.model)
+                result.applied = True
+            edit_s = time.perf_counter() - t_edit
+
+            t_check = time.perf_counter()
+            details: dict[str, list[dict[str, Any]]] = {}
+            check = full_check if full else fast_check
+            metrics = check(lm, suite, batch, before, rewriter=rewriter, details=details)
+            check_s = time.perf_counter() - t_check
+            decision: GateDecision = decide(metrics, suite.base_metrics, cfg, attempt)
+            timing = {"edit_seconds": edit_s, "check_seconds": check_s, "delta_norm": result.delta.norm(),
+                      "full_check": float(full), "accepted": float(decision.accept)}
+
+            if decision.accept:
+                vid = _commit(live, editor, result, batch, batch_id, db, metrics)
+                _record(db, metrics | timing, details, run_id, method, step, vid, batch_id, lm.fingerprint)
+                suite.add_applied(batch, seen_before=report.n_applied)
+                return BatchOutcome(batch_id, "applied", len(batch), attempt, vid, [], metrics), step
+
+            # Rejected: exact restore of weights and editor state, then maybe retry.
+            editor.rollback(lm, result)
+            editor.load_state_dict(state_before)
+            _record(db, metrics | timing, details, run_id, method, step, live.version_id, batch_id, lm.fingerprint)
+            reasons = list(decision.reasons)
+            if decision.retry:
+                stronger = editor.config.stronger()
+                if stronger is editor.config or stronger == editor.config:
+                    reasons.append(f"{method} has no stronger settings to retry with")
+                else:
+                    ledger.finish_batch(db, batch_id, "rolled_back", "; ".join(reasons))
+                    editor.config = stronger
+                    continue
+            why = "; ".join(reasons)
+            ledger.finish_batch(db, batch_id, "rolled_back", why)
+            ledger.set_case_status(db, ids, "rejected", why, batch_id)
+            return BatchOutcome(batch_id, "rejected", len(batch), attempt, None, reasons, metrics), step
+    finally:
+        editor.config = original_config
+    raise AssertionError("unreachable: the last attempt never retries")
+
+
+def _commit(
+    live: LiveModel,
+    editor: Editor,
+    result: EditResult,
+    batch: list[EditCase],
+    batch_id: str,
+    db: Database,
+    metrics: dict[str, float],
+) -> int:
+    """Persist an accepted batch: delta file, editor state, version row, case and batch status.
+
+    Order matters for crash recovery: files first, then the version row (the commit
+    point: from here the ledger's live model includes this batch), then the statuses.
+    """
+    lm = live.lm
+    fp = lm.fingerprint
+    delta_path, sha = None, None
+    if not result.delta.is_empty:
+        path = delta_dir(fp) / f"{batch_id}.safetensors"
+        sha = result.delta.save(path)
+        delta_path = str(path)
+    state = editor.state_dict()
+    if state:
+        save_editor_state(state, state_path(fp, batch_id), editor.name)
+    note = json.dumps({"n_cases": len(batch), "efficacy_acc": metrics.get("efficacy_acc"),
+                       "config": editor.config.to_dict()}, default=str)
+    vid = ledger.add_version(
+        db, live.version_id, fp, lm.spec, editor.name, batch_id, delta_path, sha,
+        weights_fingerprint=fingerprint_model(lm.model), status="live", note=note,
+    )
+    ledger.set_case_status(db, [c.case_id for c in batch], "applied", None, batch_id)
+    ledger.finish_batch(db, batch_id, "applied", version_id=vid)
+    live.applied.append(result.delta)
+    live.version_id = vid
+    if editor.is_memory_editor:
+        live.rewriter = editor
+    return vid
+
+
+def _record(
+    db: Database,
+    values: dict[str, float],
+    details: dict[str, list[dict[str, Any]]],
+    run_id: str | None,
+    method: str,
+    step: int,
+    version_id: int | None,
+    batch_id: str,
+    fingerprint: str,
+) -> None:
+    ledger.record_metrics(db, values, run_id, method, step, version_id, batch_id, fingerprint)
+    rows = [r for group in details.values() for r in group]
+    pipeline_store.record_probe_results(db, rows, run_id, method, step, batch_id, version_id)

@@ -1,0 +1,147 @@
+"""The gated batch loop on a tiny model and a DuckDB file on disk, with test editors whose
+updates we control (harmless nudge, deliberately harmful huge update)."""
+from __future__ import annotations
+
+import torch
+
+import gatekit as g
+from gatekit import single_thread  # noqa: F401  (autouse fixture)
+from flows.pipeline import apply_gated_batches, state_path
+from flows.runtime import open_live_model, rebuild_version
+from kedit_core.editors.base import file_sha256
+from kedit_core.gate import GateConfig
+from kedit_core.model import fingerprint_model
+from kedit_core.regression import freeze_suite
+from storage import ledger
+
+CFG = GateConfig(full_check_every=2)
+
+
+def _setup(db):
+    lm = g.knowing_tiny_llama()
+    live = open_live_model(db=db, lm=lm)
+    suite = freeze_suite(lm, g.edit_cases("old"), known_facts=g.known_facts(), reference_text=g.REFERENCE_TEXT)
+    return live, suite
+
+
+def _state(model):
+    return {n: t.clone() for n, t in model.state_dict().items()}
+
+
+def _statuses(db):
+    return {r["case_id"]: (r["status"], r["reason"]) for r in ledger.case_rows(db)}
+
+
+def test_harmful_batch_is_rolled_back_exactly_and_cases_rejected_with_reason(db):
+    live, suite = _setup(db)
+    before = _state(live.lm.model)
+    editor = g.HarmfulEditor()
+    keys_before = editor.keys.clone()
+    rep = apply_gated_batches(live, editor, g.edit_cases("h", n=2), db, CFG, 2, "run-h", suite)
+    assert [b.status for b in rep.batches] == ["rejected"] and rep.n_rejected == 2
+    assert g.weights_equal(live.lm.model, before)  # exact restore
+    assert torch.equal(editor.keys, keys_before)  # editor state restored too
+    st = _statuses(db)
+    assert {s for s, _ in st.values()} == {"rejected"}
+    assert all("known_facts_acc" in r and "below base" in r for _, r in st.values())
+    (batch,) = ledger.list_batches(db, run_id="run-h")
+    assert batch["status"] == "rolled_back" and "known_facts_acc" in batch["reason"]
+    assert [v["status"] for v in ledger.list_versions(db)] == ["base"]  # no version recorded
+    rows = ledger.get_metrics(db, run_id="run-h", metric="known_facts_acc")
+    assert [(r["step"], r["value"]) for r in rows][0] == (0, 1.0)  # the base value
+    assert rows[1]["batch_id"] == batch["batch_id"] and rows[1]["value"] < 0.9
+    assert rows[1]["version_id"] == live.base_version_id and rows[1]["method"] == "test_harmful"
+
+
+def test_harmless_batch_is_accepted_with_a_recorded_delta_whose_sha_matches(db):
+    live, suite = _setup(db)
+    rep = apply_gated_batches(live, g.NudgeEditor(), g.edit_cases("ok", n=3), db, CFG, 3, "run-ok", suite)
+    assert [b.status for b in rep.batches] == ["applied"] and rep.n_applied == 3
+    v = ledger.get_version(db, live.version_id)
+    assert v["status"] == "live" and v["parent_id"] == live.base_version_id and v["method"] == "test_nudge"
+    assert file_sha256(v["delta_path"]) == v["delta_sha256"]
+    assert v["weights_fingerprint"] == fingerprint_model(live.lm.model)
+    assert {s for s, _ in _statuses(db).values()} == {"applied"}
+    (batch,) = ledger.list_batches(db, run_id="run-ok")
+    assert batch["status"] == "applied" and batch["version_id"] == v["version_id"]
+    eff = ledger.get_metrics(db, run_id="run-ok", metric="efficacy_acc")
+    assert eff[-1]["version_id"] == v["version_id"] and eff[-1]["value"] == 1.0
+    assert eff[-1]["model_fingerprint"] == live.lm.fingerprint
+
+
+def test_did_not_take_is_retried_stronger_once_then_rejected(db):
+    live, suite = _setup(db)
+    before = _state(live.lm.model)
+    editor = g.NudgeEditor()
+    rep = apply_gated_batches(live, editor, g.edit_cases("x", n=2, take=False), db, CFG, 2, "run-x", suite)
+    assert editor.calls == 2 and editor.config.scale == 1e-6  # original settings back after the retry
+    (outcome,) = rep.batches
+    assert outcome.status == "rejected" and outcome.attempts == 2
+    batches = ledger.list_batches(db, run_id="run-x")
+    assert [(b["attempt"], b["status"]) for b in batches] == [(1, "rolled_back"), (2, "rolled_back")]
+    assert "retrying with stronger settings" in batches[0]["reason"]
+    norms = [r["value"] for r in ledger.get_metrics(db, run_id="run-x", metric="delta_norm")]
+    assert norms[1] > 5 * norms[0]  # the retry really used stronger settings (10x scale)
+    assert all(s == "rejected" and "after 2 attempts" in r for s, r in _statuses(db).values())
+    assert g.weights_equal(live.lm.model, before)
+
+
+def test_rerun_applies_nothing_twice(db):
+    live, suite = _setup(db)
+    cases = g.edit_cases("c", n=4)
+    editor = g.NudgeEditor()
+    first = apply_gated_batches(live, editor, cases, db, CFG, 2, "run-r", suite)
+    assert first.n_applied == 4 and editor.calls == 2
+    n_versions = len(ledger.list_versions(db))
+    again = apply_gated_batches(live, editor, cases, db, CFG, 2, "run-r", suite)
+    assert again.n_applied == 0 and again.n_skipped == 4 and again.batches == []
+    assert editor.calls == 2 and len(ledger.list_versions(db)) == n_versions
+
+
+def test_batch_left_applying_by_a_killed_process_is_retried(db):
+    live, suite = _setup(db)
+    cases = g.edit_cases("k", n=2)
+    ledger.upsert_cases(db, cases)
+    ledger.create_batch(db, "dead-b00001", "dead", "test_nudge", [c.case_id for c in cases])  # then the process died
+    editor = g.NudgeEditor()
+    rep = apply_gated_batches(live, editor, [], db, CFG, 2, "run-k", suite)
+    assert rep.recovered_batches == ["dead-b00001"] and rep.n_applied == 2 and editor.calls == 1
+    dead = [b for b in ledger.list_batches(db) if b["batch_id"] == "dead-b00001"][0]
+    assert dead["status"] == "failed" and "interrupted" in dead["reason"]
+    assert {s for s, _ in _statuses(db).values()} == {"applied"}
+
+
+def test_crash_after_the_version_was_recorded_completes_the_batch_without_reapplying(db):
+    live, suite = _setup(db)
+    cases = g.edit_cases("v", n=2)
+    apply_gated_batches(live, g.NudgeEditor(), cases, db, CFG, 2, "run-v", suite)
+    (batch,) = ledger.list_batches(db, run_id="run-v")
+    # Simulate death between add_version and the status updates.
+    ledger.finish_batch(db, batch["batch_id"], "applying")
+    ledger.set_case_status(db, [c.case_id for c in cases], "pending")
+    live2 = open_live_model(db=db, lm=g.knowing_tiny_llama())  # a new process: ledger rebuilds the model
+    editor = g.NudgeEditor()
+    rep = apply_gated_batches(live2, editor, cases, db, CFG, 2, "run-v", suite)
+    assert rep.recovered_batches == [batch["batch_id"]] and editor.calls == 0 and rep.n_skipped == 2
+    assert ledger.list_batches(db, run_id="run-v")[0]["status"] == "applied"
+    assert g.weights_equal(live2.lm.model, _state(live.lm.model))
+
+
+def test_rebuild_from_base_and_deltas_equals_live_weights_and_editor_state_resumes(db):
+    live, suite = _setup(db)
+    editor = g.NudgeEditor()
+    apply_gated_batches(live, editor, g.edit_cases("a", n=2), db, CFG, 1, "run-b", suite)
+    rejected = apply_gated_batches(live, g.HarmfulEditor(), g.edit_cases("bad", n=1), db, CFG, 1, "run-bad", suite)
+    assert rejected.batches[0].status == "rejected"
+    apply_gated_batches(live, editor, g.edit_cases("c", n=2)[1:], db, CFG, 1, "run-b", suite)
+    versions = [v for v in ledger.list_versions(db) if v["status"] != "base"]
+    assert len(versions) == 3 and [v["status"] for v in versions] == ["superseded", "superseded", "live"]
+    fresh = g.knowing_tiny_llama()
+    rebuild_version(fresh, db, live.version_id)
+    assert g.weights_equal(fresh.model, _state(live.lm.model))  # bit for bit
+    assert fingerprint_model(fresh.model) == versions[-1]["weights_fingerprint"]
+    # A restarted process resumes the editor's sequential state from the live version.
+    assert state_path(live.lm.fingerprint, versions[-1]["batch_id"]).exists()
+    restarted = g.NudgeEditor()
+    apply_gated_batches(open_live_model(db=db, lm=g.knowing_tiny_llama()), restarted, [], db, CFG, 1, "run-b", suite)
+    assert torch.equal(restarted.keys, editor.keys) and len(restarted.keys) == 3
