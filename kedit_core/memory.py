@@ -85,6 +85,8 @@ class EditMemory:
         self._vectors = np.zeros((0, dim or 0), dtype=np.float32)  # grown by doubling
         self._active = np.zeros((0,), dtype=bool)
         self._index: dict[str, int] = {}
+        self._cache: dict[str, np.ndarray] = {}
+        self.cache_size = 100_000
 
     # ------------------------------------------------------------------ basics
 
@@ -108,7 +110,18 @@ class EditMemory:
         return self._vectors[: len(self.entries)]
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self.embedder.encode(texts), dtype=np.float32)
+        """Vectors for texts, batched; remembered, because evaluation asks the same probe
+        questions after every batch and one embedding call costs more than the search."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            if len(self._cache) + len(missing) > self.cache_size:
+                self._cache.clear()
+                missing = list(dict.fromkeys(texts))
+            for t, v in zip(missing, np.asarray(self.embedder.encode(missing), dtype=np.float32)):
+                self._cache[t] = v
+        if not texts:
+            return np.zeros((0, self._dim or 0), dtype=np.float32)
+        return np.stack([self._cache[t] for t in texts])
 
     # ------------------------------------------------------------------ changes
 

@@ -25,6 +25,7 @@ import logging
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
@@ -288,7 +289,9 @@ def train_lora_delta(
                           target_modules=lora_target_regex(lm.model, target_modules, layers),
                           fan_in_fan_out=getattr(lm.model.config, "model_type", "") == "gpt2")
     # get_peft_model injects the adapters into lm.model in place; unload() takes them out.
-    peft_model = get_peft_model(lm.model, peft_cfg)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(lm.model, peft_cfg)
     try:
         trainable = [p for p in lm.model.parameters() if p.requires_grad]
         rep = train_on_pairs(lm, prompts, answers, trainable, steps, lr, batch_size, stop_loss, max_seconds,

@@ -1,0 +1,353 @@
+"""LTE, Learning to Edit (Jiang et al., 2024): teach the model once to *use* updated
+knowledge shown in its prompt, then edit by retrieval.
+
+Alignment phase (once per base model and data): LoRA fine-tuning on parallel data in one
+format,
+
+    [Updated Information] {fact(s)}
+    [Question] {question}  ->  answer
+
+with three kinds of example: in-scope (the question, or a paraphrase, asks about the
+shown fact: answer with the new answer, also when distractor facts are mixed in),
+out-of-scope (an unrelated question under an irrelevant fact: answer exactly as the base
+model does without it) and plain questions (no block at all: base answer, so the aligned
+weights keep the base behaviour where retrieval shows nothing). The adapter is merged
+into the weights (as a `WeightDelta`, applied with the first edited batch and recorded
+like any delta) and cached under kedit_home()/lte keyed by the base fingerprint and the
+hash of the data and settings.
+
+Alignment data come ONLY from the training part of the development slice (zsRE records
+from index `alignment_start` on; evaluation streams take the first records) and the
+project's own edit cases. `build_alignment_examples` drops every training case that
+shares an id, a subject or a question with the evaluation cases, and checks the result;
+at edit time every edited case is checked again against the alignment data, so a leak is
+an error, never a silent success.
+
+Inference phase: `edit` puts the facts into an edit memory (memory.py) and
+`rewrite_prompt` prepends the top retrieved facts above a similarity threshold in the
+same format. Weights do not change after alignment.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Sequence
+
+from kedit_core.editors.base import CaseDiagnostics, EditResult, WeightDelta, register
+from kedit_core.editors.finetune import train_lora_delta
+from kedit_core.editors.rag import RAGConfig, RAGEditor
+from kedit_core.errors import KeditError
+from kedit_core.memory import render_fact
+from kedit_core.model import LoadedModel, kedit_home
+from kedit_core.scoring import normalise_answer
+from kedit_core.types import EditCase
+
+log = logging.getLogger(__name__)
+
+DEV_SLICE = Path(__file__).resolve().parents[2] / "data" / "benchmarks" / "zsre_mend_train_1k.json"
+
+
+class AlignmentLeakError(KeditError):
+    """An evaluation case appears in LTE's alignment data."""
+
+
+@dataclass
+class LTEConfig(RAGConfig):
+    method: ClassVar[str] = "lte"
+    k: int = 2
+    threshold: float | None = 0.65
+    template: str = "[Updated Information] {facts}\n[Question] {question}"
+    memory_name: str = "lte"
+    # alignment data
+    alignment_data: str = str(DEV_SLICE)  # zsRE (MEND format) development slice
+    alignment_start: int = 500  # records [alignment_start:] train; [:alignment_start] are reserved for evaluation
+    max_alignment_records: int | None = 500
+    own_cases_path: str | None = None  # JSONL of EditCase: the project's own cases to align on too
+    max_distractors: int = 2  # extra irrelevant facts mixed into in-scope examples
+    plain_share: float = 0.3  # share of records that also give a plain (no block) example
+    base_answer_tokens: int = 8
+    # alignment training (LoRA, merged)
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "down_proj"])
+    lr: float = 1e-3
+    steps: int = 300
+    batch_size: int = 8
+    max_seconds: float | None = 600.0  # bound on the CPU alignment run
+
+
+@dataclass
+class AlignExample:
+    kind: str  # in_scope | out_scope | plain
+    facts: list[str]
+    question: str
+    answer: str | None  # None: the base model's own answer (filled in before training)
+    source_case: str | None = None
+
+
+# --------------------------------------------------------------------------- leak guard
+
+
+def _norm(text: str) -> str:
+    return normalise_answer(text or "")
+
+
+def case_texts(case: EditCase) -> set[str]:
+    """Every question a case is edited or evaluated with, normalised."""
+    return ({_norm(case.prompt), _norm(case.question or "")} | {_norm(p.prompt) for p in case.probes}) - {""}
+
+
+def eval_signature(cases: Iterable[EditCase]) -> dict[str, set[str]]:
+    cases = list(cases)
+    return {
+        "ids": {c.case_id for c in cases},
+        "subjects": {_norm(c.subject) for c in cases},
+        "texts": set().union(*(case_texts(c) for c in cases)) if cases else set(),
+    }
+
+
+def _leading_question(text: str, texts: set[str]) -> str | None:
+    """The evaluation question `text` starts with, if any (a fact is "question answer.")."""
+    words = _norm(text).split()
+    for n in range(1, len(words) + 1):
+        head = " ".join(words[:n])
+        if head in texts:
+            return head
+    return None
+
+
+def leaks(case: EditCase, signature: dict[str, set[str]]) -> str | None:
+    """Why `case` overlaps the cases behind `signature`, or None."""
+    if case.case_id in signature["ids"]:
+        return f"case id {case.case_id}"
+    if _norm(case.subject) in signature["subjects"]:
+        return f"subject {case.subject!r}"
+    for text in sorted(case_texts(case)):
+        hit = _leading_question(text, signature["texts"])
+        if hit:
+            return f"question {hit!r}"
+    return None
+
+
+def alignment_split(path: str | Path, start: int, limit: int | None = None) -> tuple[list[EditCase], list[EditCase]]:
+    """(training cases = records[start:], reserved evaluation cases = records[:start])."""
+    from connectors.benchmarks import read_zsre  # reader of the slice's format
+
+    cases = read_zsre(path, skip_bad=True)
+    index = {c.case_id: int(c.case_id.rsplit("-", 1)[1]) for c in cases}
+    train = [c for c in cases if index[c.case_id] >= start]
+    reserved = [c for c in cases if index[c.case_id] < start]
+    return (train[:limit] if limit is not None else train), reserved
+
+
+def build_alignment_examples(
+    train_cases: Sequence[EditCase],
+    eval_cases: Sequence[EditCase],
+    seed: int = 0,
+    max_distractors: int = 2,
+    plain_share: float = 0.3,
+) -> list[AlignExample]:
+    """The parallel data, from `train_cases` minus anything overlapping `eval_cases`.
+
+    Guarantees (checked before returning): no example's fact or question is a question of
+    an evaluation case, and no training case with an evaluation case's id or subject is used.
+    """
+    sig = eval_signature(eval_cases)
+    kept = [c for c in train_cases if leaks(c, sig) is None]
+    if len(kept) < len(train_cases):
+        log.info("LTE alignment: dropped %d training cases overlapping the evaluation cases", len(train_cases) - len(kept))
+    # out-of-scope questions must not be evaluation questions either (zsRE reuses some NQ questions)
+    rng = random.Random(seed)
+    facts = [render_fact(c) for c in kept]
+    examples: list[AlignExample] = []
+
+    def distractors(i: int) -> list[str]:
+        n = rng.randint(0, max_distractors) if len(kept) > 1 else 0
+        pool = [j for j in rng.sample(range(len(kept)), min(len(kept), n + 1)) if j != i][:n]
+        return [facts[j] for j in pool]
+
+    for i, c in enumerate(kept):
+        for q in [c.prompt] + [p.prompt for p in c.probes_of("paraphrase")]:
+            shown = [facts[i]] + distractors(i)
+            rng.shuffle(shown)
+            examples.append(AlignExample("in_scope", shown, q, c.target_new, c.case_id))
+        unrelated = [p.prompt for p in c.probes if p.kind.startswith("locality")]
+        if len(kept) > 1:
+            other = kept[(i + 1 + rng.randrange(len(kept) - 1)) % len(kept)]
+            unrelated.append(other.prompt)
+        for q in unrelated:
+            if _leading_question(q, sig["texts"]):
+                continue
+            examples.append(AlignExample("out_scope", [facts[i]] + distractors(i)[:1], q, None, c.case_id))
+            if rng.random() < plain_share:
+                examples.append(AlignExample("plain", [], q, None, c.case_id))
+    assert_no_leak(examples, eval_cases)
+    rng.shuffle(examples)
+    return examples
+
+
+def assert_no_leak(examples: Sequence[AlignExample], eval_cases: Sequence[EditCase]) -> None:
+    """Raise AlignmentLeakError if any evaluation question or case appears in the examples."""
+    sig = eval_signature(eval_cases)
+    texts = sig["texts"]
+    for ex in examples:
+        if ex.source_case in sig["ids"]:
+            raise AlignmentLeakError(f"alignment example built from evaluation case {ex.source_case}")
+        for text in [ex.question, *ex.facts]:
+            hit = _leading_question(text, texts)
+            if hit:
+                raise AlignmentLeakError(f"alignment text {text!r} contains evaluation question {hit!r}")
+
+
+def read_cases_jsonl(path: str | Path) -> list[EditCase]:
+    out = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            try:
+                out.append(EditCase.from_json(line))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise KeditError(f"{path} line {i + 1}: not an EditCase: {exc}") from exc
+    return out
+
+
+# --------------------------------------------------------------------------- the editor
+
+
+@register("lte")
+class LTEEditor(RAGEditor):
+    config_class = LTEConfig
+    config: LTEConfig
+
+    def __init__(self, config: LTEConfig | None = None, own_cases: Sequence[EditCase] = (),
+                 eval_cases: Sequence[EditCase] = (), **kw: Any) -> None:
+        super().__init__(config, **kw)
+        self.own_cases = list(own_cases)
+        self.extra_eval_cases = list(eval_cases)  # evaluation cases beyond the reserved records
+        self.alignment_info: dict[str, Any] | None = None
+        self._alignment_signature: dict[str, set[str]] | None = None
+
+    def format_prompt(self, facts: list[str], question: str) -> str:
+        return self.config.template.format(facts="\n".join(facts), question=question)
+
+    def render(self, ex: AlignExample) -> str:
+        return self.format_prompt(ex.facts, ex.question) if ex.facts else ex.question
+
+    # ---------------------------------------------------------------- alignment
+
+    def alignment_examples(self) -> tuple[list[AlignExample], list[EditCase]]:
+        cfg = self.config
+        train, reserved = alignment_split(cfg.alignment_data, cfg.alignment_start, cfg.max_alignment_records)
+        own = self.own_cases + (read_cases_jsonl(cfg.own_cases_path) if cfg.own_cases_path else [])
+        eval_cases = reserved + self.extra_eval_cases
+        examples = build_alignment_examples(train + own, eval_cases, cfg.seed, cfg.max_distractors, cfg.plain_share)
+        return examples, train + own
+
+    def cache_key(self, lm: LoadedModel, examples: list[AlignExample]) -> str:
+        cfg = self.config
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ("k", "threshold", "memory_name", "device", "max_seconds")}
+        h = hashlib.sha256()
+        h.update(lm.fingerprint.encode())
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        h.update(json.dumps([asdict(e) for e in examples], sort_keys=True).encode())
+        return h.hexdigest()[:24]
+
+    def align(self, lm: LoadedModel) -> tuple[WeightDelta, dict[str, Any]]:
+        """The aligned adapter as a merged delta (from the cache, or trained now and cached)."""
+        from kedit_core.answer import generate
+
+        cfg = self.config
+        examples, used_cases = self.alignment_examples()
+        key = self.cache_key(lm, examples)
+        folder = kedit_home() / "lte" / f"{lm.fingerprint[:16]}-{key}"
+        self._alignment_signature = eval_signature(used_cases)
+        if (folder / "adapter_delta.safetensors").exists() and (folder / "alignment.json").exists():
+            info = json.loads((folder / "alignment.json").read_text())
+            delta = WeightDelta.load(folder / "adapter_delta.safetensors", expected_sha256=info["sha256"])
+            log.info("LTE: aligned adapter from cache %s (trained in %.0fs)", folder, info["train_seconds"])
+            return delta, {**info, "cached": True, "path": str(folder)}
+        t0 = time.perf_counter()
+        # out-of-scope and plain examples: what the base model answers to the plain question
+        need = sorted({ex.question for ex in examples if ex.answer is None})
+        log.info("LTE alignment: %d examples; generating %d base answers", len(examples), len(need))
+        base: dict[str, str] = {}
+        for s in range(0, len(need), 32):
+            outs = generate(lm, need[s : s + 32], max_new_tokens=cfg.base_answer_tokens)
+            base.update({q: (o.split("\n")[0].strip() or ".") for q, o in zip(need[s : s + 32], outs)})
+            log.info("LTE alignment: base answers %d/%d", min(s + 32, len(need)), len(need))
+        gen_seconds = time.perf_counter() - t0
+        prompts = [self.render(ex) for ex in examples]
+        answers = [ex.answer if ex.answer is not None else base[ex.question] for ex in examples]
+        delta, rep = train_lora_delta(
+            lm, prompts, answers, cfg.rank, cfg.alpha, list(cfg.target_modules), None, cfg.steps, cfg.lr,
+            cfg.batch_size, stop_loss=None, max_seconds=cfg.max_seconds, seed=cfg.seed, log_every=10, desc="LTE alignment",
+        )
+        delta.meta = {"method": "lte-alignment", "key": key, "base_fingerprint": lm.fingerprint}
+        folder.mkdir(parents=True, exist_ok=True)
+        sha = delta.save(folder / "adapter_delta.safetensors")
+        counts = {k: sum(e.kind == k for e in examples) for k in ("in_scope", "out_scope", "plain")}
+        info = {
+            "key": key, "sha256": sha, "examples": counts, "steps": rep.steps, "stopped": rep.stopped,
+            "train_seconds": rep.seconds, "base_answer_seconds": gen_seconds, "loss_curve": rep.losses,
+            "alignment_cases": len(used_cases),
+        }
+        (folder / "alignment.json").write_text(json.dumps(info, indent=1))
+        log.info("LTE alignment: %d steps in %.0fs (%s), loss %.3f -> %.3f; cached at %s", rep.steps, rep.seconds,
+                 rep.stopped, rep.losses[0], rep.losses[-1], folder)
+        return delta, {**info, "cached": False, "path": str(folder)}
+
+    def check_not_in_alignment(self, cases: Sequence[EditCase]) -> None:
+        if self._alignment_signature is None:
+            return
+        for c in cases:
+            why = leaks(c, self._alignment_signature)
+            if why:
+                raise AlignmentLeakError(
+                    f"LTE: case {c.case_id} was part of the alignment data ({why}); evaluate on records before "
+                    f"index {self.config.alignment_start} of the development slice, or on other data"
+                )
+
+    # ---------------------------------------------------------------- editing
+
+    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+        t0 = time.perf_counter()
+        delta, align_info = WeightDelta(), None
+        aligned_key = lm.info.get("lte_aligned")
+        if aligned_key is None:
+            delta, align_info = self.align(lm)
+            self.check_not_in_alignment(cases)
+            delta.apply(lm.model)
+            lm.info["lte_aligned"] = align_info["key"]  # a second LTE editor on this model must not re-apply
+            self.alignment_info = align_info
+        else:
+            if self._alignment_signature is None:
+                self.align_signature_only()
+            self.check_not_in_alignment(cases)
+        result = super().edit(lm, cases)
+        result.method = "lte"
+        result.delta = delta  # non-empty only for the batch that carried the alignment
+        result.seconds = time.perf_counter() - t0
+        if align_info is not None:
+            result.info["alignment"] = {k: v for k, v in align_info.items() if k != "loss_curve"}
+            if result.diagnostics:
+                result.diagnostics[0].loss_curve = align_info.get("loss_curve", [])
+        return result
+
+    def align_signature_only(self) -> None:
+        _, used = self.alignment_examples()
+        self._alignment_signature = eval_signature(used)
+
+    def rollback(self, lm: LoadedModel, result: EditResult) -> None:
+        was_applied = result.applied
+        super().rollback(lm, result)
+        if was_applied and not result.delta.is_empty:
+            result.delta.revert(lm.model)
+            lm.info.pop("lte_aligned", None)
+
+
+def alignment_diagnostics(result: EditResult) -> list[CaseDiagnostics]:
+    return result.diagnostics
