@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -76,28 +77,53 @@ def _reason_key(reason: str) -> str:
 
 class _Processor:
     def __init__(self, db: Database, config: FilterConfig, labels: LabelLookup, report: IngestReport,
-                 fetch: Callable[[list[int]], RevisionBatch], diff_filtered: bool = False):
+                 fetch: Callable[[list[int]], RevisionBatch], diff_filtered: bool = False,
+                 commit_revisions: int = 1):
         self.db, self.config, self.labels, self.report, self.fetch = db, config, labels, report, fetch
         self.diff_filtered = diff_filtered
+        # Batches are written together once this many revisions wait: each DuckDB transaction
+        # costs a connection and a commit (~20-40 ms here), too much to pay every 50 revisions.
+        self.commit_revisions = commit_revisions
+        self._outcomes: list[RevisionOutcome] = []
+        self._corrections: list[tuple[str, str]] = []
+        self._cursor: tuple[str, str] | None = None
         self.tracker = RevertTracker(config)
         self.reasons: Counter[str] = Counter()
         # Entities of the previous batch: an item edited twice in a row needs its middle revision once.
         self._recent: dict[int, dict[str, Any] | None] = {}
 
-    def _entities(self, revids: Iterable[int]) -> RevisionBatch:
+    def needed(self, refs: Sequence[RevisionRef], reverted: dict[int, str], exclude: set[int]) -> list[int]:
+        """Revisions whose content a batch will need (its judged-worthy revisions and their parents)."""
+        want = set()
+        for r in refs:
+            if self.diff_filtered or revision_verdict(r, self.config, reverted).accepted:
+                want |= {r.revid, r.old_revid}
+        return sorted(x for x in want if x and x not in exclude)
+
+    def _entities(self, revids: Iterable[int], prefetched: RevisionBatch | None = None) -> RevisionBatch:
         want = {r for r in revids if r}
-        have = {r: self._recent[r] for r in want if r in self._recent}
-        batch = self.fetch(sorted(want - set(have))) if want - set(have) else RevisionBatch()
-        batch.entities.update(have)
+        batch = RevisionBatch()
+        for r in want:
+            if r in self._recent:
+                batch.entities[r] = self._recent[r]
+            elif prefetched is not None and r in prefetched.entities:
+                batch.entities[r] = prefetched.entities[r]
+            elif prefetched is not None and r in prefetched.problems:
+                batch.problems[r] = prefetched.problems[r]
+        missing = sorted(want - set(batch.entities) - set(batch.problems))
+        if missing:
+            fetched = self.fetch(missing)
+            batch.entities.update(fetched.entities)
+            batch.problems.update(fetched.problems)
         return batch
 
     def process(self, refs: Sequence[RevisionRef], reverted: dict[int, str], suspicious: dict[str, str],
-                cursor: tuple[str, str] | None = None) -> None:
+                cursor: tuple[str, str] | None = None, prefetched: RevisionBatch | None = None) -> None:
         """Diff, judge and store one batch; the cursor moves in the same transaction."""
         outcomes: list[RevisionOutcome] = []
         verdicts = {r.revid: revision_verdict(r, self.config, reverted) for r in refs}
         need = [r for r in refs if verdicts[r.revid].accepted or self.diff_filtered]
-        batch = self._entities([x for r in need for x in (r.revid, r.old_revid)])
+        batch = self._entities([x for r in need for x in (r.revid, r.old_revid)], prefetched)
         diffs: dict[int, tuple[list, set[str]]] = {}
         local_labels: dict[str, str] = {}
         for r in need:
@@ -149,14 +175,24 @@ class _Processor:
                         v = Verdict("filtered", why_this)
                 judged.append((c, v.status, v.reason))
             outcomes.append(RevisionOutcome(r, "diffed" if rv.accepted else "filtered", rv.reason, judged))
-        # A change stored accepted (in this batch or an earlier one) and undone now: corrected
-        # in the same transaction.
+        self._recent = {k: v for k, v in batch.entities.items() if k in {r.revid for r in refs}}
+        self._outcomes.extend(outcomes)
+        self._corrections.extend(late_reverts)
+        self._cursor = cursor or self._cursor
+        if len(self._outcomes) >= self.commit_revisions:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write waiting outcomes, their corrections, labels and the cursor in ONE transaction.
+        A change stored accepted (now or earlier) and undone later is corrected here too."""
+        if not self._outcomes and not self._corrections and self._cursor is None:
+            return
         pending_labels = self.labels.drain() if isinstance(self.labels, CachedLabelLookup) else []
         new_revs, new_changes = wikidata_store.record_outcomes(
-            self.db, outcomes, cursor=cursor, labels=pending_labels,
-            corrections=[(cid, "filtered", why) for cid, why in late_reverts])
-        self._count(outcomes, new_revs, new_changes, late_reverts)
-        self._recent = {k: v for k, v in batch.entities.items() if k in {r.revid for r in refs}}
+            self.db, self._outcomes, cursor=self._cursor, labels=pending_labels,
+            corrections=[(cid, "filtered", why) for cid, why in self._corrections])
+        self._count(self._outcomes, new_revs, new_changes, self._corrections)
+        self._outcomes, self._corrections, self._cursor = [], [], None
 
     def _count(self, outcomes: list[RevisionOutcome], new_revs: int, new_changes: int,
                late: list[tuple[str, str]]) -> None:
@@ -193,16 +229,29 @@ def _parse(ts: datetime | str) -> datetime:
 
 def _run_batches(proc: _Processor, todo: list[RevisionRef], reverted: dict[int, str], suspicious: dict[str, str],
                  batch_size: int, cursor_of: Callable[[RevisionRef], tuple[str, str] | None], desc: str,
-                 progress: bool) -> None:
-    t0 = time.monotonic()
-    with tqdm(total=len(todo), desc=desc, unit="rev", disable=not progress, leave=False) as bar:
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i:i + batch_size]
-            proc.process(chunk, reverted, suspicious, cursor_of(chunk[-1]))
+                 progress: bool, prefetch: bool = False) -> None:
+    """Process `todo` in batches. With `prefetch`, the next batch's contents are fetched while
+    this one is diffed and stored: the API's latency hides behind our CPU work. Still one
+    request at a time: the client serialises its requests."""
+    chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    t0, done = time.monotonic(), 0
+    with tqdm(total=len(todo), desc=desc, unit="rev", disable=not progress, leave=False) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="wikidata-prefetch") as pool:
+        ahead: Future | None = None
+        if prefetch and chunks:
+            ahead = pool.submit(proc.fetch, proc.needed(chunks[0], reverted, set()))
+        for i, chunk in enumerate(chunks):
+            pre = ahead.result() if ahead is not None else None
+            ahead = None
+            if prefetch and i + 1 < len(chunks):
+                # Revisions of this chunk reach the next one through the processor's memory.
+                ahead = pool.submit(proc.fetch, proc.needed(chunks[i + 1], reverted, {r.revid for r in chunk}))
+            proc.process(chunk, reverted, suspicious, cursor_of(chunk[-1]), pre)
             bar.update(len(chunk))
-            if not progress and (i // batch_size) % 200 == 199:
-                done = i + len(chunk)
+            done += len(chunk)
+            if not progress and i % 200 == 199:
                 log.info("%s: %d/%d revisions, %.0f rev/s", desc, done, len(todo), done / (time.monotonic() - t0))
+    proc.flush()
 
 
 # --------------------------------------------------------------------------- recent changes
@@ -211,10 +260,12 @@ def _run_batches(proc: _Processor, todo: list[RevisionRef], reverted: dict[int, 
 def ingest_window(client: WikidataClient, db: Database, start: datetime | str, end: datetime | str,
                   filter_config: FilterConfig | None = None, *, labels: LabelLookup | None = None,
                   cursor_name: str = "wikidata:recentchanges", batch_size: int = BATCH,
-                  diff_filtered: bool = False, resume: bool = True, progress: bool = False) -> IngestReport:
+                  diff_filtered: bool = False, resume: bool = True, prefetch: bool = True,
+                  commit_revisions: int = 500, progress: bool = False) -> IngestReport:
     """Fetch, diff, filter and store every revision of [start, end). Re-running adds nothing;
     a killed run resumes from its cursor (`resume=False` re-reads the whole window, still
-    skipping stored revisions). Edits up to `settle_window_h` after `end` are read
+    skipping stored revisions). Results are committed every `commit_revisions` revisions
+    (with the cursor, in one transaction); a kill loses at most that much work, redone on resume. Edits up to `settle_window_h` after `end` are read
     too, only to see whether an edit of the window was reverted."""
     cfg = filter_config or FilterConfig()
     t0, req0 = time.monotonic(), client.stats.requests
@@ -237,12 +288,14 @@ def ingest_window(client: WikidataClient, db: Database, start: datetime | str, e
     known = wikidata_store.known_revids(db, [r.revid for r in in_window])
     report.revisions_already_stored = len(known)
     todo = [r for r in in_window if r.revid not in known]
-    proc = _Processor(db, cfg, _default_labels(client, db, labels), report, client.fetch_revisions, diff_filtered)
+    proc = _Processor(db, cfg, _default_labels(client, db, labels), report, client.fetch_revisions, diff_filtered,
+                      commit_revisions)
 
     def cursor_of(last: RevisionRef) -> tuple[str, str]:
         return cursor_name, json.dumps({"start": start_s, "end": end_s, "done_until": last.timestamp})
 
-    _run_batches(proc, todo, reverted, suspicious, batch_size, cursor_of, f"wikidata {start_s[:10]}", progress)
+    _run_batches(proc, todo, reverted, suspicious, batch_size, cursor_of, f"wikidata {start_s[:10]}", progress,
+                 prefetch=prefetch)
     ledger.set_cursor(db, cursor_name, json.dumps({"start": start_s, "end": end_s, "done_until": end_s}))
     report.requests = client.stats.requests - req0
     report.seconds = round(time.monotonic() - t0, 3)
@@ -385,6 +438,7 @@ def ingest_dump(path: str | Path, db: Database, filter_config: FilterConfig | No
         report.revisions_already_stored += len(known)
         todo = [r for r in pending if r.revid not in known]
         proc.process(todo, reverted_revisions(pending, cfg), {}, (cursor_name, json.dumps({"done": position})))
+        proc.flush()
         pending = []
         if counters:
             bar.n = counters[0].bytes_read

@@ -22,6 +22,7 @@ import email.utils
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -40,7 +41,6 @@ DEFAULT_ENDPOINT = "https://www.wikidata.org/w/api.php"
 DEFAULT_CONTACT = "https://github.com/kedit/kedit (set KEDIT_CONTACT to your e-mail)"
 BATCH = 50  # MediaWiki's per-request limit for revids with content and for wbgetentities ids
 REVPROPS = "content|ids|timestamp|tags|user|comment|flags"
-REVERT_TAGS = ("mw-undo", "mw-rollback", "mw-manual-revert")
 
 
 class WikidataError(KeditError):
@@ -79,6 +79,7 @@ class ClientStats:
     retries: int = 0
     waited_s: float = 0.0
     bytes: int = 0
+    http_s: float = 0.0  # wall time inside HTTP calls (the API's latency plus transfer)
 
 
 def iso(ts: datetime | str) -> str:
@@ -127,6 +128,7 @@ class WikidataClient:
         self._sleep = sleep
         self._rng = random.Random(seed)
         self._last_request = 0.0
+        self._one_at_a_time = threading.Lock()  # etiquette: never two requests in flight
         self.stats = ClientStats()
         self.session = requests.Session()
         self.session.headers.update({"User-Agent": self.user_agent, "Accept-Encoding": "gzip"})
@@ -173,6 +175,10 @@ class WikidataClient:
 
     def request(self, params: dict[str, Any]) -> dict[str, Any]:
         """One API call (GET), retried on lag, throttling, server errors, timeouts and broken JSON."""
+        with self._one_at_a_time:
+            return self._request(params)
+
+    def _request(self, params: dict[str, Any]) -> dict[str, Any]:
         params = {**params, "format": "json", "formatversion": "2", "maxlag": self.maxlag}
         reason = ""
         for attempt in range(self.max_retries + 1):
@@ -180,7 +186,12 @@ class WikidataClient:
             wait: float
             try:
                 self.stats.requests += 1
-                resp = self.session.get(self.endpoint, params=params, timeout=self.timeout_s)
+                t0 = time.perf_counter()
+                try:
+                    resp = self.session.get(self.endpoint, params=params, timeout=self.timeout_s)
+                    _ = resp.content  # read the body inside the timed span
+                finally:
+                    self.stats.http_s += time.perf_counter() - t0
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.exceptions.ContentDecodingError) as exc:
                 reason, wait = f"{type(exc).__name__}: {exc}", self._backoff(attempt)

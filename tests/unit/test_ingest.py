@@ -93,16 +93,16 @@ class CrashingClient(WikidataClient):
 
 def test_resume_after_a_crash_loses_nothing(server, kedit_home):
     clean_db = open_db(kedit_home / "clean.duckdb")
-    ingest_window(client(server), clean_db, START, END, batch_size=3)
+    ingest_window(client(server), clean_db, START, END, batch_size=3, commit_revisions=3)
     db = open_db(kedit_home / "crashed.duckdb")
     crasher = CrashingClient(endpoint=server.url, rate_limit_per_s=None, crash_on=3)
     with pytest.raises(KeyboardInterrupt):
-        ingest_window(crasher, db, START, END, batch_size=3)
+        ingest_window(crasher, db, START, END, batch_size=3, commit_revisions=3)
     partial = wikidata_store.revision_rows(db)
     assert 0 < len(partial) < 12  # whole batches only
     cursor = json.loads(ledger.get_cursor(db, "wikidata:recentchanges"))
     assert cursor["done_until"] == max(r["timestamp"] for r in partial).strftime("%Y-%m-%dT%H:%M:%SZ")
-    rep = ingest_window(client(server), db, START, END, batch_size=3)
+    rep = ingest_window(client(server), db, START, END, batch_size=3, commit_revisions=3)
     assert rep.resumed_from == cursor["done_until"]
     assert rep.revisions_new == 12 - len(partial)
     assert snapshot(db) == snapshot(clean_db)
