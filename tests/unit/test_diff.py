@@ -221,3 +221,29 @@ def test_ended_statements_are_not_current():
     ended["claims"]["P54"][0]["qualifiers"] = {"P582": [snak("P582", "time", tval("+2008-06-30T00:00:00Z"))]}
     [c] = diff_entities(kahn, ended)
     assert c.kind == "removed" and c.old_value["id"] == "Q15789"
+
+
+def test_kedit_diff_command_on_the_real_q42_revisions():
+    import typer
+    from typer.testing import CliRunner
+
+    from flows.commands import diff_cmd
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:  # keep `diff` a subcommand, as in the real CLI
+        pass
+
+    diff_cmd.register(app)
+    old, new = str(WD / "wbgetentities-Q6-Q42-P31.json"), str(WD / "wbgetentities-Douglas-Adams.json")
+    res = CliRunner().invoke(app, ["diff", old, new, "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert {(r["subject"], r["property"], r["kind"]) for r in rows} == {
+        ("Q42", "P800", "added"), ("Q42", "P1263", "added"), ("Q42", "P1695", "added"), ("Q42", "P1816", "added")}
+    assert all({"subject", "property", "kind", "old", "new"} <= set(r) for r in rows)
+    text = CliRunner().invoke(app, ["diff", old, new])
+    assert text.exit_code == 0 and "Q42: 4 fact changes" in text.output and "Q902712" in text.output
+    bad = CliRunner().invoke(app, ["diff", str(WD / "wbgetentities-Q1.json"), str(WD / "error-maxlag.json")])
+    assert bad.exit_code != 0 and "not an entity" in str(bad.exception)

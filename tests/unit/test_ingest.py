@@ -110,11 +110,25 @@ def test_resume_after_a_crash_loses_nothing(server, kedit_home):
 
 def test_policy_knobs_change_outcomes(server, kedit_home):
     db = open_db(kedit_home / "wd.duckdb")
-    ingest_window(client(server), db, START, END, FilterConfig(allow_bots=True))
+    # Bots allowed; every account is looked up, and one with at most 10 edits counts as new.
+    cfg = FilterConfig(allow_bots=True, mass_change_min_revisions=1, new_account_max_edits=10)
+    ingest_window(client(server), db, START, END, cfg)
     status = {r["revid"]: r["status"] for r in wikidata_store.revision_rows(db)}
     assert status[2150000108] == "diffed"
     [bot_change] = [r for r in wikidata_store.fact_change_rows(db) if r["revid"] == 2150000108]
     assert bot_change["property"] == "P402" and bot_change["status"] == "accepted"
+    [users_call] = [r["params"] for r in server.requests if r["params"].get("list") == "users"]
+    assert {"Xyzzy2024", "Stadtchronist", "KrBot"} <= set(users_call["ususers"].split("|"))
+    assert "203.0.113.45" not in users_call["ususers"]  # anonymous: no account to look up
+    # Only the new account's change is held back; veterans' edits go through.
+    quarantined = wikidata_store.fact_change_rows(db, status="quarantined")
+    assert [r["revid"] for r in quarantined] == [2150000111]
+    relaxed = FilterConfig(allow_bots=True, mass_change_min_revisions=1, new_account_max_edits=10,
+                           profane_stems=(), profane_words=())
+    db2 = open_db(kedit_home / "wd2.duckdb")
+    ingest_window(client(server), db2, START, END, relaxed)
+    [q] = wikidata_store.fact_change_rows(db2, status="quarantined")
+    assert q["reason"] == "mass change by new account Xyzzy2024 (1 revisions in the window)"
 
 
 def test_backfill_items_by_day_resumes(server, kedit_home):
