@@ -1,0 +1,202 @@
+"""`kedit compare`: one stream of edits through several methods, from the same base model,
+every metric per batch into the ledger, then a side-by-side table.
+
+Each method runs `kedit_core.stream.run_stream` on the same cases with the same batch
+size and is rolled back exactly afterwards (`restore=True`); the base fingerprint is
+checked before the next method and the model is reloaded if it ever differs, so every
+method starts from the same weights. A method that fails is recorded as failed with its
+reason and the comparison goes on.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
+
+import typer
+
+log = logging.getLogger(__name__)
+
+MODEL_HELP = "Model: 'smollm2' (embedded default) or a local Hugging Face model directory."
+TABLE_COLUMNS = [
+    ("efficacy_acc", "efficacy"),
+    ("paraphrase_acc", "paraphrase"),
+    ("locality", "locality"),
+    ("retention_acc", "retention"),
+    ("immediate_efficacy_acc", "immediate eff."),
+    ("efficacy_em", "efficacy EM"),
+    ("paraphrase_em", "paraphrase EM"),
+    ("seconds_per_edit", "s/edit"),
+]
+
+
+def parse_methods(spec: str) -> list[tuple[str, str]]:
+    """`memit,rag,rag_nothr=rag` -> [(label, method)]: a label lets one method run twice
+    with different settings (`--set rag_nothr.threshold=null`)."""
+    out = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        label, _, method = part.partition("=")
+        out.append((label, method or label))
+    labels = [lbl for lbl, _ in out]
+    if len(set(labels)) != len(labels):
+        from kedit_core.errors import KeditError
+
+        raise KeditError(f"--methods {spec!r}: a label appears twice; use label=method to run a method twice")
+    return out
+
+
+def split_settings(pairs: list[str], labels: list[str]) -> dict[str, list[str]]:
+    """`--set memit.layers=3,4 --set lte.steps=200` -> {"memit": ["layers=3,4"], "lte": ["steps=200"]}."""
+    from kedit_core.errors import KeditError
+
+    out: dict[str, list[str]] = {lbl: [] for lbl in labels}
+    for pair in pairs:
+        head, _, rest = pair.partition(".")
+        if not rest or head not in out:
+            raise KeditError(f"--set {pair!r}: expected METHOD.key=value with METHOD one of {', '.join(labels)}")
+        out[head].append(rest)
+    return out
+
+
+@contextlib.contextmanager
+def scored_through(editor: Any) -> Iterator[None]:
+    """Make the stream's evaluator ask questions through `editor.rewrite_prompt` when
+    `run_stream` has no `rewriter` argument of its own (memory editors must be scored as
+    they are served). A no-op for weight editors, whose rewrite_prompt is the identity."""
+    import kedit_core.evaluate as ev
+
+    original = ev.evaluate_cases
+
+    def evaluate_cases(*args: Any, rewriter: Any = None, **kwargs: Any):
+        return original(*args, rewriter=rewriter if rewriter is not None else editor, **kwargs)
+
+    ev.evaluate_cases = evaluate_cases
+    try:
+        yield
+    finally:
+        ev.evaluate_cases = original
+
+
+def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    heads = ["method"] + [title for _, title in TABLE_COLUMNS]
+    lines = []
+    for row in rows:
+        if row.get("error"):
+            lines.append([row["label"]] + ["failed: " + row["error"][:60]] + [""] * (len(TABLE_COLUMNS) - 1))
+            continue
+        m = row["metrics"]
+        cells = [row["label"]]
+        for key, _ in TABLE_COLUMNS:
+            v = row.get(key) if key == "seconds_per_edit" else m.get(key)
+            cells.append("-" if v is None else (f"{v:.2f}" if key == "seconds_per_edit" else f"{v:.3f}"))
+        lines.append(cells)
+    if markdown:
+        out = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * len(TABLE_COLUMNS)) + "|"]
+        out += ["| " + " | ".join(c) + " |" for c in lines]
+        return "\n".join(out)
+    widths = [max(len(str(r[i])) for r in [heads] + lines) for i in range(len(heads))]
+    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(heads), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("compare")
+    def compare(
+        methods: str = typer.Option("memit,alphaedit,lte,rag,ft", "--methods", help="Comma-separated methods (label=method to run one twice)."),
+        data: str = typer.Option(..., "--data", help="Benchmark as KIND:PATH, e.g. zsre:data/benchmarks/zsre_mend_train_1k.json"),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Use the first N cases."),
+        batch_size: int = typer.Option(10, "--batch-size", help="Edits per batch."),
+        model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
+        settings: List[str] = typer.Option([], "--set", help="METHOD.key=value (repeatable), e.g. --set lte.steps=200"),
+        per_batch: bool = typer.Option(False, "--per-batch", help="Score all edits so far after every batch too (slower)."),
+        greedy: bool = typer.Option(True, "--greedy/--no-greedy", help="Also report greedy exact match."),
+        output: Optional[Path] = typer.Option(None, "--output", help="Also write all results as JSON here."),
+        markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown."),
+    ) -> None:
+        """Run the same edit stream through several methods and compare them side by side."""
+        from connectors.benchmarks import ReadReport, read_dataset
+        from flows.commands.evaluate_cmd import parse_settings
+        from kedit_core.editors import get_editor
+        from kedit_core.errors import KeditError
+        from kedit_core.model import fingerprint_model, load_model
+        from kedit_core.stream import run_stream
+        from storage.db import open_db
+        from storage.ledger import finish_run, record_metrics, start_run
+
+        if batch_size < 1:
+            raise KeditError(f"--batch-size must be >= 1, got {batch_size}")
+        plan = parse_methods(methods)
+        per_method = split_settings(settings, [lbl for lbl, _ in plan])
+        editors = {}
+        for label, method in plan:  # configuration errors stop the run before any work
+            try:
+                editors[label] = get_editor(method, parse_settings(per_method[label]))
+            except (ValueError, TypeError) as exc:
+                raise KeditError(f"{label}: {exc}") from exc
+        report = ReadReport(path=data)
+        cases = read_dataset(data, limit=limit, report=report)
+        if not cases:
+            raise KeditError(f"{data}: no usable cases")
+        lm = load_model(model)
+        base_fp = lm.fingerprint
+        db = open_db()
+        run_id = f"compare-{uuid.uuid4().hex[:8]}"
+        start_run(db, run_id, "compare", {"methods": methods, "data": data, "limit": limit, "batch_size": batch_size,
+                                          "configs": {lbl: e.config.to_dict() for lbl, e in editors.items()}}, base_fp)
+        stream_takes_rewriter = "rewriter" in inspect.signature(run_stream).parameters
+        rows: list[dict[str, Any]] = []
+        status = "done"
+        for label, method in plan:
+            editor = editors[label]
+            typer.echo(f"== {label} ({method}): {len(cases)} edits in batches of {batch_size}", err=True)
+            if fingerprint_model(lm.model) != base_fp:  # never compare from a drifted model
+                log.warning("model differs from the base before %s: reloading", label)
+                lm = load_model(model)
+
+            def on_batch(rec, label=label) -> None:
+                values = {**rec.metrics, "seconds": rec.seconds}
+                values.update({k: v for k, v in rec.info.items() if isinstance(v, (int, float))})
+                record_metrics(db, values, run_id=run_id, method=label, step=rec.index, model_fingerprint=base_fp)
+
+            if hasattr(editor, "memory"):  # one batched embedding pass for every question the evaluator asks
+                editor.memory.embed(sorted({p.prompt for c in cases for p in c.probes} | {c.prompt for c in cases}))
+            kwargs: dict[str, Any] = dict(batch_size=batch_size, eval_each_batch=per_batch, greedy=greedy,
+                                          restore=True, on_batch=on_batch)
+            try:
+                if stream_takes_rewriter:
+                    result = run_stream(lm, editor, cases, rewriter=editor, **kwargs)
+                else:
+                    with scored_through(editor):
+                        result = run_stream(lm, editor, cases, **kwargs)
+            except Exception as exc:  # recorded and skipped: the other methods still run
+                log.exception("%s failed", label)
+                status = "partial"
+                rows.append({"label": label, "method": method, "error": f"{type(exc).__name__}: {exc}"})
+                record_metrics(db, {"failed": 1.0}, run_id=run_id, method=label, model_fingerprint=base_fp)
+                continue
+            final = {**result.metrics, "seconds_per_edit": result.seconds_per_edit,
+                     "edits_per_minute": result.edits_per_minute, "peak_rss_mb": result.peak_rss_mb}
+            record_metrics(db, final, run_id=run_id, method=label, step=len(result.batches), model_fingerprint=base_fp)
+            extra = {}
+            if method == "lte" and result.batches and "alignment" in (getattr(editor, "alignment_info", None) or {}):
+                extra["alignment"] = editor.alignment_info
+            elif getattr(editor, "alignment_info", None):
+                extra["alignment"] = {k: v for k, v in editor.alignment_info.items() if k != "loss_curve"}
+            rows.append({"label": label, "method": method, "metrics": result.metrics,
+                         "seconds_per_edit": result.seconds_per_edit, "seconds_total": result.seconds_total,
+                         "config": result.config, **extra})
+        finish_run(db, run_id, status)
+        restored = fingerprint_model(lm.model) == base_fp
+        table = format_table(rows, markdown=markdown)
+        typer.echo(table)
+        typer.echo(f"run {run_id}: {len(cases)} cases from {data}, batch size {batch_size}, model {model} "
+                   f"({base_fp[:12]}); base restored after the last method: {restored}; metrics in {db.path}")
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps({"run_id": run_id, "data": data, "limit": limit, "batch_size": batch_size,
+                                          "model": model, "fingerprint": base_fp, "rows": rows, "table": table},
+                                         indent=2, default=str) + "\n", encoding="utf-8")
