@@ -68,11 +68,14 @@ def read_dump(path: str | Path, counter: list[CountingReader] | None = None) -> 
     if counter is not None:
         counter.append(raw)
     title, ns = "", -1
+    root: ET.Element | None = None
     try:
         context = ET.iterparse(fh, events=("start", "end"))
         for event, elem in context:
             tag = _local(elem.tag)
             if event == "start":
+                if root is None:
+                    root = elem
                 if tag == "page":
                     title, ns = "", -1
                 continue
@@ -86,6 +89,8 @@ def read_dump(path: str | Path, counter: list[CountingReader] | None = None) -> 
                 elem.clear()
             elif tag == "page":
                 elem.clear()
+                if root is not None:
+                    root.clear()  # drop the emptied page too: memory stays flat over millions of pages
     finally:
         fh.close()
 
