@@ -19,7 +19,7 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +282,9 @@ def ingest_window(client: WikidataClient, db: Database, start: datetime | str, e
     refs = sorted(client.recent_changes(begin, lookahead), key=lambda r: (r.timestamp, r.revid))
     in_window = [r for r in refs if r.timestamp < end_s]
     report.revisions_seen = len(in_window)
+    if not in_window and _parse(start_s) < datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=30):
+        log.warning("no recent changes in %s..%s: the API keeps ~30 days; use backfill_items or ingest_dump "
+                    "for older ranges", start_s, end_s)
     reverted = reverted_revisions(refs, cfg)
     candidates = candidate_mass_users(in_window, cfg)
     suspicious = mass_change_users(in_window, client.users_info(candidates), cfg) if candidates else {}
