@@ -49,8 +49,8 @@ def version_of_batch(db: Database, batch_id: str) -> dict[str, Any] | None:
 def count_batches(db: Database, run_id: str | None) -> int:
     with db.connect(read_only=True) as con:
         if run_id is None:
-            return int(con.execute("SELECT count(*) FROM edit_batches WHERE run_id IS NULL").fetchone()[0])
-        return int(con.execute("SELECT count(*) FROM edit_batches WHERE run_id = ?", [run_id]).fetchone()[0])
+            return int(con.execute("SELECT count(*) FROM edit_batches WHERE run_id IS NULL AND attempt = 1").fetchone()[0])
+        return int(con.execute("SELECT count(*) FROM edit_batches WHERE run_id = ? AND attempt = 1", [run_id]).fetchone()[0])
 
 
 def count_metric_steps(db: Database, run_id: str | None, method: str | None) -> int:
@@ -86,3 +86,9 @@ def record_probe_results(
                 for r in rows
             ],
         )
+
+
+def probe_rows(db: Database, batch_id: str) -> list[dict[str, Any]]:
+    """The per-probe scores recorded for one batch attempt."""
+    with db.connect(read_only=True) as con:
+        return _rows(con, "SELECT * FROM probe_results WHERE batch_id = ? ORDER BY kind, prompt", [batch_id])

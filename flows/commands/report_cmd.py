@@ -1,0 +1,69 @@
+"""`kedit report`: the drift report (terminal summary, optional self-contained HTML)."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kedit_core.errors import KeditError
+
+
+class ReportError(KeditError):
+    """The report cannot be made as asked (bad date, unwritable file)."""
+
+
+def parse_since(text: str | None) -> datetime | None:
+    """An ISO date or date-time (UTC), or 'Nd' for N days ago."""
+    if not text:
+        return None
+    t = text.strip()
+    if t.endswith("d") and t[:-1].isdigit():
+        return datetime.utcnow() - timedelta(days=int(t[:-1]))
+    try:
+        return datetime.fromisoformat(t).replace(tzinfo=None)
+    except ValueError:
+        raise ReportError(f"--since {text!r} is not a date: use YYYY-MM-DD, YYYY-MM-DDTHH:MM or Nd (N days ago)")
+
+
+def collect_report(db, since: datetime | None = None, now: datetime | None = None):
+    """Read everything the report shows from the ledger into a `ReportData`."""
+    from kedit_core.report import ReportData
+    from storage import report_queries as q
+
+    now = now or datetime.utcnow()
+    return ReportData(
+        generated=now,
+        since=since,
+        ledger=str(db.path),
+        counts=q.counts_by_status(db),
+        live=q.live_versions(db),
+        summary=q.metric_now_base_week(db, now - timedelta(days=7)),
+        series=q.metric_series(db, since),
+        batches=q.batch_rows(db, since),
+        worst_probes=q.worst_hit_probes(db, since),
+        filtered=q.filtered_edits(db, since),
+    )
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("report")
+    def report(
+        since: Optional[str] = typer.Option(None, "--since", help="Only data from this date on (YYYY-MM-DD or Nd)."),
+        html_file: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report here."),
+        db_path: Optional[Path] = typer.Option(None, "--db", help="Ledger file (default: KEDIT_HOME/kedit.duckdb)."),
+    ) -> None:
+        """Drift report: versions, edits applied/rejected/quarantined, each metric now vs base vs last week."""
+        from kedit_core.report import render_html, terminal_summary
+        from storage.db import open_db
+
+        data = collect_report(open_db(db_path), parse_since(since))
+        typer.echo(terminal_summary(data))
+        if html_file is not None:
+            try:
+                html_file.parent.mkdir(parents=True, exist_ok=True)
+                html_file.write_text(render_html(data), encoding="utf-8")
+            except OSError as exc:
+                raise ReportError(f"cannot write {html_file}: {exc}") from exc
+            typer.echo(f"HTML report written to {html_file}")
