@@ -5,8 +5,9 @@ Read top to bottom:
    stored deltas, an optional prompt rewriter for memory editors, the ledger's recorded
    weights fingerprint). The flows side supplies a *version loader* (version id -> plan)
    because kedit_core never speaks SQL.
-2. `move_to_chain`: bring a model from one delta chain to another exactly (revert back to
-   the common prefix, then apply the rest, each delta's sha256 checked before it is read).
+2. `move_to_chain`: bring a model from one delta chain to another exactly (apply only the
+   new links when the target extends the current chain, else restore the touched
+   parameters' base values and replay; each delta's sha256 checked before it is read).
 3. `ServingState`: at most two copies of the model ("slots"). Requests lease the current
    slot; a swap builds the new version on the idle slot (waiting until no request still
    holds it), checks its fingerprint, then flips the reference under a lock. A request is
@@ -128,32 +129,49 @@ def read_delta(ref: DeltaRef) -> WeightDelta:
         raise VersionIntegrityError(f"delta {ref.key}: {exc}") from exc
 
 
-def move_to_chain(
-    model: torch.nn.Module, applied: list[tuple[DeltaRef, WeightDelta]], target: list[DeltaRef]
-) -> list[tuple[DeltaRef, WeightDelta]]:
-    """Take `model` from the chain `applied` to the chain `target`, exactly.
+@dataclass
+class ChainState:
+    """Which chain links a model copy carries, and the base value of every parameter any of
+    them touched (one copy of the touched tensors, however long the chain grows: keeping
+    each delta's own undo copies would grow with every nightly batch)."""
 
-    Reverts the links past the common prefix (newest first; `revert` restores saved
-    tensors bit for bit), then applies the target's remaining links in order, which is
-    what a rebuild from the base does. Every new delta is read and sha-checked before
-    the model is touched, so a tampered file leaves the model as it was.
-    Returns the new applied chain (the caller's list is updated in place as well, so it
-    stays truthful if an apply fails half way).
+    links: list[DeltaRef] = field(default_factory=list)
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def move_to_chain(model: torch.nn.Module, state: ChainState, target: list[DeltaRef]) -> None:
+    """Take `model` from the chain in `state` to the chain `target`, exactly.
+
+    When `target` extends the current chain (the usual case: a new nightly version) only
+    the new links are applied. Otherwise the touched parameters are restored to their base
+    values and the whole target chain is replayed, which is exactly what a rebuild from the
+    ledger does. Every needed delta is read and sha-checked first, so a missing or tampered
+    file leaves the model as it was.
     """
     common = 0
-    while common < min(len(applied), len(target)) and applied[common][0] == target[common]:
+    while common < min(len(state.links), len(target)) and state.links[common] == target[common]:
         common += 1
-    incoming = [(ref, read_delta(ref)) for ref in target[common:]]
-    while len(applied) > common:
-        _, delta = applied[-1]
-        if not delta.is_empty:
-            delta.revert(model)
-        applied.pop()
+    start = common if common == len(state.links) else 0
+    incoming = [(ref, read_delta(ref)) for ref in target[start:]]
+    params = dict(model.named_parameters())
+    unknown = sorted({n for _, d in incoming for n in d.tensors if n not in params})
+    if unknown:
+        raise VersionConflict(f"a delta names parameters the model does not have: {unknown[:5]}")
+    if start == 0 and state.links:
+        for name, original in state.base.items():
+            params[name].copy_(original)
+        state.links = []
     for ref, delta in incoming:
-        if not delta.is_empty:
-            delta.apply(model)
-        applied.append((ref, delta))
-    return applied
+        # The same order and dtype rule as WeightDelta.apply, so the result equals a ledger
+        # rebuild bit for bit (the caller checks the fingerprint); hand-written because
+        # WeightDelta.apply keeps a per-delta undo copy that this state makes unnecessary.
+        for name in sorted(delta.tensors):
+            p = params[name]
+            if name not in state.base:
+                state.base[name] = p.detach().clone()
+            p.add_(delta.tensors[name].to(device=p.device, dtype=p.dtype))
+        state.links.append(ref)
 
 
 def version_tag(version_id: int, weights_fingerprint: str) -> str:
@@ -166,7 +184,7 @@ class _Slot:
     """One copy of the model and the chain of deltas currently applied to it."""
 
     lm: LoadedModel
-    applied: list[tuple[DeltaRef, WeightDelta]] = field(default_factory=list)
+    chain: ChainState = field(default_factory=ChainState)
     version_id: int | None = None
     weights_fingerprint: str = ""
     rewriter: PromptRewriter | None = None
@@ -357,8 +375,8 @@ class ServingState:
         if idle is None:
             # The second copy, made once. Deep-copying while requests read the model is
             # safe: nothing writes to the current slot's tensors.
-            lm_copy, applied_copy = copy.deepcopy((current.lm, current.applied))
-            idle = _Slot(lm=lm_copy, applied=applied_copy, version_id=current.version_id,
+            lm_copy, chain_copy = copy.deepcopy((current.lm, current.chain))
+            idle = _Slot(lm=lm_copy, chain=chain_copy, version_id=current.version_id,
                          weights_fingerprint=current.weights_fingerprint, rewriter=current.rewriter, plan=current.plan)
             with self._cond:
                 self._slots.append(idle)
@@ -380,7 +398,7 @@ class ServingState:
                 f"not the served model {slot.lm.fingerprint[:12]}"
             )
         slot.version_id = None  # unknown until the build succeeds
-        move_to_chain(slot.lm.model, slot.applied, plan.chain)
+        move_to_chain(slot.lm.model, slot.chain, plan.chain)
         fp = fingerprint_model(slot.lm.model)
         slot.weights_fingerprint = fp
         if plan.weights_fingerprint and fp != plan.weights_fingerprint:

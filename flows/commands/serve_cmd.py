@@ -143,7 +143,7 @@ def audit_ledger(lm: LoadedModel, db: Database, versions: list[int] | None = Non
     `lm` must be the unedited base; it is returned to the base weights exactly afterwards.
     """
     from kedit_core.model import fingerprint_model
-    from kedit_core.serving import move_to_chain
+    from kedit_core.serving import ChainState, move_to_chain
 
     findings: list[Finding] = []
     fresh = fingerprint_model(lm.model)
@@ -154,7 +154,7 @@ def audit_ledger(lm: LoadedModel, db: Database, versions: list[int] | None = Non
     if not rows:
         return findings + [Finding(None, "unknown", f"the ledger has no versions of base {lm.fingerprint[:12]}")]
     wanted = set(versions) if versions else None
-    applied: list = []
+    applied = ChainState()
     try:
         for row in rows:
             vid = int(row["version_id"])
