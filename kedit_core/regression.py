@@ -133,6 +133,7 @@ class RegressionSuite:
     base_metrics: dict[str, float] = field(default_factory=dict)
     run_applied: list[EditCase] = field(default_factory=list)  # sample of edits applied since freezing
     max_run_applied: int = 64
+    fluency_tokens: int = 48  # tokens generated per fluency prompt
     seed: int = 0
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -164,6 +165,7 @@ class RegressionSuite:
                 "base_metrics": self.base_metrics,
                 "run_applied": [c.to_dict() for c in self.run_applied],
                 "max_run_applied": self.max_run_applied,
+                "fluency_tokens": self.fluency_tokens,
                 "seed": self.seed,
                 "info": self.info,
             },
@@ -187,6 +189,7 @@ class RegressionSuite:
             base_metrics=d["base_metrics"],
             run_applied=[EditCase.from_dict(c) for c in d["run_applied"]],
             max_run_applied=d["max_run_applied"],
+            fluency_tokens=d.get("fluency_tokens", 48),
             seed=d["seed"],
             info=d.get("info", {}),
         )
@@ -206,6 +209,7 @@ def freeze_suite(
     known_facts: Sequence[dict[str, str]] | None = None,
     reference_text: Sequence[str] | None = None,
     fluency_prompts: Sequence[str] = FLUENCY_PROMPTS,
+    fluency_tokens: int = 48,
     n_probe_cases: int = 32,
     n_retention_cases: int = 32,
     seed: int = 0,
@@ -231,6 +235,7 @@ def freeze_suite(
         probe_cases=probe_cases,
         locality_reference=reference_predictions(base_lm, probe_cases, batch_size),
         retention_cases=retention_cases,
+        fluency_tokens=fluency_tokens,
         seed=seed,
         info={"known_facts_offered": len(load_known_facts()) if known_facts is None else len(known_facts)},
     )
@@ -301,7 +306,7 @@ def general_metrics(
                 {"kind": k[0], "prompt": k[1], "expected": ref.answers[k], "score": s} for k, s in zip(keys, agree)
             ]
     if full and suite.fluency_prompts:
-        out["fluency_ge"], _ = fluency(lm, suite.fluency_prompts)
+        out["fluency_ge"], _ = fluency(lm, suite.fluency_prompts, suite.fluency_tokens)
     return out
 
 
