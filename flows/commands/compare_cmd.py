@@ -103,6 +103,15 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     return "\n".join([fmt(heads), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
 
 
+def write_output(path: Path, run_id: str, data: str, limit: int | None, batch_size: int, model: str,
+                 fingerprint: str, rows: list[dict[str, Any]], partial: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"run_id": run_id, "data": data, "limit": limit, "batch_size": batch_size, "model": model,
+           "fingerprint": fingerprint, "partial": partial, "rows": rows,
+           "table_markdown": format_table(rows, markdown=True)}
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("compare")
     def compare(
@@ -189,6 +198,9 @@ def register(app: typer.Typer) -> None:
             rows.append({"label": label, "method": method, "metrics": result.metrics,
                          "seconds_per_edit": result.seconds_per_edit, "seconds_total": result.seconds_total,
                          "config": result.config, **extra})
+            typer.echo(format_table(rows[-1:]), err=True)  # each method's row as soon as it is known
+            if output is not None:  # partial results survive an interrupted comparison
+                write_output(output, run_id, data, limit, batch_size, model, base_fp, rows, partial=True)
         finish_run(db, run_id, status)
         restored = fingerprint_model(lm.model) == base_fp
         table = format_table(rows, markdown=markdown)
@@ -196,7 +208,4 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"run {run_id}: {len(cases)} cases from {data}, batch size {batch_size}, model {model} "
                    f"({base_fp[:12]}); base restored after the last method: {restored}; metrics in {db.path}")
         if output is not None:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps({"run_id": run_id, "data": data, "limit": limit, "batch_size": batch_size,
-                                          "model": model, "fingerprint": base_fp, "rows": rows, "table": table},
-                                         indent=2, default=str) + "\n", encoding="utf-8")
+            write_output(output, run_id, data, limit, batch_size, model, base_fp, rows, partial=False)
