@@ -445,6 +445,12 @@ class Generation:
     finish_reason: str
 
 
+# Hugging Face fast tokenizers are Rust objects that refuse concurrent mutable use
+# ("Already borrowed") when a call changes their padding/truncation state; requests run in
+# parallel threads, so every tokenizer call goes through this lock (each call is ~0.1 ms).
+_TOKENIZER_LOCK = threading.Lock()
+
+
 class TextAssembler:
     """Turns a growing list of token ids into text pieces safe to send.
 
@@ -463,7 +469,8 @@ class TextAssembler:
 
     def add(self, ids: list[int]) -> str:
         self.ids.extend(ids)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        with _TOKENIZER_LOCK:
+            text = self.tok.decode(self.ids, skip_special_tokens=True)
         for s in self.stop:
             at = text.find(s)
             if at >= 0:
@@ -486,7 +493,8 @@ class TextAssembler:
 
 
 def encode_prompt(lm: LoadedModel, prompt: str) -> torch.Tensor:
-    enc = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with _TOKENIZER_LOCK:
+        enc = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     return enc["input_ids"]
 
 
@@ -553,7 +561,8 @@ def render_chat(lm: LoadedModel, messages: list[dict[str, str]]) -> str:
     """The model's chat template around the conversation (plain "role: text" lines without one)."""
     tok = lm.tokenizer
     try:
-        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        with _TOKENIZER_LOCK:
+            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except (ValueError, AttributeError):  # a tokenizer with no chat template
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 

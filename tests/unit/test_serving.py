@@ -403,3 +403,35 @@ def test_audit_local_and_served(server, versions, db):
     d.save(p)
     statuses = {f.version_id: f.status for f in audit_ledger(fresh, db)}
     assert statuses[versions.ids[2]] == "tampered" and statuses[versions.ids[1]] == "ok"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cli():
+    import typer
+
+    from flows.commands import model_cmds, serve_cmd
+
+    app = typer.Typer()
+    serve_cmd.register(app)
+    model_cmds.register(app)
+    return app
+
+
+def test_cli_ask_server_status_and_public_bind_refusal(server, versions, monkeypatch):
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    app = _cli()
+    got = runner.invoke(app, ["ask", QUESTION, "--server", server.url, "--max-new-tokens", str(MAX_TOKENS)])
+    assert got.exit_code == 0, got.output
+    assert got.output.strip() == versions.expected[versions.base].strip()
+
+    monkeypatch.setenv("KEDIT_ADMIN_TOKEN", TOKEN)
+    status = runner.invoke(app, ["server", "load", str(versions.ids[0]), "--server", server.url])
+    assert status.exit_code == 0 and json.loads(status.output)["version_id"] == versions.ids[0]
+
+    monkeypatch.delenv("KEDIT_ADMIN_TOKEN")
+    refused = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--port", "1"])
+    assert refused.exit_code != 0 and "KEDIT_ADMIN_TOKEN" in str(refused.exception)
