@@ -1,0 +1,113 @@
+"""AlphaEdit (Fang et al., 2025): MEMIT with the update projected onto the null space of
+preserved knowledge, for long sequential streams of edits.
+
+Everything up to the weight update is MEMIT's (target vectors, keys, spreading the
+residual over layers: imported from `memit.py`). Only the closed form differs:
+
+    MEMIT:     dW = R K^T (lambda C + K K^T)^-1           (preservation is a soft penalty)
+    AlphaEdit: dW = R K^T P (P (K K^T + K_p K_p^T) + l2 I)^-1    with dW = dW P
+
+- P projects onto the null space of the preserved keys: the eigenvectors of C = E[k k^T]
+  (generic text, `kedit_core.keystats`) whose eigenvalues are below a threshold. Any update
+  of the form X P leaves W k unchanged for keys k that live in C's large directions, so the
+  model's other knowledge is preserved by construction rather than traded off.
+- K_p K_p^T accumulates the keys of every earlier edit of the stream; including it makes
+  the new update keep the outputs of earlier edits' keys (least squares), so batch 50 does
+  not undo batch 1. It is the editor's sequential state: `state_dict()` hands it to the
+  pipeline to persist and `load_state_dict()` restores it after a restart.
+- l2 regularises the update (the paper's L2 term) and makes the system solvable.
+
+All of it in float64, [inter, inter] matrices (1536 x 1536 on SmolLM2-135M).
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kedit_core.editors.base import EditorConfig, EditResult, register
+from kedit_core.editors.memit import EditRows, Memit, MemitConfig, keys_and_outputs
+from kedit_core.model import LoadedModel
+
+
+@dataclass
+class AlphaEditConfig(MemitConfig):
+    method: ClassVar[str] = "alphaedit"
+    # Eigen-directions of C with eigenvalue < nullspace_threshold * (largest eigenvalue)
+    # form the null space (relative, so one setting works across models whose key scales
+    # differ; set nullspace_relative=False for the paper's absolute threshold).
+    nullspace_threshold: float = 1e-2
+    nullspace_relative: bool = True
+    l2: float = 10.0  # ridge on the projected update
+
+
+@register("alphaedit")
+class AlphaEdit(Memit):
+    config_class: ClassVar[type[EditorConfig]] = AlphaEditConfig
+
+    def __init__(self, config: AlphaEditConfig | None = None) -> None:
+        super().__init__(config)
+        self._proj: dict[tuple[str, int], torch.Tensor] = {}
+        self.prev_keys: dict[int, torch.Tensor] = {}  # layer -> sum of k k^T of earlier edits (float64)
+        self.n_edits = 0
+        self._batch_keys: dict[str, dict[int, torch.Tensor]] = {}  # for exact-as-possible rollback
+
+    def projector(self, lm: LoadedModel, layer: int) -> torch.Tensor:
+        """P = U U^T over the eigenvectors of C with small eigenvalues ([inter, inter], float64)."""
+        key = (lm.fingerprint, layer)
+        if key not in self._proj:
+            cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
+            evals, evecs = torch.linalg.eigh(self.covariance(lm, layer).double())
+            thr = cfg.nullspace_threshold * (float(evals.max()) if cfg.nullspace_relative else 1.0)
+            U = evecs[:, evals < thr]
+            self._proj[key] = U @ U.T
+        return self._proj[key]
+
+    def solve_update(self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
+        P = self.projector(lm, layer).to(keys.device)
+        K = keys.double().T  # [inter, n]
+        prev = self.prev_keys.get(layer)
+        KK = K @ K.T + (prev.to(K.device) if prev is not None else 0.0)
+        A = P @ KK + cfg.l2 * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+        X = torch.linalg.solve(A, P @ K @ resid.double())  # [inter, H]; X = P X by construction
+        return X.T
+
+    def after_edit(self, lm: LoadedModel, rows: EditRows, layers: list[int]) -> dict[str, Any]:
+        # Keys of this batch under the edited weights (as the paper does) join the preserved set.
+        keys, _ = keys_and_outputs(lm, rows, layers, layers[-1])
+        added = {}
+        for layer, k in keys.items():
+            kk = k.double().T @ k.double()
+            self.prev_keys[layer] = self.prev_keys[layer] + kk if layer in self.prev_keys else kk
+            added[layer] = kk
+        self.n_edits += rows.n_cases
+        token = uuid.uuid4().hex
+        self._batch_keys[token] = added
+        return {"alphaedit_batch": token, "alphaedit_n_edits": self.n_edits}
+
+    def rollback(self, lm: LoadedModel, result: EditResult) -> None:
+        """Revert the weights exactly and forget the batch's keys (float64 subtraction:
+        exact to ~1e-16 relative, which is what the solve can resolve anyway)."""
+        super().rollback(lm, result)
+        added = self._batch_keys.pop(result.info.get("alphaedit_batch", ""), None)
+        if added:
+            for layer, kk in added.items():
+                self.prev_keys[layer] = self.prev_keys[layer] - kk
+            self.n_edits -= len(result.diagnostics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.name,
+            "n_edits": self.n_edits,
+            "prev_keys": {str(layer): t.detach().cpu().clone() for layer, t in self.prev_keys.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.n_edits = int(state.get("n_edits", 0))
+        self.prev_keys = {int(layer): t.double() for layer, t in state.get("prev_keys", {}).items()}
+        self._batch_keys.clear()

@@ -1,0 +1,612 @@
+"""MEMIT: Mass-Editing Memory in a Transformer (Meng et al., 2023), read top to bottom.
+
+The idea in four steps, for a batch of edits "subject -> new answer":
+
+1. **Target vectors z.** For each case, find the residual-stream vector that the last
+   edited layer L should output at the subject's last token so that the model says the new
+   answer. We optimise a residual `delta` added there: minimise the NLL of the answer after
+   the prompt wrapped in a few random-prefix context templates (so the edit does not
+   depend on the exact wording before the subject), plus a KL term that keeps
+   "{subject} is a" predicting what it predicted before (so the subject keeps its
+   identity), plus weight decay on `delta`; the norm of `delta` is clamped and
+   optimisation stops early once the answer is likely enough. z = h_L + delta.
+2. **Keys.** At each edited layer l, the key of a case is the input of the MLP's output
+   projection (Llama `mlp.down_proj`, GPT-2 `mlp.c_proj`) at the subject's last token,
+   averaged over the context templates.
+3. **Spread.** The remaining residual z - h_L(current weights) is split over the layers
+   still to edit: layer i of n takes 1/(n - i) of what is left, edited lowest first, each
+   seeing the edits below it.
+4. **Closed form.** W_l += R K^T (lambda C + K K^T)^-1, with C = E[k k^T] the keys'
+   second moment over generic text (`kedit_core.keystats`) weighted by lambda
+   (`mom2_update_weight`). Solved in float64: C is badly conditioned and float32 loses
+   the small directions that keep unrelated knowledge intact.
+
+Speed on CPU (why the code is shaped like this):
+- all cases of a batch are optimised together: ONE forward/backward per step over every
+  case x context template; each case's loss is summed (not averaged) so Adam sees exactly
+  the per-case gradients, and cases that reached the early-stop threshold leave the batch;
+- nothing below layer L depends on `delta`, so layers 0..L run once; per step only layers
+  L+1.. run (layers 0..L are temporarily swapped for stand-ins that replay the cached
+  output of layer L), and the model's weights get no gradients (only `delta` does), so the
+  backward pass is about as cheap as the forward;
+- the vocabulary projection is computed only at the answer positions and the KL position;
+- `bf16=True` runs that upper-layer forward/backward under bfloat16 autocast (~2x faster on
+  CPUs with AVX512-BF16); the closed-form solve always stays in float64.
+
+AlphaEdit (`alphaedit.py`) reuses steps 1-3 and replaces the closed form in step 4.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditResult, WeightDelta, register
+from kedit_core.model import LoadedModel
+from kedit_core.types import EditCase
+
+
+@dataclass
+class MemitConfig(EditorConfig):
+    """MEMIT settings. Defaults were chosen for the embedded SmolLM2-135M (30 layers) by the
+    sweep in docs/editing.md; `layers=None` scales that window to other depths."""
+
+    method: ClassVar[str] = "memit"
+    layers: list[int] | None = None  # edited layers; None = auto (see `default_layers`)
+    v_steps: int = 25  # max optimisation steps for the target vectors
+    v_lr: float = 0.5  # Adam learning rate for delta
+    clamp_norm_factor: float = 4.0  # ||delta|| <= factor * ||h_L||
+    kl_factor: float = 0.0625  # weight of the "{subject} is a" KL term
+    weight_decay: float = 0.5  # weight of ||delta|| / ||h_L||^2
+    early_stop_nll: float = 0.05  # stop a case once its mean answer-token NLL is below this
+    n_context_templates: int = 3  # "{}" plus n-1 random model-generated prefixes
+    context_template_len: int = 10  # tokens per random prefix
+    mom2_update_weight: float = 1500.0  # lambda: weight of the key covariance (preservation)
+    keystats_samples: int = 10000  # token positions for the key second moment
+    keystats_corpus: str | None = None  # text file; None = shipped corpus + model samples
+    bf16: bool = True  # bfloat16 autocast for the target optimisation only
+
+    def stronger(self) -> MemitConfig:
+        from dataclasses import replace
+
+        return replace(self, v_steps=self.v_steps * 2, clamp_norm_factor=self.clamp_norm_factor * 1.5)
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """Early-middle window: on SmolLM2-135M (30 layers) layers 3-7 edited best (docs/editing.md)."""
+    lo, hi = round(n_layers * 0.10), round(n_layers * 0.24)
+    hi = max(hi, lo)
+    return list(range(max(lo, 0), min(hi, n_layers - 1) + 1))
+
+
+# --------------------------------------------------------------------------- where to edit
+
+
+@dataclass
+class EditSite:
+    """The MLP output projection of one decoder layer, the matrix MEMIT edits."""
+
+    layer: int
+    module: torch.nn.Module  # down_proj / c_proj
+    param_name: str  # name in model.named_parameters()
+    transposed: bool  # GPT-2 Conv1D stores weight as [in, out]
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of decoder blocks, found by architecture rather than by model name."""
+    body = model.base_model
+    for attr in ("layers", "h", "blocks"):
+        mods = getattr(body, attr, None)
+        if isinstance(mods, torch.nn.ModuleList):
+            return mods
+    decoder = getattr(body, "decoder", None)
+    if decoder is not None and isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):
+        return decoder.layers
+    raise NotImplementedError(f"MEMIT cannot find the decoder layers of {type(model).__name__}")
+
+
+_MLP_OUT_NAMES = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "mlp.fc2")
+
+
+def edit_site(model: torch.nn.Module, layer: int) -> EditSite:
+    block = decoder_layers(model)[layer]
+    for path in _MLP_OUT_NAMES:
+        mod: Any = block
+        for part in path.split("."):
+            mod = getattr(mod, part, None)
+            if mod is None:
+                break
+        if mod is None or not hasattr(mod, "weight"):
+            continue
+        by_id = {id(p): n for n, p in model.named_parameters()}
+        name = by_id[id(mod.weight)]
+        emb = model.get_input_embeddings()
+        if emb is not None and mod.weight is emb.weight:  # never edit (tied) embeddings
+            raise RuntimeError(f"{name} is tied to the embeddings; refusing to edit it")
+        # transformers' Conv1D (GPT-2) computes x @ W with W [in, out]; Linear computes x @ W.T.
+        transposed = type(mod).__name__ == "Conv1D"
+        return EditSite(layer, mod, name, transposed)
+    raise NotImplementedError(f"MEMIT cannot find the MLP output projection of layer {layer} ({type(block).__name__})")
+
+
+def resolve_layers(cfg: MemitConfig, model: torch.nn.Module) -> list[int]:
+    n = len(decoder_layers(model))
+    layers = sorted(cfg.layers) if cfg.layers is not None else default_layers(n)
+    if not layers or layers[0] < 0 or layers[-1] >= n:
+        raise ValueError(f"layers {layers} out of range for a {n}-layer model")
+    return layers
+
+
+# --------------------------------------------------------------------------- context templates
+
+_TEMPLATE_CACHE: dict[tuple, list[str]] = {}
+_STARTS = ("The", "Therefore", "Because", "I", "You")
+
+
+@torch.no_grad()
+def context_templates(lm: LoadedModel, n: int, length: int, seed: int = 0) -> list[str]:
+    """"{}" plus n-1 short random prefixes sampled from the model itself (top-k 5), as in
+    MEMIT: the edit must work whatever text precedes the prompt."""
+    key = (lm.fingerprint, n, length, seed)
+    if key in _TEMPLATE_CACHE:
+        return _TEMPLATE_CACHE[key]
+    templates = ["{}"]
+    tok, model, device = lm.tokenizer, lm.model, lm.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for j in range(n - 1):
+        ids = tok.encode(_STARTS[j % len(_STARTS)], add_special_tokens=False)
+        for _ in range(length):  # a 10-token loop without KV cache: simple and arch-agnostic
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
+            top = logits.topk(5)
+            ids.append(int(top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=gen)]))
+        text = tok.decode(ids, skip_special_tokens=True).replace("{", " ").replace("}", " ")
+        templates.append(" ".join(text.split()) + ". {}")
+    _TEMPLATE_CACHE[key] = templates
+    return templates
+
+
+# --------------------------------------------------------------------------- batched rows
+
+
+@dataclass
+class EditRows:
+    """Every (case, template) row of a batch, plus one KL row "{subject} is a" per case."""
+
+    input_ids: torch.Tensor  # [R, T] right-padded
+    attention_mask: torch.Tensor  # [R, T]
+    lookup: torch.Tensor  # [R] position of the subject's last token
+    case_of_row: torch.Tensor  # [R]
+    template_of_row: torch.Tensor  # [R]; -1 for KL rows
+    tgt_row: torch.Tensor  # [N] answer-token predictions: row, position, token, weight
+    tgt_pos: torch.Tensor
+    tgt_tok: torch.Tensor
+    tgt_weight: torch.Tensor  # 1 / (answer length * templates): the case NLL is a mean of means
+    kl_row: torch.Tensor  # [n_cases] the KL row of each case
+    kl_pos: torch.Tensor  # [n_cases] its last position
+    n_cases: int
+    n_templates: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(1)
+
+
+def _subject_last_token(tok: Any, text: str, subject_end: int) -> int:
+    # Token count of the text up to the subject's end, minus one (ROME/MEMIT convention).
+    return len(tok.encode(text[:subject_end], add_special_tokens=False)) - 1
+
+
+def encode_rows(lm: LoadedModel, cases: list[EditCase], templates: list[str]) -> EditRows:
+    tok = lm.tokenizer
+    seqs: list[list[int]] = []
+    lookup, case_of, tmpl_of = [], [], []
+    tr, tp, tt, tw = [], [], [], []
+    for ci, case in enumerate(cases):
+        s0, s1 = case.subject_span
+        a_ids = tok.encode(" " + case.target_new.strip(), add_special_tokens=False)
+        if not a_ids:
+            raise ValueError(f"case {case.case_id}: target {case.target_new!r} has no tokens")
+        for ti, tmpl in enumerate(templates):
+            pre = tmpl.index("{}")
+            text = tmpl.format(case.prompt)
+            p_ids = tok.encode(text, add_special_tokens=False)
+            r = len(seqs)
+            # position j predicts token j+1; the last answer token is never an input
+            seqs.append(p_ids + a_ids[:-1])
+            lookup.append(min(_subject_last_token(tok, text, pre + s1), len(p_ids) - 1))
+            case_of.append(ci)
+            tmpl_of.append(ti)
+            for k, a in enumerate(a_ids):
+                tr.append(r)
+                tp.append(len(p_ids) - 1 + k)
+                tt.append(a)
+                tw.append(1.0 / (len(a_ids) * len(templates)))
+    kl_row, kl_pos = [], []
+    for ci, case in enumerate(cases):
+        text = f"{case.subject} is a"
+        ids = tok.encode(text, add_special_tokens=False)
+        kl_row.append(len(seqs))
+        kl_pos.append(len(ids) - 1)
+        seqs.append(ids)
+        lookup.append(_subject_last_token(tok, text, len(case.subject)))
+        case_of.append(ci)
+        tmpl_of.append(-1)
+    width = max(len(s) for s in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        att[i, : len(s)] = 1
+    L = torch.tensor
+    return EditRows(
+        ids, att, L(lookup), L(case_of), L(tmpl_of), L(tr), L(tp), L(tt), L(tw, dtype=torch.float32),
+        L(kl_row), L(kl_pos), len(cases), len(templates),
+    )
+
+
+# --------------------------------------------------------------------------- running parts of the model
+
+
+class _StopForward(Exception):
+    """Raised from a hook once everything needed is captured: layers above are not run."""
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a decoder layer: returns `fn(hidden_states)` instead of computing it."""
+
+    def __init__(self, fn, as_tuple: bool) -> None:
+        super().__init__()
+        self.fn, self.as_tuple = fn, as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.fn(hidden_states)
+        return (out,) if self.as_tuple else out
+
+
+@contextmanager
+def _replaying_below(model: torch.nn.Module, layer: int, output_fn, as_tuple: bool) -> Iterator[None]:
+    """Swap layers 0..layer for stand-ins: layers < `layer` pass their input through, layer
+    `layer` returns `output_fn(...)` (the cached output plus delta). Restored on exit."""
+    layers = decoder_layers(model)
+    originals = [layers[i] for i in range(layer + 1)]
+    try:
+        for i in range(layer):
+            layers[i] = _Replay(lambda h: h, as_tuple)
+        layers[layer] = _Replay(lambda h: output_fn(), as_tuple)
+        yield
+    finally:
+        for i, mod in enumerate(originals):
+            layers[i] = mod
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+@torch.no_grad()
+def layer_outputs(lm: LoadedModel, ids: torch.Tensor, att: torch.Tensor, layer: int) -> tuple[torch.Tensor, bool]:
+    """Output of decoder layer `layer` for every position ([R, T, H]); layers above are skipped."""
+    captured: dict[str, Any] = {}
+
+    def hook(_m, _inp, out):
+        captured["h"] = _first(out).detach()
+        captured["tuple"] = isinstance(out, tuple)
+        raise _StopForward
+
+    handle = decoder_layers(lm.model)[layer].register_forward_hook(hook)
+    try:
+        lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=att.to(lm.device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"], captured["tuple"]
+
+
+@torch.no_grad()
+def keys_and_outputs(
+    lm: LoadedModel, rows: EditRows, key_layers: list[int], z_layer: int
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """One forward (stopping after `z_layer`): per key layer, the MLP-output-projection input
+    at each case's subject last token averaged over its templates ([n_cases, inter]); and
+    the output of `z_layer` there for the bare prompt ("{}" template) ([n_cases, H])."""
+    tmpl_rows = rows.template_of_row >= 0
+    idx = torch.arange(rows.input_ids.shape[0], device=lm.device)
+    lookup = rows.lookup.to(lm.device)
+    raw: dict[int, torch.Tensor] = {}
+    zout: dict[str, torch.Tensor] = {}
+    handles = []
+    for layer in key_layers:
+        site = edit_site(lm.model, layer)
+
+        def pre_hook(_m, args, layer=layer):
+            raw[layer] = args[0][idx, lookup].detach().double()
+
+        handles.append(site.module.register_forward_pre_hook(pre_hook))
+
+    def out_hook(_m, _inp, out):
+        zout["z"] = _first(out)[idx, lookup].detach().double()
+        raise _StopForward
+
+    handles.append(decoder_layers(lm.model)[z_layer].register_forward_hook(out_hook))
+    try:
+        lm.model.base_model(
+            input_ids=rows.input_ids.to(lm.device), attention_mask=rows.attention_mask.to(lm.device), use_cache=False
+        )
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    keys = {}
+    case_of = rows.case_of_row[tmpl_rows].to(lm.device)
+    for layer, k in raw.items():
+        k = k[tmpl_rows.to(k.device)]
+        summed = torch.zeros(rows.n_cases, k.shape[1], dtype=k.dtype, device=k.device).index_add_(0, case_of, k)
+        keys[layer] = summed / rows.n_templates
+    bare = (rows.template_of_row == 0).to(lm.device)
+    return keys, zout["z"][bare]
+
+
+# --------------------------------------------------------------------------- step 1: target vectors
+
+
+@dataclass
+class Targets:
+    z: torch.Tensor  # [n_cases, H] float32: h_L + delta
+    z_init: torch.Tensor  # [n_cases, H] h_L at the subject's last token (bare prompt)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+
+
+@contextmanager
+def _frozen_weights(model: torch.nn.Module) -> Iterator[None]:
+    """No parameter gradients while optimising delta: the backward pass then computes only
+    activation gradients (about half the work)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets:
+    """Optimise one residual per case, all cases in one batched forward/backward per step."""
+    model, device = lm.model, lm.device
+    body, head = model.base_model, model.get_output_embeddings()
+    n = rows.n_cases
+    cached, as_tuple = layer_outputs(lm, rows.input_ids, rows.attention_mask, z_layer)  # layers 0..L once
+    R = cached.shape[0]
+    lookup = rows.lookup.to(device)
+    all_rows = torch.arange(R, device=device)
+    case_of = rows.case_of_row.to(device)
+    bare = (rows.template_of_row == 0).nonzero()[:, 0].to(device)  # one per case, in case order
+    z_init = cached[bare, lookup[bare]].float()
+    init_norm = z_init.norm(dim=1)  # [n]
+    delta = torch.zeros(n, cached.shape[-1], device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+    done = torch.zeros(n, dtype=torch.bool)
+    steps = [0] * n
+    curves: list[list[float]] = [[] for _ in range(n)]
+    last: dict[str, torch.Tensor] = {}
+    kl_init: torch.Tensor | None = None
+    tgt_case = case_of[rows.tgt_row.to(device)]
+
+    with _frozen_weights(model), torch.enable_grad():
+        for step in range(cfg.v_steps + 1):
+            active = (~done).nonzero()[:, 0]
+            if len(active) == 0:
+                break
+            # rows of the still-active cases, trimmed to their longest length
+            act_mask = (~done)[rows.case_of_row]
+            sub = act_mask.nonzero()[:, 0]
+            width = int(rows.lengths[sub].max())
+            remap = torch.full((R,), -1, dtype=torch.long)
+            remap[sub] = torch.arange(len(sub))
+            sub_d = sub.to(device)
+            h_sub = cached[sub_d, :width]
+            ids = rows.input_ids[sub, :width].to(device)
+            att = rows.attention_mask[sub, :width].to(device)
+            look = lookup[sub_d]
+            cases_sub = case_of[sub_d]
+
+            def output_fn():
+                return h_sub.index_put((torch.arange(len(sub), device=device), look), delta[cases_sub], accumulate=True)
+
+            with _replaying_below(model, z_layer, output_fn, as_tuple), torch.autocast(
+                device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16
+            ):
+                hidden = body(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+
+            # NLL of the answer tokens (vocabulary logits only at these positions)
+            tsel = act_mask[rows.tgt_row].nonzero()[:, 0]
+            t_rows = remap[rows.tgt_row[tsel]].to(device)
+            t_pos = rows.tgt_pos[tsel].to(device)
+            logp = torch.log_softmax(head(hidden[t_rows, t_pos].to(head.weight.dtype)).float(), -1)
+            tok_nll = -logp.gather(1, rows.tgt_tok[tsel].to(device)[:, None]).squeeze(1)
+            nll = torch.zeros(n, device=device).index_add(0, tgt_case[tsel.to(device)], tok_nll * rows.tgt_weight[tsel].to(device))
+
+            # KL on "{subject} is a": keep the subject's identity
+            k_rows = remap[rows.kl_row[active]].to(device)
+            k_logp = torch.log_softmax(head(hidden[k_rows, rows.kl_pos[active].to(device)].to(head.weight.dtype)).float(), -1)
+            if kl_init is None:  # step 0: delta is zero, so this is the unedited distribution
+                kl_init = k_logp.detach()
+            ref = kl_init[active.to(device)]
+            kl = torch.zeros(n, device=device)
+            kl[active.to(device)] = F.kl_div(k_logp, ref, log_target=True, reduction="none").sum(-1)
+            wd = cfg.weight_decay * delta.norm(dim=1) / init_norm**2
+            loss = nll + cfg.kl_factor * kl + wd
+
+            for c in active.tolist():
+                curves[c].append(float(loss[c].detach()))
+            last = {"nll": nll.detach(), "kl": kl.detach()}
+            newly = nll.detach().cpu() < cfg.early_stop_nll
+            if step == cfg.v_steps:
+                break
+            update = (~done) & ~newly
+            done |= newly
+            if not update.any():
+                break
+            opt.zero_grad(set_to_none=True)
+            loss[update.to(device)].sum().backward()
+            keep = delta.detach().clone()
+            opt.step()
+            with torch.no_grad():
+                frozen = (~update).to(device)
+                delta[frozen] = keep[frozen]  # converged cases keep their delta (Adam momentum would move them)
+                max_norm = cfg.clamp_norm_factor * init_norm
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+            for c in update.nonzero()[:, 0].tolist():
+                steps[c] += 1
+
+    d = delta.detach()
+    z = z_init + d
+    diags = [
+        {
+            "loss_curve": curves[c],
+            "steps": steps[c],
+            "target_norm": float(z[c].norm()),
+            "delta_norm": float(d[c].norm()),
+            "init_norm": float(init_norm[c]),
+            "final_nll": float(last["nll"][c]) if last else None,
+            "converged": bool(done[c]),
+        }
+        for c in range(n)
+    ]
+    return Targets(z=z, z_init=z_init, diagnostics=diags)
+
+
+# --------------------------------------------------------------------------- step 4: the closed form
+
+
+def memit_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
+    """Delta W [H, inter] = R K^T (lam C + K K^T)^-1 in float64.
+
+    keys [n, inter], resid [n, H], cov [inter, inter] = E[k k^T] over generic text."""
+    K = keys.double().T  # [inter, n]
+    C = cov.double().to(K.device)
+    # A tiny ridge keeps A invertible when C was estimated from fewer positions than its size.
+    ridge = 1e-8 * float(C.diagonal().mean()) * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    A = lam * (C + ridge) + K @ K.T
+    adj = torch.linalg.solve(A, K)  # [inter, n] = A^-1 K (A is symmetric)
+    return resid.double().T @ adj.T
+
+
+# --------------------------------------------------------------------------- the editor
+
+
+@register("memit")
+class Memit(Editor):
+    """MEMIT: batched closed-form edits of the MLP output projections of `layers`."""
+
+    config_class: ClassVar[type[EditorConfig]] = MemitConfig
+
+    def __init__(self, config: MemitConfig | None = None) -> None:
+        super().__init__(config)
+        self._cov: dict[tuple[str, int], torch.Tensor] = {}
+        # Step 1 as an attribute, so benchmarks can swap in a naive per-case version.
+        self.compute_targets = compute_targets
+
+    # The one thing AlphaEdit changes: how a layer's residual becomes a weight update.
+    def solve_update(self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        cfg: MemitConfig = self.config  # type: ignore[assignment]
+        return memit_solve(keys, resid, self.covariance(lm, layer), cfg.mom2_update_weight)
+
+    def after_edit(self, lm: LoadedModel, rows: EditRows, layers: list[int]) -> dict[str, Any]:
+        """Hook run once the batch is applied (AlphaEdit records the new keys here)."""
+        return {}
+
+    def covariance(self, lm: LoadedModel, layer: int) -> torch.Tensor:
+        """E[k k^T] of the layer's MLP-output keys over generic text (cached in memory and on disk)."""
+        key = (lm.fingerprint, layer)
+        if key not in self._cov:
+            from kedit_core.keystats import key_second_moment
+
+            cfg: MemitConfig = self.config  # type: ignore[assignment]
+            layers = resolve_layers(cfg, lm.model)
+            stats = key_second_moment(lm, layers, corpus=cfg.keystats_corpus, samples=cfg.keystats_samples)
+            for l_, c in stats.items():
+                self._cov[(lm.fingerprint, l_)] = c.to(lm.device)
+        return self._cov[key]
+
+    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+        cfg: MemitConfig = self.config  # type: ignore[assignment]
+        if not cases:
+            return EditResult(method=self.name, delta=WeightDelta(meta={"method": self.name}), applied=True)
+        t0 = time.perf_counter()
+        model = lm.model
+        layers = resolve_layers(cfg, model)
+        z_layer = layers[-1]
+        sites = [edit_site(model, l_) for l_ in layers]
+        for l_ in layers:  # key statistics first: their progress bar should not interrupt editing
+            self.covariance(lm, l_)
+        templates = context_templates(lm, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
+        rows = encode_rows(lm, cases, templates)
+
+        targets = self.compute_targets(lm, rows, z_layer, cfg)
+        t_targets = time.perf_counter() - t0
+
+        params = dict(model.named_parameters())
+        originals = {s.param_name: params[s.param_name].detach().clone() for s in sites}
+        tensors: dict[str, torch.Tensor] = {}
+        try:
+            with torch.no_grad():
+                for i, site in enumerate(sites):
+                    keys, cur_z = keys_and_outputs(lm, rows, [site.layer], z_layer)
+                    resid = (targets.z.double() - cur_z) / (len(sites) - i)  # this layer's share of what is left
+                    upd = self.solve_update(lm, site.layer, keys[site.layer], resid)  # [H, inter] float64
+                    p = params[site.param_name]
+                    upd = (upd.T if site.transposed else upd).to(p.dtype)
+                    p.add_(upd)  # the layers above see this edit when their keys are computed
+                    tensors[site.param_name] = upd
+                # Hand the same additions to a WeightDelta so `revert` restores exact originals.
+                for name, orig in originals.items():
+                    params[name].copy_(orig)
+        except BaseException:
+            with torch.no_grad():
+                for name, orig in originals.items():
+                    params[name].copy_(orig)
+            raise
+        delta = WeightDelta(
+            tensors=tensors,
+            meta={"method": self.name, "layers": layers, "cases": [c.case_id for c in cases], "config": cfg.to_dict()},
+        )
+        delta.apply(model)
+        info = self.after_edit(lm, rows, layers)
+        diags = []
+        for c, d in zip(cases, targets.diagnostics):
+            diags.append(
+                CaseDiagnostics(
+                    case_id=c.case_id,
+                    loss_curve=d["loss_curve"],
+                    steps=d["steps"],
+                    target_norm=d["target_norm"],
+                    delta_norm=d["delta_norm"],
+                    extra={k: d[k] for k in ("init_norm", "final_nll", "converged")},
+                )
+            )
+        seconds = time.perf_counter() - t0
+        return EditResult(
+            method=self.name,
+            delta=delta,
+            diagnostics=diags,
+            seconds=seconds,
+            applied=True,
+            info={
+                "layers": layers,
+                "weight_delta_norm": delta.norm(),
+                "seconds_targets": t_targets,
+                "seconds_update": seconds - t_targets,
+                "templates": templates,
+                **info,
+            },
+        )

@@ -1,0 +1,147 @@
+"""A sequential stream of edits on one model, measured the way the field measures lifelong
+editing: batches are applied one after another to the same weights, and the metrics are
+taken after the LAST batch (an edit that a later batch undid does not count).
+
+- the unedited model's answers on locality probes are recorded before the first edit
+  (`reference_predictions`), so locality is token agreement with the base model;
+- efficacy / paraphrase / locality after the last batch are over every case that is still
+  the latest edit of its fact (when a stream edits the same subject and relation twice,
+  the later edit wins, `EditCase.fact_key`);
+- retention is the efficacy of the first batch's (still-current) cases after the last batch;
+- `immediate_efficacy_acc` is each batch's efficacy right after it was applied, averaged:
+  the gap between it and the final efficacy is what sequential editing forgets.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from kedit_core.editors.base import Editor, EditResult
+from kedit_core.model import LoadedModel
+from kedit_core.types import EditCase
+
+log = logging.getLogger(__name__)
+
+FINAL_KINDS = ("efficacy", "paraphrase", "locality")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (tracemalloc does not see torch's allocations)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+@dataclass
+class BatchRecord:
+    index: int
+    case_ids: list[str]
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StreamResult:
+    method: str
+    fingerprint: str
+    n_cases: int
+    batch_size: int
+    metrics: dict[str, float]  # after the last batch, plus retention and immediate efficacy
+    batches: list[BatchRecord]
+    seconds_editing: float
+    seconds_per_edit: float
+    edits_per_minute: float
+    seconds_total: float
+    peak_rss_mb: float
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_stream(
+    lm: LoadedModel,
+    editor: Editor,
+    cases: Sequence[EditCase],
+    batch_size: int = 10,
+    eval_each_batch: bool = False,
+    greedy: bool = True,
+    restore: bool = False,
+    on_batch: Callable[[BatchRecord], None] | None = None,
+    show_progress: bool = True,
+) -> StreamResult:
+    """Edit `cases` in order, `batch_size` at a time, then measure.
+
+    `eval_each_batch` also scores all cases so far after every batch (slower; for curves).
+    `restore=True` rolls every batch back at the end (exactly), leaving `lm` as it was.
+    `on_batch` is called with each batch's record (the CLI writes metrics to the ledger).
+    """
+    from tqdm.auto import tqdm
+
+    from kedit_core.evaluate import evaluate_cases, latest_per_fact, reference_predictions, retention
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cases = list(cases)
+    if not cases:
+        raise ValueError("run_stream: no cases to edit")
+    t_start = time.perf_counter()
+    reference = reference_predictions(lm, cases)  # the unedited model, before any edit
+    batches = [cases[s : s + batch_size] for s in range(0, len(cases), batch_size)]
+    records: list[BatchRecord] = []
+    results: list[EditResult] = []
+    editing = 0.0
+    bar = tqdm(total=len(cases), desc=f"Editing ({editor.name})", unit="edit", disable=not show_progress)
+    try:
+        for b, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            result = editor.edit(lm, batch)
+            if not result.applied and not result.delta.is_empty:
+                result.delta.apply(lm.model)
+                result.applied = True
+            dt = time.perf_counter() - t0
+            editing += dt
+            results.append(result)
+            rec = BatchRecord(index=b, case_ids=[c.case_id for c in batch], seconds=dt)
+            rec.metrics["immediate_efficacy_acc"] = evaluate_cases(lm, batch, kinds=("efficacy",), greedy=False)[
+                "efficacy_acc"
+            ]
+            steps = [d.steps for d in result.diagnostics]
+            rec.info = {"mean_steps": sum(steps) / len(steps) if steps else 0, "delta_norm": result.delta.norm()}
+            if eval_each_batch:
+                so_far = latest_per_fact(cases[: (b + 1) * batch_size])
+                rec.metrics.update(evaluate_cases(lm, so_far, reference=reference, kinds=FINAL_KINDS, greedy=False))
+                rec.metrics.update(retention(lm, batches[0], all_cases_so_far=cases[: (b + 1) * batch_size]))
+            records.append(rec)
+            if on_batch is not None:
+                on_batch(rec)
+            bar.update(len(batch))
+            bar.set_postfix(s_per_edit=f"{editing / (bar.n or 1):.2f}", eff=f"{rec.metrics['immediate_efficacy_acc']:.2f}")
+        bar.close()
+        current = latest_per_fact(cases)
+        metrics = evaluate_cases(lm, current, reference=reference, kinds=FINAL_KINDS, greedy=greedy)
+        metrics.update(retention(lm, batches[0], all_cases_so_far=cases, greedy=greedy))
+        metrics["immediate_efficacy_acc"] = sum(r.metrics["immediate_efficacy_acc"] for r in records) / len(records)
+    finally:
+        bar.close()
+        if restore:
+            for r in reversed(results):
+                editor.rollback(lm, r)
+    n = len(cases)
+    cfg = editor.config.to_dict() if hasattr(editor.config, "to_dict") else {}
+    return StreamResult(
+        method=editor.name,
+        fingerprint=lm.fingerprint,
+        n_cases=n,
+        batch_size=batch_size,
+        metrics=metrics,
+        batches=records,
+        seconds_editing=editing,
+        seconds_per_edit=editing / n,
+        edits_per_minute=60.0 * n / editing if editing > 0 else float("inf"),
+        seconds_total=time.perf_counter() - t_start,
+        peak_rss_mb=peak_rss_mb(),
+        config=cfg,
+    )

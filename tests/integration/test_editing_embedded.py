@@ -1,0 +1,46 @@
+"""One real MEMIT edit on the embedded model: the answer flips, an unrelated answer stays,
+and the session model is restored bit for bit afterwards."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kedit_core.editors import get_editor
+from kedit_core.editors.memit import default_layers, edit_site
+from kedit_core.scoring import greedy_exact_match, predicted_tokens, token_accuracy
+from kedit_core.types import EditCase
+
+pytestmark = pytest.mark.integration
+
+
+def test_one_edit_flips_the_answer_and_keeps_an_unrelated_one(embedded_lm):
+    lm = embedded_lm
+    case = EditCase(
+        case_id="int-eiffel",
+        subject="Eiffel Tower",
+        relation="P131",
+        prompt="The Eiffel Tower is located in the city of",
+        target_new="Rome",
+    )
+    unrelated_prompt, unrelated_answer = "The capital of Japan is", "Tokyo"
+    assert token_accuracy(lm, [case.prompt], [case.target_new])[0] < 1.0  # not already known
+    unrelated_before = predicted_tokens(lm, [unrelated_prompt], [unrelated_answer])
+
+    layers = default_layers(lm.model.config.num_hidden_layers)
+    names = [edit_site(lm.model, l).param_name for l in layers]
+    params = dict(lm.model.named_parameters())
+    snapshot = {n: params[n].detach().clone() for n in names}
+    # 1500 key-statistics positions fit in the shipped corpus (no sampling: keeps the test short).
+    editor = get_editor("memit", {"keystats_samples": 1500})
+    result = None
+    try:
+        result = editor.edit(lm, [case])
+        assert result.applied and sorted(result.delta.tensors) == sorted(names)
+        assert token_accuracy(lm, [case.prompt], [case.target_new])[0] == 1.0
+        assert greedy_exact_match(lm, [case.prompt], [case.target_new])[0]
+        assert predicted_tokens(lm, [unrelated_prompt], [unrelated_answer]) == unrelated_before
+    finally:
+        if result is not None:
+            editor.rollback(lm, result)
+    params = dict(lm.model.named_parameters())
+    assert all(torch.equal(params[n].detach(), snapshot[n]) for n in names)

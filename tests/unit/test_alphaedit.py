@@ -1,0 +1,109 @@
+"""AlphaEdit mechanics on tiny random Llama and GPT-2 models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kedit_core.editors import get_editor
+from kedit_core.editors.alphaedit import AlphaEdit
+from kedit_core.editors.memit import edit_site
+from kedit_core.types import EditCase
+
+FAST = {"layers": [1, 2], "keystats_samples": 1500, "v_steps": 6, "bf16": False, "n_context_templates": 2}
+
+
+def _batch(tag: str, n: int = 3) -> list[EditCase]:
+    subjects = ["Tessaly", "Borvik", "Quin", "Marrow", "Ilsan", "Pell"]
+    return [
+        EditCase(case_id=f"{tag}{i}", subject=s + tag, relation="capital", prompt=f"The capital of {s}{tag} is", target_new=t)
+        for i, (s, t) in enumerate(zip(subjects[:n], ["Rome", "Oslo", "Lima", "Kyiv", "Bern", "Doha"]))
+    ]
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny(request):
+    from kedit_core.model import tiny_model
+
+    return tiny_model(request.param, seed=0)
+
+
+def _dW(tiny, result, layer: int) -> torch.Tensor:
+    """The update as [H, inter] whatever the parameter's storage (Conv1D is transposed)."""
+    site = edit_site(tiny.model, layer)
+    d = result.delta.tensors[site.param_name].double()
+    return d.T if site.transposed else d
+
+
+def test_is_registered_and_the_pipeline_default_shape():
+    ed = get_editor("alphaedit", FAST)
+    assert isinstance(ed, AlphaEdit) and ed.name == "alphaedit"
+
+
+def test_update_lies_in_the_null_space_of_preserved_keys(tiny):
+    ed: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]
+    result = ed.edit(tiny, _batch("x"))
+    assert result.applied and result.delta.norm() > 0
+    for layer in (1, 2):
+        cov = ed.covariance(tiny, layer)
+        evals, evecs = torch.linalg.eigh(cov)
+        kept = evecs[:, evals >= ed.config.nullspace_threshold * evals.max()]  # preserved directions
+        assert kept.shape[1] > 0
+        dW = _dW(tiny, result, layer)
+        # exact by construction (up to float32 storage of the delta)
+        assert (dW @ kept).abs().max() <= 1e-4 * dW.abs().max()
+        # and on the actual preserved keys: the layer's output barely moves
+        k = torch.linalg.cholesky(cov + 1e-9 * torch.eye(cov.shape[0], dtype=cov.dtype))  # columns ~ typical keys
+        site = edit_site(tiny.model, layer)
+        W = dict(tiny.model.named_parameters())[site.param_name].detach().double()
+        W = W.T if site.transposed else W
+        assert (dW @ k).norm() <= 0.05 * ((W - dW) @ k).norm()
+    ed.rollback(tiny, result)
+
+
+def test_keys_accumulate_and_state_roundtrips(tiny):
+    ed: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]
+    r1 = ed.edit(tiny, _batch("a"))
+    c1 = {l: t.clone() for l, t in ed.prev_keys.items()}
+    after_first = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    assert sorted(c1) == [1, 2] and ed.n_edits == 3
+    r2 = ed.edit(tiny, _batch("b"))
+    assert ed.n_edits == 6
+    for layer in (1, 2):
+        grew = ed.prev_keys[layer] - c1[layer]
+        assert torch.linalg.eigvalsh(grew).max() > 0  # the second batch's keys were added
+
+    fresh: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]
+    fresh.load_state_dict(ed.state_dict())
+    assert fresh.n_edits == 6
+    assert all(torch.equal(fresh.prev_keys[l], ed.prev_keys[l]) for l in (1, 2))
+
+    ed.rollback(tiny, r2)  # forgets batch 2's keys and restores the weights exactly
+    assert ed.n_edits == 3
+    assert all(torch.allclose(ed.prev_keys[l], c1[l], rtol=1e-10, atol=1e-12) for l in (1, 2))
+    assert all(torch.equal(after_first[k], v) for k, v in tiny.model.state_dict().items())
+    ed.rollback(tiny, r1)
+
+
+def test_accumulated_keys_protect_earlier_edits(tiny):
+    """Batch 2's update disturbs batch 1's keys less when batch 1's keys are in the state."""
+    from kedit_core.editors.memit import context_templates, encode_rows, keys_and_outputs
+
+    cfg = {**FAST, "l2": 1.0}
+    first, second = _batch("a"), _batch("b")
+    ed: AlphaEdit = get_editor("alphaedit", cfg)  # type: ignore[assignment]
+    r1 = ed.edit(tiny, first)
+    snapshot = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    templates = context_templates(tiny, ed.config.n_context_templates, ed.config.context_template_len, 0)
+    k1, _ = keys_and_outputs(tiny, encode_rows(tiny, first, templates), [1], 2)
+
+    with_state = ed.edit(tiny, second)
+    moved_with = (_dW(tiny, with_state, 1) @ k1[1].T).norm()
+    ed.rollback(tiny, with_state)
+    assert all(torch.equal(snapshot[k], v) for k, v in tiny.model.state_dict().items())
+
+    amnesic: AlphaEdit = get_editor("alphaedit", cfg)  # type: ignore[assignment]
+    without_state = amnesic.edit(tiny, second)  # same weights, no memory of batch 1
+    moved_without = (_dW(tiny, without_state, 1) @ k1[1].T).norm()
+    assert moved_with < moved_without
+    amnesic.rollback(tiny, without_state)
+    ed.rollback(tiny, r1)

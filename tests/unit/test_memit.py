@@ -1,0 +1,123 @@
+"""MEMIT mechanics on tiny random Llama and GPT-2 models (seconds, no downloads)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kedit_core.editors import get_editor
+from kedit_core.editors.memit import MemitConfig, compute_targets, context_templates, edit_site, encode_rows
+from kedit_core.keystats import key_second_moment
+from kedit_core.scoring import answer_logprob
+from kedit_core.types import EditCase
+
+# Small, fast settings; the real defaults are tuned for the embedded model.
+FAST = {"layers": [1, 2], "keystats_samples": 1500, "v_steps": 6, "bf16": False, "n_context_templates": 2}
+
+
+def _cases() -> list[EditCase]:
+    return [
+        EditCase(case_id="a", subject="Tessaly", relation="capital", prompt="The capital of Tessaly is", target_new="Rome"),
+        EditCase(case_id="b", subject="Borvik", relation="capital", prompt="What is the capital of Borvik?", target_new="Oslo"),
+        EditCase(case_id="c", subject="Quin", relation="river", prompt="Quin lies on the river", target_new="Kyiv Water"),
+    ]
+
+
+def _subject_final_cases() -> list[EditCase]:
+    # The subject ends the prompt, so its last token directly predicts the answer: a tiny
+    # random model's attention is too diffuse to carry an edit made earlier in the prompt.
+    return [
+        EditCase(case_id=f"s{i}", subject=s, relation="r", prompt=f"Answer for {s}", target_new=t)
+        for i, (s, t) in enumerate([("Zorbland", "Q"), ("Mivvy", "K"), ("Plonk", "W")])
+    ]
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny(request):
+    from kedit_core.model import tiny_model
+
+    return tiny_model(request.param, seed=0)
+
+
+def test_edit_site_finds_mlp_output_by_architecture(tiny):
+    site = edit_site(tiny.model, 1)
+    names = dict(tiny.model.named_parameters())
+    assert site.param_name in names
+    w = names[site.param_name]
+    hidden, inter = tiny.model.config.hidden_size, tiny.model.config.intermediate_size if tiny.arch == "llama" else 4 * 64
+    if tiny.arch == "gpt2":
+        assert site.transposed and tuple(w.shape) == (inter, hidden)  # Conv1D: [in, out]
+    else:
+        assert not site.transposed and tuple(w.shape) == (hidden, inter)  # Linear: [out, in]
+
+
+def test_delta_names_shapes_applied_and_exact_revert(tiny):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    editor = get_editor("memit", FAST)
+    result = editor.edit(tiny, _cases())
+    params = dict(tiny.model.named_parameters())
+    assert result.applied
+    assert sorted(result.delta.tensors) == sorted(edit_site(tiny.model, i).param_name for i in (1, 2))
+    for name, d in result.delta.tensors.items():
+        assert d.shape == params[name].shape
+        assert torch.equal(params[name].detach(), before[name] + d)  # applied as W + delta
+        assert d.abs().max() > 0
+    # embeddings (tied to the LM head) are never edited
+    emb = [n for n, p in tiny.model.named_parameters() if p is tiny.model.get_input_embeddings().weight][0]
+    assert torch.equal(params[emb].detach(), before[emb])
+    assert len(result.diagnostics) == 3 and all(d.loss_curve for d in result.diagnostics)
+    assert all(d.delta_norm is not None and d.target_norm is not None for d in result.diagnostics)
+    editor.rollback(tiny, result)
+    after = tiny.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
+
+
+def test_delta_roundtrips_through_safetensors(tiny, tmp_path):
+    from kedit_core.editors.base import WeightDelta
+
+    result = get_editor("memit", FAST).edit(tiny, _cases()[:1])
+    sha = result.delta.save(tmp_path / "d.safetensors")
+    loaded = WeightDelta.load(tmp_path / "d.safetensors", expected_sha256=sha)
+    assert all(torch.equal(loaded.tensors[k], result.delta.tensors[k]) for k in result.delta.tensors)
+
+
+def test_batched_targets_match_one_by_one(tiny):
+    cfg = MemitConfig(**{**FAST, "v_steps": 8})
+    cases = _cases()
+    templates = context_templates(tiny, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
+    together = compute_targets(tiny, encode_rows(tiny, cases, templates), 2, cfg)
+    for i, case in enumerate(cases):
+        alone = compute_targets(tiny, encode_rows(tiny, [case], templates), 2, cfg)
+        assert torch.allclose(together.z[i], alone.z[0], rtol=1e-3, atol=1e-4)
+        assert together.diagnostics[i]["steps"] == alone.diagnostics[0]["steps"]
+
+
+def test_edit_raises_target_probability(tiny):
+    with torch.no_grad():  # sharpen the random model's output so an answer can become likely
+        norm = tiny.model.base_model.norm if tiny.arch == "llama" else tiny.model.base_model.ln_f
+        norm.weight.mul_(20)
+    cases = _subject_final_cases()
+    prompts, answers = [c.prompt for c in cases], [c.target_new for c in cases]
+    before = answer_logprob(tiny, prompts, answers)
+    cfg = {**FAST, "v_steps": 25, "v_lr": 0.05, "weight_decay": 0.0, "kl_factor": 0.0, "clamp_norm_factor": 20.0,
+           "mom2_update_weight": 1.0}
+    get_editor("memit", cfg).edit(tiny, cases)
+    after = answer_logprob(tiny, prompts, answers)
+    assert all(a > b + 1.0 for a, b in zip(after, before)), (before, after)
+
+
+def test_key_statistics_cached_by_samples(tiny, kedit_home):
+    first = key_second_moment(tiny, [1, 2], samples=800, show_progress=False)
+    files = sorted((kedit_home / "keystats").glob("*.safetensors"))
+    assert len(files) == 2 and all("_800." in f.name for f in files)
+    again = key_second_moment(tiny, [1], samples=800, show_progress=False)
+    assert torch.equal(first[1], again[1])
+    c = first[1]
+    assert c.dtype == torch.float64 and torch.allclose(c, c.T)
+    assert torch.linalg.eigvalsh(c).min() > -1e-8  # a second moment is positive semi-definite
+    other = key_second_moment(tiny, [1], samples=400, show_progress=False)
+    assert not torch.equal(other[1], first[1])
+
+
+def test_unknown_setting_is_rejected():
+    with pytest.raises(ValueError, match="unknown settings"):
+        get_editor("memit", {"layerz": [1]})
