@@ -47,11 +47,14 @@ def delta_refs(chain: list[dict[str, Any]]) -> list[DeltaRef]:
 def memory_rewriter(db: Database, chain: list[dict[str, Any]]) -> PromptRewriter | None:
     """The prompt rewriter of the newest memory-editor version in the chain, if any.
 
-    A memory editor class makes its versions servable by providing a classmethod
-    `for_serving(db, version_row) -> PromptRewriter`; without one, serving its version
-    would silently answer without the memory, so it is refused instead.
+    Restored from the editor state the pipeline saved with that version's batch (its
+    config comes from the version's note), or from the editor class's own classmethod
+    `for_serving(db, version_row)` when it has one. A memory version whose memory cannot
+    be restored is refused: serving it without its memory would silently answer wrongly.
     """
-    from kedit_core.editors.base import EDITORS, available_editors
+    import json
+
+    from kedit_core.editors.base import EDITORS, available_editors, get_editor
 
     available_editors()  # registers the built-in methods
     for row in reversed(chain[1:]):
@@ -59,12 +62,24 @@ def memory_rewriter(db: Database, chain: list[dict[str, Any]]) -> PromptRewriter
         if cls is None or not getattr(cls, "is_memory_editor", False):
             continue
         factory = getattr(cls, "for_serving", None)
-        if factory is None:
+        if factory is not None:
+            return factory(db, row)
+        from flows.pipeline import load_editor_state, state_path
+
+        path = state_path(row["base_fingerprint"], row["batch_id"]) if row.get("batch_id") else None
+        if path is None or not path.exists():
             raise VersionConflict(
-                f"version {row['version_id']} was made by the memory editor {row['method']!r}, which cannot "
-                "restore its memory for serving (it has no for_serving(db, version_row))"
+                f"version {row['version_id']} was made by the memory editor {row['method']!r}, but its saved "
+                f"memory ({path or 'no batch id'}) is missing, so it cannot be served"
             )
-        return factory(db, row)
+        try:
+            config = json.loads(row.get("note") or "{}").get("config")
+        except ValueError:
+            config = None
+        editor = get_editor(row["method"], config if isinstance(config, dict) else None)
+        _, state = load_editor_state(path)
+        editor.load_state_dict(state)
+        return editor
     return None
 
 

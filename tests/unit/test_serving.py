@@ -435,3 +435,59 @@ def test_cli_ask_server_status_and_public_bind_refusal(server, versions, monkeyp
     monkeypatch.delenv("KEDIT_ADMIN_TOKEN")
     refused = runner.invoke(app, ["serve", "--host", "0.0.0.0", "--port", "1"])
     assert refused.exit_code != 0 and "KEDIT_ADMIN_TOKEN" in str(refused.exception)
+
+
+def test_memory_editor_version_is_restored_from_its_saved_state(tiny_llama, db, versions):
+    """A memory editor's version is served with the memory the pipeline saved for its batch."""
+    from dataclasses import dataclass as dc
+    from typing import ClassVar
+
+    from flows.pipeline import save_editor_state, state_path
+    from kedit_core.editors.base import EDITORS, Editor, EditorConfig, register
+
+    @dc
+    class NoteConfig(EditorConfig):
+        method: ClassVar[str] = "serving-test-memory"
+        template: str = "{note} {question}"
+
+    class NoteEditor(Editor):
+        config_class = NoteConfig
+        is_memory_editor = True
+
+        def __init__(self, config=None):
+            super().__init__(config)
+            self.note = ""
+
+        def edit(self, lm, cases):
+            raise NotImplementedError("this test editor only restores state")
+
+        def rewrite_prompt(self, question):
+            return self.config.template.format(note=self.note, question=question)
+
+        def state_dict(self):
+            return {"note": self.note}
+
+        def load_state_dict(self, state):
+            self.note = state["note"]
+
+    register("serving-test-memory")(NoteEditor)
+    try:
+        save_editor_state({"note": "Paris is in Italy."}, state_path(tiny_llama.fingerprint, "b-mem"),
+                          "serving-test-memory")
+        note = json.dumps({"config": {"method": "serving-test-memory", "template": "Fact: {note}\n{question}"}})
+        mem = ledger.add_version(db, versions.base, tiny_llama.fingerprint, tiny_llama.spec, "serving-test-memory",
+                                 "b-mem", None, None, weights_fingerprint=tiny_llama.fingerprint, note=note)
+        lost = ledger.add_version(db, versions.base, tiny_llama.fingerprint, tiny_llama.spec,
+                                  "serving-test-memory", "b-gone", None, None)
+        state = build_serving_state(tiny_llama, db, version=mem)
+        expected = raw_answer(tiny_llama, "Fact: Paris is in Italy.\n" + QUESTION)
+        assert expected != versions.expected[versions.base]  # the memory changes the answer
+        with state.lease() as held:
+            assert held.rewriter.note == "Paris is in Italy."
+        with BackgroundServer(create_app(state, TOKEN)) as srv:
+            assert ServedModelClient(srv.url).chat(QUESTION, max_tokens=MAX_TOKENS).text == expected
+            with pytest.raises(ServedModelError, match="saved memory .* is missing") as exc:
+                admin(srv).load_version(lost)
+            assert exc.value.status == 409
+    finally:
+        EDITORS.pop("serving-test-memory", None)
