@@ -15,7 +15,6 @@ from typing import Any, Callable, Optional
 import typer
 
 from kedit_core.answer import PromptRewriter
-from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel
 from kedit_core.serving import (
     ADMIN_TOKEN_ENV,
@@ -319,4 +318,4 @@ def _echo(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=1, default=str))
 
 
-__all__ = ["KeditError", "audit_ledger", "audit_server", "build_serving_state", "ledger_version_loader"]
+__all__ = ["audit_ledger", "audit_server", "build_serving_state", "ledger_version_loader"]
