@@ -35,8 +35,8 @@ from flows.runtime import LiveModel, delta_dir, rebuild_version
 from kedit_core.editors.base import Editor, EditResult
 from kedit_core.evaluate import reference_predictions
 from kedit_core.gate import GateConfig, GateDecision, decide, is_full_check
-from kedit_core.model import fingerprint_model
-from kedit_core.regression import RegressionSuite, fast_check, full_check
+from kedit_core.model import fingerprint_model, kedit_home
+from kedit_core.regression import RegressionSuite, at_base, fast_check, freeze_suite, full_check
 from kedit_core.types import EditCase
 from storage import ledger, pipeline_store
 from storage.db import Database
@@ -137,6 +137,34 @@ def restore_editor_state(editor: Editor, db: Database, live: LiveModel) -> int |
                 return int(row["version_id"])
         return None
     return None
+
+
+# --------------------------------------------------------------------------- the frozen suite
+
+
+def suite_path(run_id: str) -> Path:
+    return kedit_home() / "suites" / f"{run_id}.json"
+
+
+def load_or_freeze_suite(live: LiveModel, db: Database, run_id: str, **freeze_kw: Any) -> RegressionSuite:
+    """The run's regression suite: read back if this run froze one before (a restarted run
+    keeps its thresholds' reference point), else frozen now on the BASE weights (the live
+    deltas are reverted for the measurement and replayed bit for bit after it), with earlier
+    applied edits from the ledger as the retention / locality-drift sample."""
+    path = suite_path(run_id)
+    if path.exists():
+        suite = RegressionSuite.from_json(path.read_text(encoding="utf-8"))
+        if suite.base_fingerprint == live.lm.fingerprint:
+            return suite
+        log.warning("suite %s belongs to another base model: freezing a new one", path)
+    earlier = ledger.get_cases(db, status="applied")
+    with at_base(live.lm.model, live.applied):
+        suite = freeze_suite(live.lm, earlier, **freeze_kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(suite.to_json(), encoding="utf-8")
+    tmp.replace(path)
+    return suite
 
 
 # --------------------------------------------------------------------------- recovery

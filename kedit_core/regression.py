@@ -210,7 +210,7 @@ def freeze_suite(
     reference_text: Sequence[str] | None = None,
     fluency_prompts: Sequence[str] = FLUENCY_PROMPTS,
     fluency_tokens: int = 48,
-    n_probe_cases: int = 32,
+    n_probe_cases: int = 16,
     n_retention_cases: int = 32,
     seed: int = 0,
     batch_size: int = 32,

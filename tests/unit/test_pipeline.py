@@ -145,3 +145,19 @@ def test_rebuild_from_base_and_deltas_equals_live_weights_and_editor_state_resum
     restarted = g.NudgeEditor()
     apply_gated_batches(open_live_model(db=db, lm=g.knowing_tiny_llama()), restarted, [], db, CFG, 1, "run-b", suite)
     assert torch.equal(restarted.keys, editor.keys) and len(restarted.keys) == 3
+
+
+def test_suite_is_frozen_on_base_weights_of_an_edited_live_model_and_reloaded(db):
+    from flows.pipeline import load_or_freeze_suite, suite_path
+
+    live, suite = _setup(db)
+    apply_gated_batches(live, g.NudgeEditor(g.NudgeConfig(scale=1e-2)), g.edit_cases("a", n=2), db, CFG, 1, "r0", suite)
+    edited = _state(live.lm.model)
+    kw = dict(known_facts=g.known_facts(), reference_text=g.REFERENCE_TEXT)
+    frozen = load_or_freeze_suite(live, db, "r1", **kw)
+    assert g.weights_equal(live.lm.model, edited)  # deltas replayed bit for bit after measuring the base
+    on_base = freeze_suite(g.knowing_tiny_llama(), ledger.get_cases(db, status="applied"), **kw)
+    assert frozen.base_metrics == on_base.base_metrics  # measured on the base, not the edited weights
+    assert {c.case_id for c in frozen.retention_cases} == {"a0", "a1"}
+    assert suite_path("r1").exists()
+    assert load_or_freeze_suite(live, db, "r1").to_json() == frozen.to_json()  # reloaded, not re-frozen
