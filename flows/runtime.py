@@ -14,7 +14,7 @@ from typing import Any
 from kedit_core.answer import PromptRewriter, answer, model_summary
 from kedit_core.editors.base import WeightDelta
 from kedit_core.errors import KeditError
-from kedit_core.model import LoadedModel, kedit_home, load_model
+from kedit_core.model import LoadedModel, load_model
 from storage import ledger
 from storage.db import Database, open_db
 
@@ -24,7 +24,10 @@ class VersionError(KeditError):
 
 
 def delta_dir(base_fingerprint: str) -> Path:
-    path = kedit_home() / "deltas" / base_fingerprint[:16]
+    """Deltas live beside the ledger that records them (one ledger, one delta folder)."""
+    from storage.db import default_db_path
+
+    path = default_db_path().parent / "deltas" / base_fingerprint[:16]
     path.mkdir(parents=True, exist_ok=True)
     return path
 

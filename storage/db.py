@@ -27,6 +27,10 @@ class StorageError(KeditError):
 
 
 def default_db_path() -> Path:
+    """KEDIT_DB if set (e.g. the demo's own ledger), else kedit.duckdb in the kedit home."""
+    env = os.environ.get("KEDIT_DB")
+    if env:
+        return Path(env).expanduser()
     from kedit_core.model import kedit_home
 
     return kedit_home() / "kedit.duckdb"

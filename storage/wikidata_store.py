@@ -106,8 +106,18 @@ def record_outcomes(db: Database, outcomes: Sequence[RevisionOutcome], cursor: t
 
 
 def set_change_status(db: Database, change_id: str, status: str, reason: str | None) -> None:
+    set_change_statuses(db, [(change_id, status, reason)])
+
+
+def set_change_statuses(db: Database, updates: Sequence[tuple[str, str, str | None]]) -> None:
+    """Many (change_id, status, reason) updates in one transaction."""
+    if not updates:
+        return
     with db.connect() as con:
-        con.execute("UPDATE fact_changes SET status = ?, reason = ? WHERE change_id = ?", [status, reason, change_id])
+        con.executemany(
+            "UPDATE fact_changes SET status = ?, reason = ? WHERE change_id = ?",
+            [[status, reason, cid] for cid, status, reason in updates],
+        )
 
 
 def _row_to_change(r: dict[str, Any]) -> FactChange:

@@ -1,0 +1,106 @@
+"""`kedit nightly`, `kedit backfill`, `kedit schedule` and `kedit demo`: the commands that
+start kedit's Prefect flows."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Optional
+
+import typer
+
+
+def _utc(value: Optional[datetime]) -> Optional[datetime]:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _settings_overrides(**kwargs) -> dict:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("nightly")
+    def nightly(
+        window_end: Optional[datetime] = typer.Option(None, help="End of the window (UTC). Default: now minus the settle delay."),
+        window_hours: float = typer.Option(24.0, help="Window length in hours."),
+        model: Optional[str] = typer.Option(None, help="Model spec (default: smollm2, the embedded model)."),
+        method: Optional[str] = typer.Option(None, help="Editing method (default: alphaedit)."),
+        endpoint: Optional[str] = typer.Option(None, help="Wikidata API endpoint (default: the real one)."),
+        server: Optional[str] = typer.Option(None, "--server", help="Publish new versions to this `kedit serve` URL."),
+        html: Optional[str] = typer.Option(None, help="Where to write the HTML drift report."),
+    ) -> None:
+        """Run the nightly update once: ingest, build cases, edit in gated batches, report."""
+        from flows.pipelines import nightly_update
+
+        summary = nightly_update(
+            window_end=_utc(window_end),
+            window_hours=window_hours,
+            settings=_settings_overrides(model=model, method=method, endpoint=endpoint, server_url=server),
+            report_html=html,
+        )
+        _print_summary(summary)
+
+    @app.command("backfill")
+    def backfill_cmd(
+        start: datetime = typer.Option(..., help="First day (UTC), e.g. 2026-10-01."),
+        end: datetime = typer.Option(..., help="End (exclusive, UTC), e.g. 2026-10-08."),
+        source: str = typer.Option("api", help="api (per-item revision history) or dump (incremental dump file)."),
+        dump: Optional[str] = typer.Option(None, help="Path of a pages-meta-hist-incr.xml.bz2 dump (source=dump)."),
+        items: Optional[str] = typer.Option(None, help="Comma-separated item ids to backfill (source=api)."),
+        chunk_hours: float = typer.Option(24.0, help="Chunk size in hours."),
+        model: Optional[str] = typer.Option(None),
+        method: Optional[str] = typer.Option(None),
+        endpoint: Optional[str] = typer.Option(None),
+    ) -> None:
+        """Backfill historical Wikidata edits by date range (resumable)."""
+        from flows.pipelines import backfill
+
+        summary = backfill(
+            start=_utc(start),
+            end=_utc(end),
+            chunk_hours=chunk_hours,
+            source=source,
+            dump_path=dump,
+            items=[i.strip() for i in items.split(",")] if items else None,
+            settings=_settings_overrides(model=model, method=method, endpoint=endpoint),
+        )
+        _print_summary(summary)
+
+    @app.command("schedule")
+    def schedule(
+        cron: Optional[str] = typer.Option(None, help="Nightly cron (UTC). Default 0 2 * * * or KEDIT_NIGHTLY_CRON."),
+    ) -> None:
+        """Serve kedit's deployments: nightly on a cron; backfill and report on demand.
+
+        Runs until stopped. Against a standalone Prefect server set PREFECT_API_URL first.
+        """
+        from prefect import serve
+
+        from flows.pipelines import backfill, compare_methods, drift_report, nightly_update
+        from flows.settings import PipelineSettings
+
+        cron = cron or PipelineSettings.from_env().nightly_cron
+        typer.echo(f"serving kedit deployments; nightly at '{cron}' UTC (Ctrl-C to stop)")
+        serve(
+            nightly_update.to_deployment(name="nightly", cron=cron),
+            backfill.to_deployment(name="backfill"),
+            compare_methods.to_deployment(name="compare"),
+            drift_report.to_deployment(name="report"),
+        )
+
+    @app.command("demo")
+    def demo(
+        model: str = typer.Option("smollm2", help="Model spec (default: the embedded model)."),
+        method: str = typer.Option("alphaedit", help="Editing method."),
+    ) -> None:
+        """The main job: the nightly flow end to end on a recorded Wikidata day replayed from
+        127.0.0.1, on the embedded model. A second run applies nothing new."""
+        from flows.demo import run_demo
+
+        run_demo(model=model, method=method, echo=typer.echo)
+
+
+def _print_summary(summary: dict) -> None:
+    import json
+
+    typer.echo(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,160 @@
+"""kedit's Prefect flows. Thin on purpose: each task calls one plain function from
+`flows.steps` (which wires the rooms) and returns a small dict of counts; Prefect decides
+what runs when, retries network steps with backoff, and logs through the run logger.
+
+- nightly_update: ingest the settled window, build cases, edit in gated batches, publish,
+  run the periodic full regression check, write the drift report.
+- backfill: the same per day over a historical range, resumable through a cursor.
+- compare_methods: one stream through several editors from the same base.
+- drift_report: the report alone.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows import steps
+from flows.settings import PipelineSettings
+
+NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=[10, 60, 300], retry_jitter_factor=0.5)
+
+
+def _settings(overrides: dict[str, Any] | None) -> PipelineSettings:
+    return PipelineSettings.from_env(**(overrides or {}))
+
+
+@task(name="ingest-wikidata-window", **NETWORK_RETRIES)
+def ingest_task(settings: PipelineSettings, start: datetime, end: datetime) -> dict[str, Any]:
+    counts = steps.ingest_window(settings, start, end)
+    get_run_logger().info("ingested %s .. %s: %s", start.isoformat(), end.isoformat(), counts)
+    return counts
+
+
+@task(name="build-edit-cases", **NETWORK_RETRIES)
+def cases_task(settings: PipelineSettings) -> dict[str, Any]:
+    counts = steps.build_pending_cases(settings)
+    get_run_logger().info("edit cases: %s", counts)
+    return counts
+
+
+@task(name="edit-gated-batches")
+def edit_task(settings: PipelineSettings, run_id: str) -> dict[str, Any]:
+    counts = steps.edit_pending(settings, run_id, log=get_run_logger().info)
+    get_run_logger().info("edit batches: %s", counts)
+    return counts
+
+
+@task(name="publish-version", **NETWORK_RETRIES)
+def publish_task(settings: PipelineSettings) -> dict[str, Any]:
+    result = steps.publish_live_version(settings)
+    get_run_logger().info("publish: %s", result)
+    return result
+
+
+@task(name="full-regression-check")
+def full_check_task(settings: PipelineSettings, run_id: str) -> dict[str, Any]:
+    result = steps.full_regression_check(settings, run_id)
+    get_run_logger().info("full regression check: %s", result)
+    return result
+
+
+@task(name="write-drift-report")
+def report_task(since: datetime | None, html: str | None) -> dict[str, Any]:
+    result = steps.write_report(since=since, html=html)
+    get_run_logger().info("drift report written to %s", result.get("html"))
+    return result
+
+
+def _window(window_end: datetime | None, window_hours: float, settle_hours: float) -> tuple[datetime, datetime]:
+    """The nightly window ends `settle_hours` before now, so reverts inside the settle
+    window have been seen and filtered before a change reaches the model."""
+    end = window_end or (datetime.now(timezone.utc) - timedelta(hours=settle_hours))
+    if end.tzinfo is None:
+        end = end.replace(tzinfo=timezone.utc)
+    return end - timedelta(hours=window_hours), end
+
+
+@flow(name="kedit-nightly-update", log_prints=False)
+def nightly_update(
+    window_end: datetime | None = None,
+    window_hours: float = 24.0,
+    settings: dict[str, Any] | None = None,
+    report_html: str | None = None,
+) -> dict[str, Any]:
+    """Ingest one settled window of Wikidata edits and apply it to the live model."""
+    cfg = _settings(settings)
+    start, end = _window(window_end, window_hours, cfg.settle_hours)
+    run_id = steps.begin_run("nightly", cfg, {"start": start.isoformat(), "end": end.isoformat()})
+    summary: dict[str, Any] = {"run_id": run_id, "window": [start.isoformat(), end.isoformat()]}
+    try:
+        summary["ingest"] = ingest_task(cfg, start, end)
+        summary["cases"] = cases_task(cfg)
+        summary["edits"] = edit_task(cfg, run_id)
+        if cfg.server_url and summary["edits"].get("applied_batches"):
+            summary["publish"] = publish_task(cfg)
+        if steps.full_check_due(cfg):
+            summary["full_check"] = full_check_task(cfg, run_id)
+        summary["report"] = report_task(None, report_html)
+    except BaseException:
+        steps.end_run(run_id, "failed")
+        raise
+    steps.end_run(run_id, "completed")
+    return summary
+
+
+@flow(name="kedit-backfill")
+def backfill(
+    start: datetime,
+    end: datetime,
+    chunk_hours: float = 24.0,
+    source: str = "api",
+    dump_path: str | None = None,
+    items: list[str] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Historical edits by day over [start, end): resumable through a stored cursor, so a
+    re-run after a crash continues where it stopped and applies nothing twice."""
+    cfg = _settings(settings)
+    run_id = steps.begin_run("backfill", cfg, {"start": str(start), "end": str(end), "source": source})
+    logger = get_run_logger()
+    chunks = steps.pending_chunks("backfill", start, end, timedelta(hours=chunk_hours))
+    logger.info("backfill %s .. %s: %d chunks to do", start, end, len(chunks))
+    done: list[dict[str, Any]] = []
+    for i, (a, b) in enumerate(chunks, 1):
+        counts = backfill_chunk_task(cfg, a, b, source, dump_path, items)
+        cases = cases_task(cfg)
+        edits = edit_task(cfg, run_id)
+        steps.mark_chunk_done("backfill", start, end, b)
+        done.append({"chunk": a.isoformat(), **counts, "cases": cases.get("new_cases", 0), "applied": edits.get("applied_cases", 0)})
+        logger.info("backfill chunk %d/%d (%s) done", i, len(chunks), a.date())
+    steps.end_run(run_id, "completed")
+    return {"run_id": run_id, "chunks": done}
+
+
+@task(name="backfill-chunk", **NETWORK_RETRIES)
+def backfill_chunk_task(
+    settings: PipelineSettings, start: datetime, end: datetime, source: str, dump_path: str | None, items: list[str] | None
+) -> dict[str, Any]:
+    return steps.backfill_chunk(settings, start, end, source=source, dump_path=dump_path, items=items)
+
+
+@flow(name="kedit-compare-methods")
+def compare_methods(stream: str, methods: list[str], limit: int = 100, batch_size: int = 10, model: str = "smollm2") -> dict[str, Any]:
+    """One stream of edits (e.g. "zsre:data/benchmarks/zsre_mend_train_1k.json") through
+    several editors, each from the same base; metrics per batch go to DuckDB."""
+    results = {}
+    for method in methods:
+        results[method] = compare_one_task(stream, method, limit, batch_size, model)
+    return results
+
+
+@task(name="compare-one-method")
+def compare_one_task(stream: str, method: str, limit: int, batch_size: int, model: str) -> dict[str, Any]:
+    return steps.compare_one(stream, method, limit=limit, batch_size=batch_size, model=model)
+
+
+@flow(name="kedit-drift-report")
+def drift_report(since: datetime | None = None, html: str | None = None) -> dict[str, Any]:
+    return report_task(since, html)

@@ -1,0 +1,298 @@
+"""Plain functions the Prefect flows call, one per step of the pipeline. Each wires the
+rooms (connectors -> kedit_core -> storage) and returns a small dict of counts, so a flow
+only decides what runs when. Nothing here imports Prefect: the same steps run from tests,
+from the CLI and from flows.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from flows.runtime import LiveModel, open_live_model
+from flows.settings import PipelineSettings
+from storage import ledger
+from storage.db import Database, open_db
+
+log = logging.getLogger("kedit.flows")
+
+# One live model per process and ledger: loading and rebuilding it once per flow run is
+# enough, and tasks of one flow run share it. The pipeline keeps it in sync with the ledger.
+_LIVE: dict[tuple[str, str], LiveModel] = {}
+
+
+def db() -> Database:
+    return open_db()
+
+
+def live_model(settings: PipelineSettings) -> LiveModel:
+    database = db()
+    key = (settings.model, str(database.path))
+    live = _LIVE.get(key)
+    if live is None:
+        live = open_live_model(settings.model, db=database)
+        _LIVE[key] = live
+    return live
+
+
+def forget_live_models() -> None:
+    """Drop the process's cached models (tests that switch ledgers call this)."""
+    _LIVE.clear()
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def begin_run(kind: str, settings: PipelineSettings, extra: dict[str, Any]) -> str:
+    run_id = f"{kind}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    ledger.start_run(db(), run_id, kind, {**settings.to_dict(), **extra}, None)
+    return run_id
+
+
+def end_run(run_id: str, status: str) -> None:
+    ledger.finish_run(db(), run_id, status)
+
+
+# --------------------------------------------------------------------------- Wikidata
+
+
+def wikidata_client(settings: PipelineSettings):
+    from connectors.wikidata import WikidataClient
+
+    return WikidataClient(
+        endpoint=settings.endpoint, contact=settings.user_agent_contact, rate_limit_per_s=settings.rate_limit_per_s
+    )
+
+
+def filter_config(settings: PipelineSettings):
+    from kedit_core.filters import FilterConfig
+
+    return FilterConfig(
+        settle_window_h=settings.settle_hours, allow_bots=settings.allow_bots, allow_anon=settings.allow_anonymous
+    )
+
+
+def _counts(report: Any) -> dict[str, Any]:
+    d = report.to_dict()
+    d["seconds"] = round(float(d.get("seconds", 0.0)), 2)
+    return d
+
+
+def ingest_window(settings: PipelineSettings, start: datetime, end: datetime) -> dict[str, Any]:
+    from connectors.ingest import ingest_window as ingest
+
+    client = wikidata_client(settings)
+    try:
+        return _counts(ingest(client, db(), start, end, filter_config(settings), progress=True))
+    finally:
+        client.close()
+
+
+def backfill_chunk(
+    settings: PipelineSettings,
+    start: datetime,
+    end: datetime,
+    source: str = "api",
+    dump_path: str | None = None,
+    items: list[str] | None = None,
+) -> dict[str, Any]:
+    """One chunk of a backfill. `api`: per-item revision history for `items` (recent
+    changes only reach back 30 days, so older ranges need the items named); without items,
+    the recent-changes window. `dump`: a local incremental dump file."""
+    from connectors import ingest
+
+    if source == "dump":
+        if not dump_path:
+            raise ValueError("backfill with source=dump needs dump_path (a pages-meta-hist-incr.xml.bz2 file)")
+        return _counts(ingest.ingest_dump(dump_path, db(), filter_config(settings), start=start, end=end))
+    if source != "api":
+        raise ValueError(f"unknown backfill source {source!r}; use 'api' or 'dump'")
+    client = wikidata_client(settings)
+    try:
+        if items:
+            report = ingest.backfill_items(client, db(), items, start, end, filter_config(settings), progress=False)
+        else:
+            report = ingest.ingest_window(
+                client, db(), start, end, filter_config(settings), cursor_name=f"wikidata:backfill-window"
+            )
+        return _counts(report)
+    finally:
+        client.close()
+
+
+def chunk_cursor_name(kind: str, start: datetime, end: datetime) -> str:
+    return f"{kind}:{start.isoformat()}:{end.isoformat()}"
+
+
+def pending_chunks(kind: str, start: datetime, end: datetime, step: timedelta) -> list[tuple[datetime, datetime]]:
+    """Chunks of [start, end) not yet finished according to the range's cursor."""
+    if end <= start:
+        raise ValueError(f"backfill range is empty: start {start} is not before end {end}")
+    done = ledger.get_cursor(db(), chunk_cursor_name(kind, start, end))
+    t = datetime.fromisoformat(done) if done else start
+    out = []
+    while t < end:
+        out.append((t, min(t + step, end)))
+        t = t + step
+    return out
+
+
+def mark_chunk_done(kind: str, start: datetime, end: datetime, chunk_end: datetime) -> None:
+    ledger.set_cursor(db(), chunk_cursor_name(kind, start, end), chunk_end.isoformat())
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def build_pending_cases(settings: PipelineSettings) -> dict[str, Any]:
+    """Turn accepted fact changes into edit cases (labels from the cache or the API).
+
+    A change leaves 'accepted' only when it became a case ('cased') or was dropped with a
+    reason ('filtered'); a failure half-way (API down) leaves it for the next run.
+    """
+    from connectors.labels import CachedLabelLookup
+    from kedit_core.qa import SubjectFacts, build_cases
+    from storage import wikidata_store
+
+    database = db()
+    changes = wikidata_store.get_fact_changes(database, status="accepted")
+    if not changes:
+        return {"changes": 0, "new_cases": 0, "dropped": 0}
+    client = wikidata_client(settings)
+    try:
+        # The subjects' own entities at their revision feed same-subject locality probes,
+        # other-subject probes with the same relation, and multi-hop questions.
+        entities = client.entities_at_revisions({c.revid for c in changes if c.revid})
+        facts = SubjectFacts.from_entities(entities.values())
+        labels = CachedLabelLookup(client, database)
+        report = build_cases(changes, labels, facts)
+        labels.flush()
+    finally:
+        client.close()
+    new = ledger.upsert_cases(database, report.cases)
+    wikidata_store.set_change_statuses(
+        database,
+        [(c.change_id, "cased", None) for c in report.cases if c.change_id]
+        + [(d.change_id, "filtered", f"{d.reason}: {d.detail}" if d.detail else d.reason) for d in report.dropped],
+    )
+    return {
+        "changes": len(changes),
+        "new_cases": new,
+        "dropped": len(report.dropped),
+        "dropped_reasons": dict(report.reasons().most_common(8)),
+        "specific_template": report.specific_template,
+        "fallback_template": report.fallback_template,
+    }
+
+
+# --------------------------------------------------------------------------- editing
+
+
+_SUITES: dict[str, Any] = {}
+
+
+def regression_suite(live: LiveModel, database: Database):
+    """The regression suite, frozen on the base model when the pipeline first starts and
+    kept beside the ledger, so every run is judged against the same yardstick."""
+    from kedit_core.regression import RegressionSuite, at_base, freeze_suite
+
+    path = database.path.parent / "suites" / f"{live.lm.fingerprint[:16]}.json"
+    if str(path) in _SUITES:
+        return _SUITES[str(path)]
+    if path.exists():
+        suite = RegressionSuite.from_json(path.read_text())
+    else:
+        earlier = ledger.get_cases(database, status="applied")
+        with at_base(live.lm.model, live.applied):
+            suite = freeze_suite(live.lm, earlier_cases=earlier)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(suite.to_json())
+        tmp.replace(path)
+    _SUITES[str(path)] = suite
+    return suite
+
+
+def edit_pending(settings: PipelineSettings, run_id: str, log: Callable[[str], Any] = log.info) -> dict[str, Any]:
+    """Apply every pending case to the live model in gated batches."""
+    from flows.pipeline import apply_gated_batches
+    from kedit_core.editors import get_editor
+    from kedit_core.gate import GateConfig
+
+    database = db()
+    pending = ledger.get_cases(database, status="pending")
+    if not pending:
+        return {"pending": 0, "applied_cases": 0, "rejected_cases": 0, "applied_batches": 0}
+    live = live_model(settings)
+    editor = get_editor(settings.method, settings.editor_overrides or None)
+    suite = regression_suite(live, database)
+    gate = GateConfig.from_dict({"full_check_every": settings.full_check_every, **settings.gate_overrides})
+    log(f"editing {len(pending)} pending cases with {settings.method} in batches of {settings.batch_size}")
+    report = apply_gated_batches(live, editor, pending, database, gate, settings.batch_size, run_id, suite)
+    return {
+        "pending": len(pending),
+        "applied_cases": report.n_applied,
+        "rejected_cases": report.n_rejected,
+        "applied_batches": sum(1 for b in report.batches if b.status == "applied"),
+        "rolled_back_batches": sum(1 for b in report.batches if b.status != "applied"),
+        "live_version": report.final_version,
+        "seconds": round(report.seconds, 1),
+    }
+
+
+def publish_live_version(settings: PipelineSettings) -> dict[str, Any]:
+    """Tell the configured `kedit serve` that a new version is live (it verifies and loads it)."""
+    from connectors.served import ServedModelClient
+
+    live = live_model(settings)
+    client = ServedModelClient(settings.server_url, admin_token=settings.admin_token)
+    return {"published": live.version_id, "server": settings.server_url, "answer": client.publish(live.version_id)}
+
+
+def full_check_due(settings: PipelineSettings) -> bool:
+    """The full regression check runs every `full_check_every` nightly runs (and the first)."""
+    n = len(ledger.list_runs(db(), kind="nightly"))
+    return n <= 1 or n % max(settings.full_check_every, 1) == 0
+
+
+def full_regression_check(settings: PipelineSettings, run_id: str) -> dict[str, Any]:
+    from kedit_core.regression import full_check
+
+    database = db()
+    live = live_model(settings)
+    suite = regression_suite(live, database)
+    recent = ledger.get_cases(database, status="applied")[-32:]
+    metrics = full_check(live.lm, suite, recent)
+    ledger.record_metrics(
+        database,
+        {f"full_{k}": v for k, v in metrics.items()},
+        run_id=run_id,
+        method=settings.method,
+        version_id=live.version_id,
+        model_fingerprint=live.lm.fingerprint,
+    )
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------- reports and comparisons
+
+
+def write_report(since: datetime | None = None, html: str | None = None) -> dict[str, Any]:
+    from flows.commands.report_cmd import collect_report
+    from kedit_core.report import render_html, terminal_summary
+
+    database = db()
+    data = collect_report(database, since=since.replace(tzinfo=None) if since else None)
+    path = Path(html) if html else database.path.parent / "reports" / f"drift-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(data), encoding="utf-8")
+    return {"html": str(path), "summary": terminal_summary(data)}
+
+
+def compare_one(stream: str, method: str, limit: int, batch_size: int, model: str) -> dict[str, Any]:
+    from flows.compare import compare_method
+
+    return compare_method(stream, method, limit=limit, batch_size=batch_size, model=model, db=db())

@@ -1,0 +1,163 @@
+"""The Prefect flows, run through Prefect (one test server per session), on tiny models and
+the recorded Wikidata day replayed from 127.0.0.1 through the real `requests` client."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+import tests.flows.flowkit  # noqa: F401  (registers the test editors)
+from connectors.replay import ReplayServer
+from flows import steps
+from flows.runtime import open_live_model
+from kedit_core.model import fingerprint_model
+from storage import ledger
+from storage.db import open_db
+
+REPO = Path(__file__).resolve().parents[2]
+DAY = REPO / "data" / "wikidata_day"
+DAY_END = datetime(2024, 5, 2, tzinfo=timezone.utc)
+# Accept every batch that does not hurt: the tiny test editors do not make facts "take".
+LENIENT = {"take_floor": 0.0}
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def ledger_path(kedit_home, monkeypatch):
+    path = kedit_home / "flows.duckdb"
+    monkeypatch.setenv("KEDIT_DB", str(path))
+    steps.forget_live_models()
+    steps._SUITES.clear()
+    yield path
+    steps.forget_live_models()
+
+
+@pytest.fixture
+def replay():
+    with ReplayServer(DAY) as url:
+        yield url
+
+
+def _settings(url: str, method: str = "nudge", **extra) -> dict:
+    return {"model": "tiny-llama", "method": method, "endpoint": url, "rate_limit_per_s": 0,
+            "batch_size": 3, "gate_overrides": LENIENT, **extra}
+
+
+def _live_weights_match_ledger(db) -> None:
+    """Rebuilding the live version from the base plus stored deltas gives the recorded weights."""
+    base_fp = ledger.list_versions(db)[0]["base_fingerprint"]
+    live_row = ledger.live_version(db, base_fp)
+    rebuilt = open_live_model("tiny-llama", db=db)
+    assert rebuilt.version_id == live_row["version_id"]
+    if live_row.get("weights_fingerprint"):
+        assert fingerprint_model(rebuilt.lm.model) == live_row["weights_fingerprint"]
+
+
+def test_nightly_applies_the_day_and_a_rerun_applies_nothing(prefect_api, ledger_path, replay):
+    from flows.pipelines import nightly_update
+
+    first = nightly_update(window_end=DAY_END, window_hours=24, settings=_settings(replay))
+    assert first["ingest"]["revisions_new"] == first["ingest"]["revisions_seen"] > 0
+    assert first["ingest"]["changes_quarantined"] >= 1  # the profanity edit never reaches the model
+    n_cases = first["cases"]["new_cases"]
+    assert n_cases >= 5
+    assert first["edits"]["applied_cases"] == n_cases
+    db = open_db(ledger_path)
+    versions = ledger.list_versions(db)
+    assert len(versions) == 1 + first["edits"]["applied_batches"]
+    assert Path(first["report"]["html"]).exists()
+
+    second = nightly_update(window_end=DAY_END, window_hours=24, settings=_settings(replay))
+    assert second["ingest"]["revisions_new"] == 0
+    assert second["cases"]["new_cases"] == 0
+    assert second["edits"]["applied_cases"] == 0
+    assert len(ledger.list_versions(db)) == len(versions)
+    assert ledger.count_cases_by_status(db) == {"applied": n_cases}
+    _live_weights_match_ledger(db)
+
+
+def test_gate_rolls_back_a_harmful_batch_inside_the_flow(prefect_api, ledger_path, replay):
+    from flows.pipelines import nightly_update
+
+    out = nightly_update(window_end=DAY_END, window_hours=24, settings=_settings(replay, method="harmful", batch_size=50))
+    assert out["edits"]["applied_cases"] == 0
+    assert out["edits"]["rolled_back_batches"] >= 1
+    db = open_db(ledger_path)
+    rows = ledger.case_rows(db)
+    assert rows and all(r["status"] == "rejected" and r["reason"] for r in rows)
+    assert [v["status"] for v in ledger.list_versions(db)] == ["base"]
+    base = open_live_model("tiny-llama", db=db)
+    assert fingerprint_model(base.lm.model) == base.lm.fingerprint  # nothing of the harm remains
+    batches = ledger.list_batches(db)
+    assert all(b["status"] in ("rolled_back", "rejected") for b in batches)
+
+
+def test_backfill_over_several_days_is_resumable(prefect_api, ledger_path, replay):
+    from flows.pipelines import backfill
+
+    items = ["Q42", "Q1040", "Q131261", "Q328212", "Q571", "Q2112", "Q646148"]
+    start, end = datetime(2024, 4, 29, tzinfo=timezone.utc), datetime(2024, 5, 3, tzinfo=timezone.utc)
+    out = backfill(start=start, end=end, items=items, settings=_settings(replay))
+    assert [c["chunk"][:10] for c in out["chunks"]] == ["2024-04-29", "2024-04-30", "2024-05-01", "2024-05-02"]
+    applied = sum(c["applied"] for c in out["chunks"])
+    assert applied >= 3
+    only_day = [c for c in out["chunks"] if c["applied"]]
+    assert [c["chunk"][:10] for c in only_day] == ["2024-05-01"]
+    again = backfill(start=start, end=end, items=items, settings=_settings(replay))
+    assert again["chunks"] == []  # every chunk finished: nothing re-read, nothing re-applied
+    db = open_db(ledger_path)
+    assert ledger.count_cases_by_status(db).get("applied") == applied
+
+
+def test_killed_run_resumes_without_applying_twice(prefect_api, ledger_path, replay, tmp_path):
+    """Kill a real flow run (a subprocess) in the middle of a batch, then run again."""
+    pause = tmp_path / "paused"
+    env = dict(os.environ, KEDIT_DB=str(ledger_path), KEDIT_TEST_PAUSE_FILE=str(pause), PREFECT_API_URL=prefect_api)
+    code = (
+        "import tests.flows.flowkit, json, sys; from datetime import datetime, timezone;"
+        "from flows.pipelines import nightly_update;"
+        f"nightly_update(window_end=datetime(2024, 5, 2, tzinfo=timezone.utc), window_hours=24, settings={_settings(replay)!r})"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not pause.exists():
+            assert proc.poll() is None, "the flow run ended before reaching a batch"
+            assert time.monotonic() < deadline, "the flow run never reached a batch"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    db = open_db(ledger_path)
+    assert [b["status"] for b in ledger.list_batches(db)] == ["applying"]  # killed mid-batch
+    cases_before = ledger.count_cases_by_status(db)
+    assert cases_before.get("applied", 0) == 0
+
+    from flows.pipelines import nightly_update
+
+    out = nightly_update(window_end=DAY_END, window_hours=24, settings=_settings(replay))
+    counts = ledger.count_cases_by_status(db)
+    n = sum(cases_before.values())
+    assert counts == {"applied": n}  # every case applied once, none lost
+    assert out["edits"]["applied_cases"] == n
+    statuses = [b["status"] for b in ledger.list_batches(db)]
+    assert statuses.count("applying") == 0
+    _live_weights_match_ledger(db)
