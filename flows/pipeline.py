@@ -294,7 +294,7 @@ def _gated_batch(
     ids = [c.case_id for c in batch]
     batch_no = pipeline_store.count_batches(db, run_id) + 1
     base_id = f"{run_id or 'run'}-b{batch_no:05d}"
-    full = is_full_check(sum(1 for b in report.batches) + 1, cfg)
+    full = is_full_check(batch_no, cfg)  # the run's batch count, so the schedule survives restarts
     rewriter = editor if editor.is_memory_editor else live.rewriter
     # What the model says on the batch's locality probes before the edit (locality reference).
     before = reference_predictions(lm, batch)
