@@ -237,7 +237,7 @@ h1{font-size:22px;margin-bottom:2px} h2{font-size:17px;margin-top:28px;border-bo
 table{border-collapse:collapse;font-size:13px;margin:8px 0;width:100%}
 td:first-child{white-space:nowrap}
 th,td{border-bottom:1px solid #eee;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f3f3} td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 .good{color:#137333} .bad{color:#c5221f;font-weight:600} .flat{color:#888}
 .status-applied{color:#137333} .status-rolled_back,.status-rejected,.status-failed{color:#c5221f;font-weight:600}
 img{max-width:100%;border:1px solid #eee;margin:6px 0}
@@ -252,7 +252,8 @@ def _e(v: Any) -> str:
 def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
     if not rows:
         return '<p class="empty">none</p>'
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    head = "".join(f'<th class="num">{html.escape(h)}</th>' if i in numeric else f"<th>{html.escape(h)}</th>"
+                   for i, h in enumerate(headers))
     body = "".join(
         "<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>"
         for r in rows
