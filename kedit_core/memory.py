@@ -239,11 +239,14 @@ class EditMemory:
     # ------------------------------------------------------------------ persistence hooks
 
     def state(self) -> dict[str, Any]:
-        """Plain data for carrying the memory between processes without a store."""
+        """Plain data for carrying the memory between processes without a store: JSON-able
+        entries and one torch tensor (the pipeline saves editor state as safetensors)."""
+        import torch
+
         return {
             "name": self.name,
-            "entries": [vars(e).copy() for e in self.entries],
-            "vectors": self.vectors.copy(),
+            "entries": [{**vars(e), "meta": dict(e.meta)} for e in self.entries],
+            "vectors": torch.from_numpy(self.vectors.copy()),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -252,7 +255,9 @@ class EditMemory:
         self._active = np.zeros((0,), dtype=bool)
         entries = [MemoryEntry(**e) for e in state.get("entries", [])]
         if entries:
-            self.add(entries, np.asarray(state["vectors"], dtype=np.float32), persist=False)
+            vectors = state["vectors"]
+            vectors = vectors.numpy() if hasattr(vectors, "numpy") else vectors
+            self.add(entries, np.asarray(vectors, dtype=np.float32), persist=False)
 
     def load_from_store(self) -> int:
         """Replace the in-memory contents with the store's; returns the number of entries."""

@@ -230,6 +230,8 @@ class LTEEditor(RAGEditor):
         self.extra_eval_cases = list(eval_cases)  # evaluation cases beyond the reserved records
         self.alignment_info: dict[str, Any] | None = None
         self._alignment_signature: dict[str, set[str]] | None = None
+        # set by load_state_dict: the served weights already carry this alignment (the ledger replays it)
+        self._restored_alignment: str | None = None
 
     def format_prompt(self, facts: list[str], question: str) -> str:
         return self.config.template.format(facts="\n".join(facts), question=question)
@@ -316,7 +318,7 @@ class LTEEditor(RAGEditor):
     def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
         t0 = time.perf_counter()
         delta, align_info = WeightDelta(), None
-        aligned_key = lm.info.get("lte_aligned")
+        aligned_key = lm.info.get("lte_aligned") or self._restored_alignment
         if aligned_key is None:
             delta, align_info = self.align(lm)
             self.check_not_in_alignment(cases)
@@ -337,6 +339,16 @@ class LTEEditor(RAGEditor):
                 result.diagnostics[0].loss_curve = align_info.get("loss_curve", [])
         return result
 
+    def state_dict(self) -> dict[str, Any]:
+        key = (self.alignment_info or {}).get("key") or self._restored_alignment
+        return {**super().state_dict(), "aligned_key": key}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._restored_alignment = state.get("aligned_key")
+        if self._restored_alignment is None:
+            self.alignment_info = None
+
     def align_signature_only(self) -> None:
         _, used = self.alignment_examples()
         self._alignment_signature = eval_signature(used)
@@ -344,9 +356,10 @@ class LTEEditor(RAGEditor):
     def rollback(self, lm: LoadedModel, result: EditResult) -> None:
         was_applied = result.applied
         super().rollback(lm, result)
-        if was_applied and not result.delta.is_empty:
+        if was_applied and not result.delta.is_empty:  # this batch carried the alignment: undo it too
             result.delta.revert(lm.model)
             lm.info.pop("lte_aligned", None)
+            self.alignment_info, self._restored_alignment = None, None
 
 
 def alignment_diagnostics(result: EditResult) -> list[CaseDiagnostics]:

@@ -89,6 +89,13 @@ def test_lte_aligns_once_caches_and_then_edits_only_memory(tiny_llama):
     again = get_editor("lte", TINY)
     r3 = again.edit(lm, cases[:1])
     assert r3.info["alignment"]["cached"] and fingerprint_model(lm.model) == aligned
+    # restored from its state (as after a restart, weights rebuilt from the ledger), it does not re-align
+    restored = get_editor("lte", TINY)
+    restored.load_state_dict(again.state_dict())
+    lm.info.pop("lte_aligned")
+    r4 = restored.edit(lm, cases[1:2])
+    assert r4.delta.is_empty and fingerprint_model(lm.model) == aligned
+    assert restored.rewrite_prompt(cases[0].prompt) != cases[0].prompt  # memory came back too
 
 
 def test_editing_a_case_used_for_alignment_is_refused(tiny_llama):

@@ -116,10 +116,14 @@ def test_rag_changes_the_answer_and_leaves_weights_untouched(tiny_llama, cases):
     assert answer(lm, qs[0], rewriter=rag, max_new_tokens=4) == answer(lm, qs[0], max_new_tokens=4)
 
 
-def test_state_dict_carries_the_memory(cases):
+def test_state_dict_carries_the_memory(cases, tmp_path):
+    from flows.pipeline import load_editor_state, save_editor_state  # how the pipeline persists editor state
+
     a = get_editor("rag")
     a.edit(None, cases[:3])
-    b = get_editor("rag")
-    b.load_state_dict(a.state_dict())
+    save_editor_state(a.state_dict(), tmp_path / "state.safetensors", "rag")
+    method, state = load_editor_state(tmp_path / "state.safetensors")
+    b = get_editor(method)
+    b.load_state_dict(state)
     q = cases[1].probes_of("paraphrase")[0].prompt
     assert b.rewrite_prompt(q) == a.rewrite_prompt(q) != q
