@@ -57,8 +57,8 @@ def metric_series(db: Database, since: datetime | None = None) -> list[dict[str,
 
 
 def metric_now_base_week(db: Database, week_ago: datetime) -> list[dict[str, Any]]:
-    """Per method and metric: the latest accepted value (now), the base value (step 0 of
-    a run, no batch), and the latest accepted value recorded on or before `week_ago`."""
+    """Per method and metric: the latest accepted value (now), the base value (measured on
+    a base version outside any batch: the suite's frozen base metrics), and the latest accepted value recorded on or before `week_ago`."""
     with db.connect(read_only=True) as con:
         return _rows(
             con,
@@ -69,8 +69,9 @@ def metric_now_base_week(db: Database, week_ago: datetime) -> list[dict[str, Any
             ),
             now AS (SELECT method, metric, arg_max(value, created) AS now, max(created) AS now_at, count(*) AS n
                     FROM acc GROUP BY method, metric),
-            base AS (SELECT method, metric, arg_max(value, created) AS base FROM metrics
-                     WHERE batch_id IS NULL AND step = 0 GROUP BY method, metric),
+            base AS (SELECT m.method, m.metric, arg_max(m.value, m.created) AS base
+                     FROM metrics m JOIN model_versions v ON m.version_id = v.version_id
+                     WHERE m.batch_id IS NULL AND v.status = 'base' GROUP BY m.method, m.metric),
             week AS (SELECT method, metric, arg_max(value, created) AS last_week FROM acc
                      WHERE created <= ? GROUP BY method, metric)
             SELECT coalesce(now.method, base.method) AS method, coalesce(now.metric, base.metric) AS metric,
