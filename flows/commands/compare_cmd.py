@@ -82,20 +82,23 @@ def scored_through(editor: Any) -> Iterator[None]:
 
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    heads = ["method"] + [title for _, title in TABLE_COLUMNS]
+    # a column no method reported (e.g. exact match under --no-greedy) is left out
+    columns = [(key, title) for key, title in TABLE_COLUMNS
+               if key == "seconds_per_edit" or any(key in r.get("metrics", {}) for r in rows)]
+    heads = ["method"] + [title for _, title in columns]
     lines = []
     for row in rows:
         if row.get("error"):
-            lines.append([row["label"]] + ["failed: " + row["error"][:60]] + [""] * (len(TABLE_COLUMNS) - 1))
+            lines.append([row["label"]] + ["failed: " + row["error"][:60]] + [""] * (len(columns) - 1))
             continue
         m = row["metrics"]
         cells = [row["label"]]
-        for key, _ in TABLE_COLUMNS:
+        for key, _ in columns:
             v = row.get(key) if key == "seconds_per_edit" else m.get(key)
             cells.append("-" if v is None else (f"{v:.2f}" if key == "seconds_per_edit" else f"{v:.3f}"))
         lines.append(cells)
     if markdown:
-        out = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * len(TABLE_COLUMNS)) + "|"]
+        out = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
         out += ["| " + " | ".join(c) + " |" for c in lines]
         return "\n".join(out)
     widths = [max(len(str(r[i])) for r in [heads] + lines) for i in range(len(heads))]
