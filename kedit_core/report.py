@@ -99,11 +99,11 @@ def terminal_summary(data: ReportData) -> str:
         rows = {r["metric"]: r for r in rows}
         lines.append("")
         lines.append(f"method {method}:")
-        lines.append(f"  {'metric':<18}{'now':>10}{'base':>10}{'Δ base':>10}{'last week':>11}{'Δ week':>10}")
+        lines.append(f"  {'metric':<22}{'now':>10}{'base':>10}{'Δ base':>10}{'last week':>11}{'Δ week':>10}")
         for m in _metric_order(set(rows)):
             r = rows[m]
             lines.append(
-                f"  {m:<18}{_fmt(r['now']):>10}{_fmt(r['base']):>10}{_change(m, r['now'], r['base'])[0]:>10}"
+                f"  {m:<22}{_fmt(r['now']):>10}{_fmt(r['base']):>10}{_change(m, r['now'], r['base'])[0]:>10}"
                 f"{_fmt(r['last_week']):>11}{_change(m, r['now'], r['last_week'])[0]:>10}"
             )
     rolled = [x for x in data.batches if x["status"] in ("rolled_back", "rejected", "failed")]
@@ -153,9 +153,14 @@ def _series_label(method: str | None, run: str | None, several_runs: bool) -> st
 
 def plot_over_versions(data: ReportData) -> str | None:
     """One panel per metric: accepted values by model version, a line per method (and run
-    when one method ran several times), the base value dashed."""
-    acc = [r for r in data.series if r["batch_status"] == "applied" and r["metric"] not in BOOKKEEPING]
-    metrics = _metric_order({r["metric"] for r in acc})
+    when one method ran several times), the base value dashed, and each rolled-back
+    attempt as a red cross half-way after the version it was tried on."""
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [r for r in data.series if r["metric"] not in BOOKKEEPING and r["value"] is not None]
+    acc = [r for r in rows if r["batch_status"] == "applied"]
+    bad = [r for r in rows if r["batch_status"] in ("rolled_back", "rejected", "failed")]
+    metrics = _metric_order({r["metric"] for r in acc + bad})
     if not metrics:
         return None
     runs_per_method: dict[str, set[str]] = defaultdict(set)
@@ -172,17 +177,25 @@ def plot_over_versions(data: ReportData) -> str | None:
         for i, (label, pts) in enumerate(sorted(lines.items())):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label, color=f"C{i}")
-        for i, method in enumerate(sorted({r["method"] for r in acc if r["metric"] == m})):
+        crosses = [(r["version_id"] + 0.5, r["value"]) for r in bad if r["metric"] == m and r["version_id"] is not None]
+        if crosses:
+            ax.scatter([c[0] for c in crosses], [c[1] for c in crosses], marker="x", color="red", s=30, zorder=5,
+                       label="rolled back")
+            if m in LOWER_IS_BETTER:
+                ax.set_yscale("log")  # a harmful batch's perplexity is orders of magnitude off
+        for method in sorted({r["method"] for r in acc + bad if r["metric"] == m}):
             b = base.get((method, m))
             if b is not None:
                 ax.axhline(b, ls="--", lw=1, color="grey")
         ax.set_title(m + ("  (lower is better)" if m in LOWER_IS_BETTER else ""), fontsize=10)
         ax.set_xlabel("model version", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-        if len(lines) > 1:
+        if len(lines) > 1 or crosses:
             ax.legend(fontsize=7)
-    fig.suptitle("Metrics over model versions (accepted batches; dashed: base model)", fontsize=11)
+    fig.suptitle("Metrics over model versions (dashed: base model; red x: rolled-back attempt after that version)",
+                 fontsize=11)
     return _png(fig)
 
 
