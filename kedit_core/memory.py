@@ -101,6 +101,9 @@ class EditMemory:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def __contains__(self, entry_id: str) -> bool:
+        return entry_id in self._index
+
     @property
     def n_active(self) -> int:
         return int(self._active[: len(self.entries)].sum())

@@ -27,7 +27,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -147,8 +147,8 @@ def case_pairs(cases: list[EditCase]) -> tuple[list[str], list[str]]:
     return [c.prompt for c in cases], [c.target_new for c in cases]
 
 
-def _frozen(model: torch.nn.Module):
-    """Context: every parameter frozen; returns the previous requires_grad flags to restore."""
+def _grad_flags(model: torch.nn.Module) -> dict[str, bool]:
+    """Every parameter's requires_grad, to restore after training froze all but a few."""
     return {n: p.requires_grad for n, p in model.named_parameters()}
 
 
@@ -195,7 +195,7 @@ class FTEditor(Editor):
         pname = names[layer]
         param = dict(lm.model.named_parameters())[pname]
         original = param.detach().clone()
-        flags = _frozen(lm.model)
+        flags = _grad_flags(lm.model)
         try:
             for p in lm.model.parameters():
                 p.requires_grad_(False)
@@ -284,7 +284,7 @@ def train_lora_delta(
     from peft.tuners.lora import LoraLayer
 
     torch.manual_seed(seed)
-    flags = _frozen(lm.model)
+    flags = _grad_flags(lm.model)
     peft_cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
                           target_modules=lora_target_regex(lm.model, target_modules, layers),
                           fan_in_fan_out=getattr(lm.model.config, "model_type", "") == "gpt2")
@@ -329,8 +329,3 @@ class LoRAEditor(Editor):
         return EditResult(method="lora", delta=delta, diagnostics=diag, seconds=time.perf_counter() - t0, applied=True,
                           info={"steps": rep.steps, "stopped": rep.stopped, "modules": len(delta.tensors),
                                 "final_loss": rep.losses[-1] if rep.losses else None})
-
-
-def describe(result: EditResult) -> dict[str, Any]:
-    """Short summary of a fine-tuning result for logs."""
-    return {"method": result.method, **{k: v for k, v in result.info.items() if k != "param"}}

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
-from kedit_core.editors.base import CaseDiagnostics, EditResult, WeightDelta, register
+from kedit_core.editors.base import EditResult, WeightDelta, register
 from kedit_core.editors.finetune import train_lora_delta
 from kedit_core.editors.rag import RAGConfig, RAGEditor
 from kedit_core.errors import KeditError
@@ -360,7 +360,3 @@ class LTEEditor(RAGEditor):
             result.delta.revert(lm.model)
             lm.info.pop("lte_aligned", None)
             self.alignment_info, self._restored_alignment = None, None
-
-
-def alignment_diagnostics(result: EditResult) -> list[CaseDiagnostics]:
-    return result.diagnostics

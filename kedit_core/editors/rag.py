@@ -76,7 +76,7 @@ class RAGEditor(Editor):
         if not result.applied:
             return
         self.memory.remove(result.info.get("entry_ids", []))
-        superseded = [e for e in result.info.get("superseded", []) if e in self.memory._index]
+        superseded = [e for e in result.info.get("superseded", []) if e in self.memory]
         self.memory.set_active(superseded, True)
         result.applied = False
 
