@@ -15,13 +15,14 @@ Where the text comes from:
 
 Sample count trades quality for time. C is [inter, inter] (1536 x 1536 on SmolLM2-135M),
 so it needs several times `inter` positions before its small eigen-directions mean
-anything: with fewer positions than `inter` C is singular and AlphaEdit's "null space" is
-mostly sampling noise, while MEMIT leans on `mom2_update_weight` alone. Cost grows
-linearly: each position is one token through the layers up to the deepest edited layer
-(plus, for the default corpus, sampling the missing text once). On the embedded model on
-2 CPU cores: ~5k positions take seconds and are fine for tests and quick sweeps; the
-default 20k positions take about a minute once and are then read from the cache in
-milliseconds; 100k positions (a few minutes) change edit metrics by little on this model.
+anything: with fewer positions than `inter` C is singular (a tiny ridge keeps MEMIT's
+solve defined) and AlphaEdit's "null space" is partly sampling noise, so edits protect
+unrelated knowledge less well. Cost grows linearly: each position is one token through
+the layers up to the deepest edited layer. The shipped corpus holds ~4,200 SmolLM2 tokens,
+so the default 4,000 positions need no sampling: ~30 s once on 2 busy CPU cores (layers
+up to 7), then milliseconds from the cache. Asking for more (e.g. 20,000) adds text the
+model samples itself, which costs one full forward per sampled token (minutes on these
+cores, once per model, cached) in exchange for a better-conditioned C.
 
 Results are cached under `kedit_home()/keystats/`, one safetensors file per layer, keyed
 by model fingerprint, layer, corpus hash and sample count.
@@ -40,7 +41,7 @@ from kedit_core.model import LoadedModel, kedit_home
 log = logging.getLogger(__name__)
 
 BUILTIN_CORPUS = Path(__file__).parent / "data" / "keystats_corpus.txt"
-DEFAULT_SAMPLES = 10000
+DEFAULT_SAMPLES = 4000
 SEQ_LEN = 128  # tokens per row: long enough for ordinary context, short enough for fast batches
 GEN_SEED = 1234
 

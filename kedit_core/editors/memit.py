@@ -66,7 +66,7 @@ class MemitConfig(EditorConfig):
     n_context_templates: int = 3  # "{}" plus n-1 random model-generated prefixes
     context_template_len: int = 10  # tokens per random prefix
     mom2_update_weight: float = 1500.0  # lambda: weight of the key covariance (preservation)
-    keystats_samples: int = 10000  # token positions for the key second moment
+    keystats_samples: int = 4000  # token positions for the key second moment
     keystats_corpus: str | None = None  # text file; None = shipped corpus + model samples
     bf16: bool = True  # bfloat16 autocast for the target optimisation only
 
@@ -377,18 +377,78 @@ def _frozen_weights(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+@dataclass
+class _Aligned:
+    """Rows re-padded so every row's subject-last token sits in the same column `split`.
+
+    Nothing before that token depends on delta (causal attention), so the columns before
+    `split` are run once (their keys/values cached for every layer) and each step only
+    runs the suffix - the subject's last token, the rest of the prompt and the answer -
+    through the layers above L. On zsRE prompts with a context prefix that is ~3x fewer
+    tokens per step."""
+
+    input_ids: torch.Tensor  # [R, W] left-padded before `split`, right-padded after
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    split: int
+    suffix_len: torch.Tensor  # [R] real tokens from `split` on
+
+
+def _align_at_lookup(rows: EditRows, pad: int) -> _Aligned:
+    n, look = rows.lengths, rows.lookup
+    split = int(look.max())
+    width = split + int((n - look).max())
+    R = rows.input_ids.shape[0]
+    ids = torch.full((R, width), pad, dtype=torch.long)
+    att = torch.zeros((R, width), dtype=torch.long)
+    for r in range(R):
+        a = split - int(look[r])
+        ids[r, a : a + int(n[r])] = rows.input_ids[r, : int(n[r])]
+        att[r, a : a + int(n[r])] = 1
+    pos = (att.cumsum(1) - 1).clamp_min(0)
+    return _Aligned(ids, att, pos, split, n - look)
+
+
 def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets:
     """Optimise one residual per case, all cases in one batched forward/backward per step."""
+    import copy
+
     model, device = lm.model, lm.device
     body, head = model.base_model, model.get_output_embeddings()
     n = rows.n_cases
-    cached, as_tuple = layer_outputs(lm, rows.input_ids, rows.attention_mask, z_layer)  # layers 0..L once
-    R = cached.shape[0]
-    lookup = rows.lookup.to(device)
-    all_rows = torch.arange(R, device=device)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    al = _align_at_lookup(rows, pad)
+    ids_all, att_all, pos_all = al.input_ids.to(device), al.attention_mask.to(device), al.position_ids.to(device)
+    S = al.split
+    R = ids_all.shape[0]
+
+    # Once: every layer over the prefix columns (kept as a KV cache), then layers 0..L over
+    # the suffix columns (their layer-L output is what the stand-ins replay each step).
+    prefix_cache = None
+    with torch.no_grad():
+        if S > 0:
+            prefix_cache = body(
+                input_ids=ids_all[:, :S], attention_mask=att_all[:, :S], position_ids=pos_all[:, :S], use_cache=True
+            ).past_key_values
+        captured: dict[str, Any] = {}
+
+        def grab(_m, _i, out):
+            captured["h"], captured["tuple"] = _first(out).detach(), isinstance(out, tuple)
+            raise _StopForward
+
+        handle = decoder_layers(model)[z_layer].register_forward_hook(grab)
+        try:
+            body(input_ids=ids_all[:, S:], attention_mask=att_all, position_ids=pos_all[:, S:],
+                 past_key_values=copy.deepcopy(prefix_cache), use_cache=prefix_cache is not None)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+    cached, as_tuple = captured["h"], captured["tuple"]  # [R, W - S, H]; column 0 is the subject's last token
+
     case_of = rows.case_of_row.to(device)
     bare = (rows.template_of_row == 0).nonzero()[:, 0].to(device)  # one per case, in case order
-    z_init = cached[bare, lookup[bare]].float()
+    z_init = cached[bare, 0].float()
     init_norm = z_init.norm(dim=1)  # [n]
     delta = torch.zeros(n, cached.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
@@ -398,44 +458,57 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
     last: dict[str, torch.Tensor] = {}
     kl_init: torch.Tensor | None = None
     tgt_case = case_of[rows.tgt_row.to(device)]
+    tgt_col = rows.tgt_pos - rows.lookup[rows.tgt_row]  # answer positions in suffix coordinates
+    kl_col = rows.kl_pos - rows.lookup[rows.kl_row]
 
     with _frozen_weights(model), torch.enable_grad():
         for step in range(cfg.v_steps + 1):
             active = (~done).nonzero()[:, 0]
             if len(active) == 0:
                 break
-            # rows of the still-active cases, trimmed to their longest length
+            # rows of the still-active cases, trimmed to their longest suffix
             act_mask = (~done)[rows.case_of_row]
             sub = act_mask.nonzero()[:, 0]
-            width = int(rows.lengths[sub].max())
+            width = int(al.suffix_len[sub].max())
             remap = torch.full((R,), -1, dtype=torch.long)
             remap[sub] = torch.arange(len(sub))
             sub_d = sub.to(device)
             h_sub = cached[sub_d, :width]
-            ids = rows.input_ids[sub, :width].to(device)
-            att = rows.attention_mask[sub, :width].to(device)
-            look = lookup[sub_d]
             cases_sub = case_of[sub_d]
+            cache = None
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)  # each step appends the suffix to its own copy
+                cache.batch_select_indices(sub_d)
 
             def output_fn():
-                return h_sub.index_put((torch.arange(len(sub), device=device), look), delta[cases_sub], accumulate=True)
+                return h_sub.index_put(
+                    (torch.arange(len(sub), device=device), torch.zeros(len(sub), dtype=torch.long, device=device)),
+                    delta[cases_sub],
+                    accumulate=True,
+                )
 
             with _replaying_below(model, z_layer, output_fn, as_tuple), torch.autocast(
                 device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16
             ):
-                hidden = body(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
+                hidden = body(
+                    input_ids=ids_all[sub_d, S : S + width],
+                    attention_mask=att_all[sub_d, : S + width],
+                    position_ids=pos_all[sub_d, S : S + width],
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                ).last_hidden_state
 
             # NLL of the answer tokens (vocabulary logits only at these positions)
             tsel = act_mask[rows.tgt_row].nonzero()[:, 0]
             t_rows = remap[rows.tgt_row[tsel]].to(device)
-            t_pos = rows.tgt_pos[tsel].to(device)
+            t_pos = tgt_col[tsel].to(device)
             logp = torch.log_softmax(head(hidden[t_rows, t_pos].to(head.weight.dtype)).float(), -1)
             tok_nll = -logp.gather(1, rows.tgt_tok[tsel].to(device)[:, None]).squeeze(1)
             nll = torch.zeros(n, device=device).index_add(0, tgt_case[tsel.to(device)], tok_nll * rows.tgt_weight[tsel].to(device))
 
             # KL on "{subject} is a": keep the subject's identity
             k_rows = remap[rows.kl_row[active]].to(device)
-            k_logp = torch.log_softmax(head(hidden[k_rows, rows.kl_pos[active].to(device)].to(head.weight.dtype)).float(), -1)
+            k_logp = torch.log_softmax(head(hidden[k_rows, kl_col[active].to(device)].to(head.weight.dtype)).float(), -1)
             if kl_init is None:  # step 0: delta is zero, so this is the unedited distribution
                 kl_init = k_logp.detach()
             ref = kl_init[active.to(device)]

@@ -9,7 +9,7 @@ from kedit_core.editors.alphaedit import AlphaEdit
 from kedit_core.editors.memit import edit_site
 from kedit_core.types import EditCase
 
-FAST = {"layers": [1, 2], "keystats_samples": 1500, "v_steps": 6, "bf16": False, "n_context_templates": 2}
+FAST = {"layers": [1, 2], "keystats_samples": 600, "v_steps": 4, "bf16": False, "n_context_templates": 2}
 
 
 def _batch(tag: str, n: int = 3) -> list[EditCase]:

@@ -11,7 +11,7 @@ from kedit_core.scoring import answer_logprob
 from kedit_core.types import EditCase
 
 # Small, fast settings; the real defaults are tuned for the embedded model.
-FAST = {"layers": [1, 2], "keystats_samples": 1500, "v_steps": 6, "bf16": False, "n_context_templates": 2}
+FAST = {"layers": [1, 2], "keystats_samples": 600, "v_steps": 4, "bf16": False, "n_context_templates": 2}
 
 
 def _cases() -> list[EditCase]:
