@@ -191,34 +191,9 @@ def build_pending_cases(settings: PipelineSettings) -> dict[str, Any]:
 # --------------------------------------------------------------------------- editing
 
 
-_SUITES: dict[str, Any] = {}
-
-
-def regression_suite(live: LiveModel, database: Database):
-    """The regression suite, frozen on the base model when the pipeline first starts and
-    kept beside the ledger, so every run is judged against the same yardstick."""
-    from kedit_core.regression import RegressionSuite, at_base, freeze_suite
-
-    path = database.path.parent / "suites" / f"{live.lm.fingerprint[:16]}.json"
-    if str(path) in _SUITES:
-        return _SUITES[str(path)]
-    if path.exists():
-        suite = RegressionSuite.from_json(path.read_text())
-    else:
-        earlier = ledger.get_cases(database, status="applied")
-        with at_base(live.lm.model, live.applied):
-            suite = freeze_suite(live.lm, earlier_cases=earlier)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(suite.to_json())
-        tmp.replace(path)
-    _SUITES[str(path)] = suite
-    return suite
-
-
 def edit_pending(settings: PipelineSettings, run_id: str, log: Callable[[str], Any] = log.info) -> dict[str, Any]:
     """Apply every pending case to the live model in gated batches."""
-    from flows.pipeline import apply_gated_batches
+    from flows.pipeline import apply_gated_batches, load_or_freeze_suite
     from kedit_core.editors import get_editor
     from kedit_core.gate import GateConfig
 
@@ -228,7 +203,7 @@ def edit_pending(settings: PipelineSettings, run_id: str, log: Callable[[str], A
         return {"pending": 0, "applied_cases": 0, "rejected_cases": 0, "applied_batches": 0}
     live = live_model(settings)
     editor = get_editor(settings.method, settings.editor_overrides or None)
-    suite = regression_suite(live, database)
+    suite = load_or_freeze_suite(live, database, run_id)
     gate = GateConfig.from_dict({"full_check_every": settings.full_check_every, **settings.gate_overrides})
     log(f"editing {len(pending)} pending cases with {settings.method} in batches of {settings.batch_size}")
     report = apply_gated_batches(live, editor, pending, database, gate, settings.batch_size, run_id, suite)
@@ -259,11 +234,12 @@ def full_check_due(settings: PipelineSettings) -> bool:
 
 
 def full_regression_check(settings: PipelineSettings, run_id: str) -> dict[str, Any]:
+    from flows.pipeline import load_or_freeze_suite
     from kedit_core.regression import full_check
 
     database = db()
     live = live_model(settings)
-    suite = regression_suite(live, database)
+    suite = load_or_freeze_suite(live, database, run_id)
     recent = ledger.get_cases(database, status="applied")[-32:]
     metrics = full_check(live.lm, suite, recent)
     ledger.record_metrics(

@@ -41,7 +41,6 @@ def ledger_path(kedit_home, monkeypatch):
     path = kedit_home / "flows.duckdb"
     monkeypatch.setenv("KEDIT_DB", str(path))
     steps.forget_live_models()
-    steps._SUITES.clear()
     yield path
     steps.forget_live_models()
 
