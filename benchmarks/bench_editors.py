@@ -97,7 +97,7 @@ def naive_targets(lm, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets
                 kl = torch.nn.functional.kl_div(k, kl_init, log_target=True, reduction="sum")
                 init_norm = state["z_init"].norm()
                 loss = nll + cfg.kl_factor * kl + cfg.weight_decay * delta.norm() / init_norm**2
-                if float(nll) < cfg.early_stop_nll or step == cfg.v_steps:
+                if float(nll.detach()) < cfg.early_stop_nll or step == cfg.v_steps:
                     break
                 opt.zero_grad()
                 model.zero_grad(set_to_none=True)
@@ -114,7 +114,7 @@ def naive_targets(lm, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets
         zs.append(state["z_init"] + delta.detach())
         z_inits.append(state["z_init"])
         diags.append({"loss_curve": [], "steps": steps, "target_norm": 0.0, "delta_norm": float(delta.norm()),
-                      "init_norm": 0.0, "final_nll": float(nll), "converged": steps < cfg.v_steps})
+                      "init_norm": 0.0, "final_nll": float(nll.detach()), "converged": steps < cfg.v_steps})
     return Targets(z=torch.stack(zs), z_init=torch.stack(z_inits), diagnostics=diags)
 
 
@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--data", default="zsre:data/benchmarks/zsre_mend_train_1k.json")
     ap.add_argument("--set", action="append", default=[], help="editor setting key=value")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--model", default="smollm2", help="model spec (tiny-llama for a smoke run)")
     args = ap.parse_args()
 
     from connectors.benchmarks import read_dataset
@@ -162,7 +163,7 @@ def main() -> None:
     from kedit_core.editors.memit import resolve_layers
     from kedit_core.model import load_model
 
-    lm = load_model("smollm2", show_progress=False)
+    lm = load_model(args.model, show_progress=False)
     settings = parse_settings(args.set)
     cases = read_dataset(args.data, limit=max(args.cases, args.baseline_cases))
     settings.setdefault("layers", resolve_layers(MemitConfig(), lm.model))
