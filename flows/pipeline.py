@@ -36,7 +36,7 @@ from kedit_core.editors.base import Editor, EditResult
 from kedit_core.evaluate import reference_predictions
 from kedit_core.gate import GateConfig, GateDecision, decide, is_full_check
 from kedit_core.model import fingerprint_model, kedit_home
-from kedit_core.regression import RegressionSuite, at_base, fast_check, freeze_suite, full_check
+from kedit_core.regression import RegressionSuite, fast_check, freeze_suite, full_check
 from kedit_core.types import EditCase
 from storage import ledger, pipeline_store
 from storage.db import Database
@@ -158,7 +158,7 @@ def load_or_freeze_suite(live: LiveModel, db: Database, run_id: str, **freeze_kw
             return suite
         log.warning("suite %s belongs to another base model: freezing a new one", path)
     earlier = ledger.get_cases(db, status="applied")
-    with at_base(live.lm.model, live.applied):
+    with live.at_base():
         suite = freeze_suite(live.lm, earlier, **freeze_kw)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -200,9 +200,9 @@ def sync_with_ledger(live: LiveModel, db: Database) -> None:
     if target == live.version_id:
         return
     log.warning("model is at version %s but the ledger's live version is %s: rebuilding", live.version_id, target)
-    for d in reversed([d for d in live.applied if not d.is_empty]):
-        d.revert(live.lm.model)  # exact: back to the base weights
-    live.applied = rebuild_version(live.lm, db, target)
+    live.restore_base()  # exact: back to the base weights
+    for delta in rebuild_version(live.lm, db, target):
+        live.record_applied(delta)
     live.version_id = target
 
 
@@ -390,7 +390,7 @@ def _commit(
     )
     ledger.set_case_status(db, [c.case_id for c in batch], "applied", None, batch_id)
     ledger.finish_batch(db, batch_id, "applied", version_id=vid)
-    live.applied.append(result.delta)
+    live.record_applied(result.delta)
     live.version_id = vid
     if editor.is_memory_editor:
         live.rewriter = editor

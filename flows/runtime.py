@@ -7,9 +7,13 @@ weights bit for bit as the model that was live when N was made.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from kedit_core.answer import PromptRewriter, answer, model_summary
 from kedit_core.editors.base import WeightDelta
@@ -34,12 +38,52 @@ def delta_dir(base_fingerprint: str) -> Path:
 
 @dataclass
 class LiveModel:
+    """The base model with the ledger's deltas applied.
+
+    Memory stays flat however many versions accumulate: `base_originals` keeps ONE copy of
+    the base value of every tensor any applied delta touched (captured before the first
+    change), and applied deltas drop their own saved copies. `at_base()` uses it to
+    measure the unedited model without reloading it.
+    """
+
     lm: LoadedModel
     db: Database
     version_id: int
     base_version_id: int
     applied: list[WeightDelta] = field(default_factory=list)
     rewriter: PromptRewriter | None = None
+    base_originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def record_applied(self, delta: WeightDelta) -> None:
+        """Keep an applied delta (already applied to the model) as part of the live version."""
+        for name, original in delta.release().items():
+            self.base_originals.setdefault(name, original)  # first touch = base value
+        self.applied.append(delta)
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Put the base weights back exactly and forget the applied deltas."""
+        params = dict(self.lm.model.named_parameters())
+        for name, original in self.base_originals.items():
+            params[name].copy_(original)
+        self.base_originals.clear()
+        self.applied = []
+
+    @contextlib.contextmanager
+    def at_base(self) -> Iterator[None]:
+        """Temporarily the exact base weights (e.g. to freeze a regression suite); the live
+        weights come back bit for bit afterwards."""
+        params = dict(self.lm.model.named_parameters())
+        current = {n: params[n].detach().clone() for n in self.base_originals}
+        with torch.no_grad():
+            for name, original in self.base_originals.items():
+                params[name].copy_(original)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in current.items():
+                    params[name].copy_(value)
 
     def answer(self, question: str, max_new_tokens: int = 48) -> str:
         return answer(self.lm, question, rewriter=self.rewriter, max_new_tokens=max_new_tokens)
@@ -64,7 +108,10 @@ def load_delta(row: dict[str, Any]) -> WeightDelta:
 
 
 def rebuild_version(lm: LoadedModel, db: Database, version_id: int) -> list[WeightDelta]:
-    """Apply the deltas from the base up to `version_id` to an unedited `lm`, in order."""
+    """Apply the deltas from the base up to `version_id` to an unedited `lm`, in order.
+
+    The returned deltas still hold their saved originals; hand them to
+    `LiveModel.record_applied` (which keeps one base copy per tensor and frees the rest)."""
     try:
         chain = ledger.version_chain(db, version_id)
     except KeyError as exc:
@@ -97,5 +144,7 @@ def open_live_model(
     if version is None:
         row = ledger.live_version(db, lm.fingerprint)
         version = int(row["version_id"]) if row else base_id
-    applied = rebuild_version(lm, db, version)
-    return LiveModel(lm=lm, db=db, version_id=version, base_version_id=base_id, applied=applied)
+    live = LiveModel(lm=lm, db=db, version_id=version, base_version_id=base_id)
+    for delta in rebuild_version(lm, db, version):
+        live.record_applied(delta)
+    return live

@@ -20,7 +20,6 @@ retention. Both build on the batched scorers in `kedit_core.evaluate`/`scoring`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -28,7 +27,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from kedit_core.answer import PromptRewriter, generate
 from kedit_core.evaluate import (
@@ -215,7 +214,7 @@ def freeze_suite(
     seed: int = 0,
     batch_size: int = 32,
 ) -> RegressionSuite:
-    """Freeze the suite on the UNEDITED model `base_lm` (see `at_base` for a live one).
+    """Freeze the suite on the UNEDITED model `base_lm` (see `flows.runtime.LiveModel.at_base` for a live one).
 
     Earlier edits are sampled (seeded) for locality drift and retention; the base model's
     predictions on their locality probes and its general-ability metrics are recorded.
@@ -244,23 +243,6 @@ def freeze_suite(
     suite.base_metrics = {k: v for k, v in base.items()}
     return suite
 
-
-@contextlib.contextmanager
-def at_base(model: Any, applied: Sequence[Any]) -> Iterator[None]:
-    """Temporarily bring a model with `applied` WeightDeltas back to its base weights.
-
-    Reverting in reverse order restores the exact base tensors; re-applying in the
-    original order replays the same float additions, so the edited weights come back bit
-    for bit (the same argument `flows.runtime.rebuild_version` relies on).
-    """
-    weight_deltas = [d for d in applied if not d.is_empty]
-    for d in reversed(weight_deltas):
-        d.revert(model)
-    try:
-        yield
-    finally:
-        for d in weight_deltas:
-            d.apply(model)
 
 
 # --------------------------------------------------------------------------- checks

@@ -89,6 +89,13 @@ class WeightDelta:
             params[name].copy_(original)
         self._saved = None
 
+    def release(self) -> dict[str, torch.Tensor]:
+        """Hand over the saved originals and forget them: the delta can no longer revert
+        itself. A long-lived model keeps one copy of each touched tensor's base value
+        (see `flows.runtime.LiveModel`) instead of one copy per applied delta."""
+        saved, self._saved = self._saved or {}, None
+        return saved
+
     def save(self, path: str | Path) -> str:
         """Write as safetensors (never pickle); returns the file's sha256."""
         from safetensors.torch import save_file

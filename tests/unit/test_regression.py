@@ -10,7 +10,6 @@ import gatekit as g
 from gatekit import single_thread  # noqa: F401  (autouse fixture)
 from kedit_core.regression import (
     RegressionSuite,
-    at_base,
     fast_check,
     freeze_suite,
     full_check,
@@ -61,7 +60,9 @@ def test_suite_json_round_trip_gives_the_same_numbers():
     assert general_metrics(lm, again) == general_metrics(lm, suite)
 
 
-def test_harmful_update_hurts_every_general_metric_and_at_base_is_exact():
+def test_harmful_update_hurts_every_general_metric_and_at_base_is_exact(db):
+    from flows.runtime import LiveModel
+
     lm = g.knowing_tiny_llama()
     suite = _suite(lm)
     base_state = {n: t.clone() for n, t in lm.model.state_dict().items()}
@@ -71,9 +72,13 @@ def test_harmful_update_hurts_every_general_metric_and_at_base_is_exact():
     assert m["known_facts_acc"] < 0.5
     assert m["ref_ppl"] > 2 * suite.base_metrics["ref_ppl"]
     assert m["suite_locality"] < 0.5
-    with at_base(lm.model, [result.delta]):
+    live = LiveModel(lm=lm, db=db, version_id=1, base_version_id=0)
+    live.record_applied(result.delta)
+    with live.at_base():
         assert g.weights_equal(lm.model, base_state)
     assert g.weights_equal(lm.model, edited_state)  # re-applied bit for bit
+    live.restore_base()
+    assert g.weights_equal(lm.model, base_state)
 
 
 def test_fast_check_is_teacher_forced_full_check_adds_generation_and_retention():
