@@ -89,6 +89,8 @@ def run_stream(
         raise ValueError("run_stream: no cases to edit")
     t_start = time.perf_counter()
     reference = reference_predictions(lm, cases)  # the unedited model, before any edit
+    # Memory editors (retrieval, LTE) answer through their prompt rewriting, as served.
+    rw = editor if editor.is_memory_editor else None
     batches = [cases[s : s + batch_size] for s in range(0, len(cases), batch_size)]
     records: list[BatchRecord] = []
     results: list[EditResult] = []
@@ -105,15 +107,19 @@ def run_stream(
             editing += dt
             results.append(result)
             rec = BatchRecord(index=b, case_ids=[c.case_id for c in batch], seconds=dt)
-            rec.metrics["immediate_efficacy_acc"] = evaluate_cases(lm, batch, kinds=("efficacy",), greedy=False)[
+            rec.metrics["immediate_efficacy_acc"] = evaluate_cases(lm, batch, kinds=("efficacy",), rewriter=rw, greedy=False)[
                 "efficacy_acc"
             ]
             steps = [d.steps for d in result.diagnostics]
             rec.info = {"mean_steps": sum(steps) / len(steps) if steps else 0, "delta_norm": result.delta.norm()}
             if eval_each_batch:
                 so_far = latest_per_fact(cases[: (b + 1) * batch_size])
-                rec.metrics.update(evaluate_cases(lm, so_far, reference=reference, kinds=FINAL_KINDS, greedy=False))
-                rec.metrics.update(retention(lm, batches[0], all_cases_so_far=cases[: (b + 1) * batch_size]))
+                rec.metrics.update(
+                    evaluate_cases(lm, so_far, reference=reference, kinds=FINAL_KINDS, rewriter=rw, greedy=False)
+                )
+                rec.metrics.update(
+                    retention(lm, batches[0], all_cases_so_far=cases[: (b + 1) * batch_size], rewriter=rw)
+                )
             records.append(rec)
             if on_batch is not None:
                 on_batch(rec)
@@ -121,8 +127,8 @@ def run_stream(
             bar.set_postfix(s_per_edit=f"{editing / (bar.n or 1):.2f}", eff=f"{rec.metrics['immediate_efficacy_acc']:.2f}")
         bar.close()
         current = latest_per_fact(cases)
-        metrics = evaluate_cases(lm, current, reference=reference, kinds=FINAL_KINDS, greedy=greedy)
-        metrics.update(retention(lm, batches[0], all_cases_so_far=cases, greedy=greedy))
+        metrics = evaluate_cases(lm, current, reference=reference, kinds=FINAL_KINDS, rewriter=rw, greedy=greedy)
+        metrics.update(retention(lm, batches[0], all_cases_so_far=cases, rewriter=rw, greedy=greedy))
         metrics["immediate_efficacy_acc"] = sum(r.metrics["immediate_efficacy_acc"] for r in records) / len(records)
     finally:
         bar.close()
