@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import json
 import logging
+import signal
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
@@ -137,7 +138,7 @@ def register(app: typer.Typer) -> None:
         from kedit_core.model import fingerprint_model, load_model
         from kedit_core.stream import run_stream
         from storage.db import open_db
-        from storage.ledger import finish_run, record_metrics, start_run
+        from storage.ledger import finish_run, start_run
 
         if batch_size < 1:
             raise KeditError(f"--batch-size must be >= 1, got {batch_size}")
@@ -162,48 +163,17 @@ def register(app: typer.Typer) -> None:
         stream_takes_rewriter = "rewriter" in inspect.signature(run_stream).parameters
         rows: list[dict[str, Any]] = []
         status = "done"
-        for label, method in plan:
-            editor = editors[label]
-            typer.echo(f"== {label} ({method}): {len(cases)} edits in batches of {batch_size}", err=True)
-            if fingerprint_model(lm.model) != base_fp:  # never compare from a drifted model
-                log.warning("model differs from the base before %s: reloading", label)
-                lm = load_model(model)
-
-            def on_batch(rec, label=label) -> None:
-                values = {**rec.metrics, "seconds": rec.seconds}
-                values.update({k: v for k, v in rec.info.items() if isinstance(v, (int, float))})
-                record_metrics(db, values, run_id=run_id, method=label, step=rec.index, model_fingerprint=base_fp)
-
-            if hasattr(editor, "memory"):  # one batched embedding pass for every question the evaluator asks
-                editor.memory.embed(sorted({p.prompt for c in cases for p in c.probes} | {c.prompt for c in cases}))
-            kwargs: dict[str, Any] = dict(batch_size=batch_size, eval_each_batch=per_batch, greedy=greedy,
-                                          restore=True, on_batch=on_batch)
-            try:
-                if stream_takes_rewriter:
-                    result = run_stream(lm, editor, cases, rewriter=editor, **kwargs)
-                else:
-                    with scored_through(editor):
-                        result = run_stream(lm, editor, cases, **kwargs)
-            except Exception as exc:  # recorded and skipped: the other methods still run
-                log.exception("%s failed", label)
-                status = "partial"
-                rows.append({"label": label, "method": method, "error": f"{type(exc).__name__}: {exc}"})
-                record_metrics(db, {"failed": 1.0}, run_id=run_id, method=label, model_fingerprint=base_fp)
-                continue
-            final = {**result.metrics, "seconds_per_edit": result.seconds_per_edit,
-                     "edits_per_minute": result.edits_per_minute, "peak_rss_mb": result.peak_rss_mb}
-            record_metrics(db, final, run_id=run_id, method=label, step=len(result.batches), model_fingerprint=base_fp)
-            extra = {}
-            if method == "lte" and result.batches and "alignment" in (getattr(editor, "alignment_info", None) or {}):
-                extra["alignment"] = editor.alignment_info
-            elif getattr(editor, "alignment_info", None):
-                extra["alignment"] = {k: v for k, v in editor.alignment_info.items() if k != "loss_curve"}
-            rows.append({"label": label, "method": method, "metrics": result.metrics,
-                         "seconds_per_edit": result.seconds_per_edit, "seconds_total": result.seconds_total,
-                         "config": result.config, **extra})
-            typer.echo(format_table(rows[-1:]), err=True)  # each method's row as soon as it is known
-            if output is not None:  # partial results survive an interrupted comparison
-                write_output(output, run_id, data, limit, batch_size, model, base_fp, rows, partial=True)
+        # `timeout` and service managers stop with SIGTERM: turn it into an exception so the
+        # run is marked interrupted in the ledger instead of staying "running" forever.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+        try:
+            status, lm = _run_methods(plan, editors, cases, lm, model, base_fp, db, run_id, batch_size, per_batch, greedy,
+                                  output, data, limit, stream_takes_rewriter, rows)
+        except BaseException:
+            finish_run(db, run_id, "interrupted")
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         finish_run(db, run_id, status)
         restored = fingerprint_model(lm.model) == base_fp
         table = format_table(rows, markdown=markdown)
@@ -212,3 +182,60 @@ def register(app: typer.Typer) -> None:
                    f"({base_fp[:12]}); base restored after the last method: {restored}; metrics in {db.path}")
         if output is not None:
             write_output(output, run_id, data, limit, batch_size, model, base_fp, rows, partial=False)
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run_methods(plan, editors, cases, lm, model, base_fp, db, run_id, batch_size, per_batch, greedy, output, data,
+                 limit, stream_takes_rewriter, rows) -> tuple[str, Any]:
+    """Each method in turn from the same base weights; returns the run's status and the model."""
+    from kedit_core.model import fingerprint_model, load_model
+    from kedit_core.stream import run_stream
+    from storage.ledger import record_metrics
+
+    status = "done"
+    for label, method in plan:
+        editor = editors[label]
+        typer.echo(f"== {label} ({method}): {len(cases)} edits in batches of {batch_size}", err=True)
+        if fingerprint_model(lm.model) != base_fp:  # never compare from a drifted model
+            log.warning("model differs from the base before %s: reloading", label)
+            lm = load_model(model)
+
+        def on_batch(rec, label=label) -> None:
+            values = {**rec.metrics, "seconds": rec.seconds}
+            values.update({k: v for k, v in rec.info.items() if isinstance(v, (int, float))})
+            record_metrics(db, values, run_id=run_id, method=label, step=rec.index, model_fingerprint=base_fp)
+
+        if hasattr(editor, "memory"):  # one batched embedding pass for every question the evaluator asks
+            editor.memory.embed(sorted({p.prompt for c in cases for p in c.probes} | {c.prompt for c in cases}))
+        kwargs: dict[str, Any] = dict(batch_size=batch_size, eval_each_batch=per_batch, greedy=greedy,
+                                      restore=True, on_batch=on_batch)
+        try:
+            if stream_takes_rewriter:
+                result = run_stream(lm, editor, cases, rewriter=editor, **kwargs)
+            else:
+                with scored_through(editor):
+                    result = run_stream(lm, editor, cases, **kwargs)
+        except Exception as exc:  # recorded and skipped: the other methods still run
+            log.exception("%s failed", label)
+            status = "partial"
+            rows.append({"label": label, "method": method, "error": f"{type(exc).__name__}: {exc}"})
+            record_metrics(db, {"failed": 1.0}, run_id=run_id, method=label, model_fingerprint=base_fp)
+            continue
+        final = {**result.metrics, "seconds_per_edit": result.seconds_per_edit,
+                 "edits_per_minute": result.edits_per_minute, "peak_rss_mb": result.peak_rss_mb}
+        record_metrics(db, final, run_id=run_id, method=label, step=len(result.batches), model_fingerprint=base_fp)
+        extra = {}
+        if method == "lte" and result.batches and "alignment" in (getattr(editor, "alignment_info", None) or {}):
+            extra["alignment"] = editor.alignment_info
+        elif getattr(editor, "alignment_info", None):
+            extra["alignment"] = {k: v for k, v in editor.alignment_info.items() if k != "loss_curve"}
+        rows.append({"label": label, "method": method, "metrics": result.metrics,
+                     "seconds_per_edit": result.seconds_per_edit, "seconds_total": result.seconds_total,
+                     "config": result.config, **extra})
+        typer.echo(format_table(rows[-1:]), err=True)  # each method's row as soon as it is known
+        if output is not None:  # partial results survive an interrupted comparison
+            write_output(output, run_id, data, limit, batch_size, model, base_fp, rows, partial=True)
+    return status, lm
