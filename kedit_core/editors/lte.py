@@ -251,7 +251,9 @@ class LTEEditor(RAGEditor):
 
     def cache_key(self, lm: LoadedModel, examples: list[AlignExample]) -> str:
         cfg = self.config
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ("k", "threshold", "memory_name", "device", "max_seconds")}
+        # max_seconds is part of the key: a time-bounded (shorter) alignment must never be
+        # reused by a run that asked for a longer one
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ("k", "threshold", "memory_name", "device")}
         h = hashlib.sha256()
         h.update(lm.fingerprint.encode())
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
