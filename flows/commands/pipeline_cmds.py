@@ -93,8 +93,10 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2", help="Model spec (default: the embedded model)."),
         method: str = typer.Option("alphaedit", help="Editing method."),
     ) -> None:
-        """The main job: the nightly flow end to end on a recorded Wikidata day replayed from
-        127.0.0.1, on the embedded model. A second run applies nothing new."""
+        """The main job: the nightly flow on a recorded Wikidata day, on the embedded model.
+
+        The day is replayed from 127.0.0.1; a second run applies nothing new.
+        """
         from flows.demo import run_demo
 
         run_demo(model=model, method=method, echo=typer.echo)
