@@ -9,14 +9,12 @@ reason and the comparison goes on.
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import logging
 import signal
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -61,25 +59,6 @@ def split_settings(pairs: list[str], labels: list[str]) -> dict[str, list[str]]:
             raise KeditError(f"--set {pair!r}: expected METHOD.key=value with METHOD one of {', '.join(labels)}")
         out[head].append(rest)
     return out
-
-
-@contextlib.contextmanager
-def scored_through(editor: Any) -> Iterator[None]:
-    """Make the stream's evaluator ask questions through `editor.rewrite_prompt` when
-    `run_stream` has no `rewriter` argument of its own (memory editors must be scored as
-    they are served). A no-op for weight editors, whose rewrite_prompt is the identity."""
-    import kedit_core.evaluate as ev
-
-    original = ev.evaluate_cases
-
-    def evaluate_cases(*args: Any, rewriter: Any = None, **kwargs: Any):
-        return original(*args, rewriter=rewriter if rewriter is not None else editor, **kwargs)
-
-    ev.evaluate_cases = evaluate_cases
-    try:
-        yield
-    finally:
-        ev.evaluate_cases = original
 
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
@@ -136,7 +115,6 @@ def register(app: typer.Typer) -> None:
         from kedit_core.editors import get_editor
         from kedit_core.errors import KeditError
         from kedit_core.model import fingerprint_model, load_model
-        from kedit_core.stream import run_stream
         from storage.db import open_db
         from storage.ledger import finish_run, start_run
 
@@ -160,7 +138,6 @@ def register(app: typer.Typer) -> None:
         run_id = f"compare-{uuid.uuid4().hex[:8]}"
         start_run(db, run_id, "compare", {"methods": methods, "data": data, "limit": limit, "batch_size": batch_size,
                                           "configs": {lbl: e.config.to_dict() for lbl, e in editors.items()}}, base_fp)
-        stream_takes_rewriter = "rewriter" in inspect.signature(run_stream).parameters
         rows: list[dict[str, Any]] = []
         status = "done"
         # `timeout` and service managers stop with SIGTERM: turn it into an exception so the
@@ -168,7 +145,7 @@ def register(app: typer.Typer) -> None:
         previous = signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
             status, lm = _run_methods(plan, editors, cases, lm, model, base_fp, db, run_id, batch_size, per_batch, greedy,
-                                  output, data, limit, stream_takes_rewriter, rows)
+                                  output, data, limit, rows)
         except BaseException:
             finish_run(db, run_id, "interrupted")
             raise
@@ -189,7 +166,7 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 
 
 def _run_methods(plan, editors, cases, lm, model, base_fp, db, run_id, batch_size, per_batch, greedy, output, data,
-                 limit, stream_takes_rewriter, rows) -> tuple[str, Any]:
+                 limit, rows) -> tuple[str, Any]:
     """Each method in turn from the same base weights; returns the run's status and the model."""
     from kedit_core.model import fingerprint_model, load_model
     from kedit_core.stream import run_stream
@@ -212,12 +189,8 @@ def _run_methods(plan, editors, cases, lm, model, base_fp, db, run_id, batch_siz
             editor.memory.embed(sorted({p.prompt for c in cases for p in c.probes} | {c.prompt for c in cases}))
         kwargs: dict[str, Any] = dict(batch_size=batch_size, eval_each_batch=per_batch, greedy=greedy,
                                       restore=True, on_batch=on_batch)
-        try:
-            if stream_takes_rewriter:
-                result = run_stream(lm, editor, cases, rewriter=editor, **kwargs)
-            else:
-                with scored_through(editor):
-                    result = run_stream(lm, editor, cases, **kwargs)
+        try:  # run_stream scores memory editors through their rewrite_prompt, as served
+            result = run_stream(lm, editor, cases, **kwargs)
         except Exception as exc:  # recorded and skipped: the other methods still run
             log.exception("%s failed", label)
             status = "partial"
