@@ -411,7 +411,7 @@ def _locality_other(ch: FactChange, t: PropertyTemplate, facts: SubjectFacts, kn
         ans = _answer_for(facts.values(other, ch.property), known, cfg)
         if ans is None:
             continue
-        q = _question(t, known[other])
+        q = t.prompt(known[other])  # cloze: see _locality_same for why
         if _mentions(q, ans):
             continue
         out.append(Probe("locality_other", q, ans, {"subject_id": other, "property": ch.property}))
@@ -433,7 +433,10 @@ def _locality_same(ch: FactChange, facts: SubjectFacts, known: dict[str, str], c
         ans = _answer_for(facts.values(ch.subject, pid), known, cfg)
         if ans is None:
             continue
-        q = _question(t, subject)
+        # Cloze, not a question: locality is token agreement with the unedited model on the
+        # answer, and a bare question ("When was X born?") makes the base model predict
+        # end-of-turn tokens there, so the probe would measure noise, not kept knowledge.
+        q = t.prompt(subject)
         if _mentions(q, ans):
             continue
         out.append(Probe("locality_same", q, ans, {"subject_id": ch.subject, "property": pid}))

@@ -86,8 +86,9 @@ def test_negation_probes_pp_pn(facts):
 def test_locality_other_subjects_same_relation(facts):
     case = build([change("Q64", "P6", item("Q1002"), item("Q1001"))], facts).cases[0]
     loc = {p.prompt: p.answer for p in case.probes_of("locality_other")}
-    assert loc == {"Who is the head of government of Hamburg?": "Peter Tschentscher",
-                   "Who is the head of government of Paris?": "Emmanuel Macron"}
+    # cloze form, as the edit itself: the unedited model continues it with an answer
+    assert loc == {"The head of government of Hamburg is": "Peter Tschentscher",
+                   "The head of government of Paris is": "Emmanuel Macron"}
 
 
 def test_locality_other_skips_subjects_changed_in_the_same_batch(facts):
@@ -99,7 +100,7 @@ def test_locality_other_skips_subjects_changed_in_the_same_batch(facts):
 def test_locality_same_subject_other_relations(facts):
     case = build([change("Q64", "P6", item("Q1002"), item("Q1001"))], facts).cases[0]
     loc = {p.prompt: p.answer for p in case.probes_of("locality_same")}
-    assert loc == {"In which country is Berlin?": "Germany", "What is the population of Berlin?": "3,755,251"}
+    assert loc == {"Berlin is located in the country": "Germany", "The population of Berlin is": "3,755,251"}
 
 
 def test_multihop_through_the_new_object(facts):
@@ -246,7 +247,7 @@ def test_real_q42_revisions(q42_labels):
     case = rep.cases[0]
     assert "Which work is Douglas Adams known for?" in [p.prompt for p in case.probes_of("paraphrase")]
     same = {p.prompt: p.answer for p in case.probes_of("locality_same")}
-    assert same["Where was Douglas Adams born?"] == "Cambridge"
+    assert same["Douglas Adams was born in"] == "Cambridge"
     # the three added identifiers are recorded as dropped, with their reason
     assert {(d.property, d.reason) for d in rep.dropped} == {
         ("P1263", "identifier_like"), ("P1695", "identifier_like"), ("P1816", "identifier_like")}
