@@ -5,9 +5,10 @@ prompts of one kind together), never one question at a time:
 
 - efficacy: the edit's own prompt -> new answer;
 - paraphrase: held-out wordings -> new answer (generalisation);
-- locality: unrelated prompts (other subjects, same subject, dataset locality questions)
-  must get the same answer tokens as the unedited model (token agreement, the field's
-  convention), plus accuracy against the dataset answer where one exists;
+- locality: unrelated prompts (other subjects, dataset locality questions) must get the
+  same answer tokens as the unedited model (token agreement, the field's convention);
+  other facts of the same subject are scored apart (`locality_same`); plus accuracy
+  against the dataset answer where one exists;
 - negation (PP/PN): "Is it true that ... NEW?" must be answered Yes, "... OLD?" No;
   the answer is whichever of " Yes" / " No" is more likely;
 - multi-hop and portability: token accuracy on the two-hop / portability answer.
@@ -153,10 +154,16 @@ def _locality(
             answers = [reference.answers[_probe_key(p)] for p in known]
             now = predicted_tokens(lm, _ask([p.prompt for p in known], rewriter), answers, bs)
             agree = token_agreement([reference.predictions[_probe_key(p)] for p in known], now)
-            out["locality"] = _mean(agree)
-            for sub in LOCALITY_KINDS:
+            # `locality` is unrelated knowledge (other subjects, dataset locality prompts),
+            # the field's definition; other facts of the edited subject are reported apart
+            # as `locality_same`, the known weak spot of locate-then-edit methods, so one
+            # cannot hide the other in an average.
+            unrelated = [a for p, a in zip(known, agree) if p.kind != "locality_same"]
+            if unrelated:
+                out["locality"] = _mean(unrelated)
+            for sub in ("locality_other", "locality_same"):
                 vals = [a for p, a in zip(known, agree) if p.kind == sub]
-                if vals and sub != "locality":
+                if vals:
                     out[sub] = _mean(vals)
     with_answer = [p for p in probes if p.answer.strip()]
     if with_answer:

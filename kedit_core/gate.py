@@ -29,7 +29,12 @@ def _default_max_drop() -> dict[str, float]:
 def _default_floors() -> dict[str, float]:
     # Absolute limits. `locality` is the batch's own locality probes vs the model just
     # before the batch; `suite_locality` is drift of earlier edits' probes vs the base.
-    return {"locality": 0.70, "suite_locality": 0.70}
+    # `locality_same` (other facts of the edited subject) has its own, lower floor: on
+    # SmolLM2-135M AlphaEdit keeps unrelated subjects at 1.0 but moves about half of the
+    # answer tokens of the edited subject's other facts (measured on the demo day), the
+    # field's known same-subject weakness; the floor catches worse than that, and the
+    # report shows the value for every batch.
+    return {"locality": 0.70, "suite_locality": 0.70, "locality_same": 0.40}
 
 
 @dataclass

@@ -74,3 +74,10 @@ def test_latest_per_fact_and_retention_skip_overwritten(tiny_gpt2):
 def test_absent_probe_kinds_are_not_reported_as_zero(tiny_gpt2):
     m = evaluate_cases(tiny_gpt2, [_case("c1")], greedy=True)
     assert set(m) == {"efficacy_acc", "efficacy_em"}
+
+
+def test_same_subject_locality_is_reported_apart_from_unrelated_locality(tiny_llama):
+    same_only = [_case("c1", probes=[Probe("locality_same", "Zed lives in", "x")])]
+    ref = reference_predictions(tiny_llama, same_only)
+    m = evaluate_cases(tiny_llama, same_only, reference=ref, kinds=("locality",))
+    assert "locality" not in m and m["locality_same"] == 1.0
