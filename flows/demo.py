@@ -80,16 +80,21 @@ def _print(summary: dict[str, Any], echo: Callable[[str], Any]) -> None:
 
 
 def _show_answers(model: str, echo: Callable[[str], Any]) -> None:
-    """What the live model now answers to the applied edits' questions."""
+    """What the live model now says on the applied edits: the edit's own cloze (what the
+    editor wrote in) and the chat question (does the edit generalise to how users ask?)."""
     from flows import steps
     from flows.settings import PipelineSettings
+    from kedit_core.answer import generate
     from storage import ledger
 
     applied = ledger.get_cases(steps.db(), status="applied")
     if not applied:
         return
     live = steps.live_model(PipelineSettings(model=model))
-    echo("\nthe live model on this day's applied edits:")
-    for case in applied[:6]:
+    shown = applied[:6]
+    clozes = generate(live.lm, [c.prompt for c in shown], max_new_tokens=10, stop_at_newline=True)
+    echo(f"\nthe live model (version {live.version_id}) on this day's applied edits:")
+    for case, cloze in zip(shown, clozes):
         question = case.question or case.prompt
-        echo(f"  Q: {question}\n     expected: {case.target_new}\n     answers : {live.answer(question, max_new_tokens=24)}")
+        echo(f"  {case.prompt} ... -> {cloze}   (new: {case.target_new}; was: {case.target_old or '-'})")
+        echo(f"    Q: {question}  A: {live.answer(question, max_new_tokens=24)}")
