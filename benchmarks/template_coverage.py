@@ -5,7 +5,7 @@ Inputs (any mix): entity JSON files (wbgetentities / EntityData / revision conte
 current statement counts as one change, as if the item were created), pairs of revisions
 (`--pair OLD NEW`: the real diff), and JSONL files of FactChange dicts (a recorded window,
 e.g. data/wikidata_day/*.jsonl). With no input it reads the recorded fixtures in
-../shared/fixtures/wikidata/ and data/wikidata_day/ when that exists.
+tests/fixtures/wikidata/ (real recorded answers) and data/wikidata_day/ when that exists.
 
     python benchmarks/template_coverage.py [PATHS...] [--pair OLD NEW] [--json]
 
@@ -28,7 +28,7 @@ from kedit_core.templates import coverage, templates  # noqa: E402
 from kedit_core.types import FactChange  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_INPUTS = [REPO.parent / "shared" / "fixtures" / "wikidata", REPO / "data" / "wikidata_day"]
+DEFAULT_INPUTS = [REPO / "tests" / "fixtures" / "wikidata", REPO / "data" / "wikidata_day"]
 TARGET_DATATYPES = ("wikibase-item", "time", "quantity")
 
 

@@ -6,9 +6,9 @@ from typer.testing import CliRunner
 
 from flows.cli import _register_commands, app
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "wikidata"
+RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "wikidata"  # byte-exact copies (SOURCES.md)
 LABELS = Path(__file__).resolve().parents[1] / "fixtures" / "labels" / "q42_labels.json"
-OLD, NEW = SHARED / "wbgetentities-Q6-Q42-P31.json", SHARED / "wbgetentities-Douglas-Adams.json"
+OLD, NEW = RECORDED / "wbgetentities-Q6-Q42-P31.json", RECORDED / "wbgetentities-Douglas-Adams.json"
 
 
 def _run(*args):

@@ -8,7 +8,7 @@ from kedit_core.diff import diff_entities, parse_entity
 from kedit_core.qa import QAConfig, SubjectFacts, build_cases, dict_labels
 from kedit_core.types import EditCase, FactChange
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "wikidata"
+RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "wikidata"  # byte-exact copies (SOURCES.md)
 LABEL_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "labels" / "q42_labels.json"
 
 LABELS = {
@@ -228,8 +228,8 @@ def test_one_label_lookup_per_build(facts):
 
 
 def _q42_pair():
-    old = json.loads((SHARED / "wbgetentities-Q6-Q42-P31.json").read_text())
-    new = json.loads((SHARED / "wbgetentities-Douglas-Adams.json").read_text())
+    old = json.loads((RECORDED / "wbgetentities-Q6-Q42-P31.json").read_text())
+    new = json.loads((RECORDED / "wbgetentities-Douglas-Adams.json").read_text())
     return parse_entity(old, "Q42"), parse_entity(new, "Q42")
 
 
