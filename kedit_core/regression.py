@@ -282,7 +282,14 @@ def general_metrics(
         asked = [rewriter.rewrite_prompt(p) for p in prompts] if rewriter is not None else prompts
         now = predicted_tokens(lm, asked, [ref.answers[k] for k in keys], batch_size)
         agree = token_agreement([ref.predictions[k] for k in keys], now)
-        out["suite_locality"] = sum(agree) / len(agree)
+        # Same split as kedit_core.evaluate: unrelated knowledge is gated, other facts of
+        # already-edited subjects are reported apart (they moved when those edits landed).
+        unrelated = [a for k, a in zip(keys, agree) if k[0] != "locality_same"]
+        same = [a for k, a in zip(keys, agree) if k[0] == "locality_same"]
+        if unrelated:
+            out["suite_locality"] = sum(unrelated) / len(unrelated)
+        if same:
+            out["suite_locality_same"] = sum(same) / len(same)
         if details is not None:
             details["suite_locality"] = [
                 {"kind": k[0], "prompt": k[1], "expected": ref.answers[k], "score": s} for k, s in zip(keys, agree)
