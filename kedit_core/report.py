@@ -189,6 +189,10 @@ def plot_over_versions(data: ReportData) -> str | None:
                 ax.axhline(b, ls="--", lw=1, color="grey")
         ax.set_title(m + ("  (lower is better)" if m in LOWER_IS_BETTER else ""), fontsize=10)
         ax.set_xlabel("model version", fontsize=8)
+        lo, hi = ax.get_xlim()
+        if hi - lo < 2:  # one version: widen so the integer locator has ticks to place
+            mid = (lo + hi) / 2
+            ax.set_xlim(mid - 1, mid + 1)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
