@@ -25,6 +25,12 @@ def _settings(overrides: dict[str, Any] | None) -> PipelineSettings:
     return PipelineSettings.from_env(**(overrides or {}))
 
 
+def _with_retries(task_fn, cfg: PipelineSettings):
+    """A network task with the configured retry schedule (backoff with jitter)."""
+    delays = list(cfg.network_retry_delays_s)
+    return task_fn.with_options(retries=len(delays), retry_delay_seconds=delays or 0)
+
+
 @task(name="ingest-wikidata-window", **NETWORK_RETRIES)
 def ingest_task(settings: PipelineSettings, start: datetime, end: datetime) -> dict[str, Any]:
     counts = steps.ingest_window(settings, start, end)
@@ -89,11 +95,18 @@ def nightly_update(
     run_id = steps.begin_run("nightly", cfg, {"start": start.isoformat(), "end": end.isoformat()})
     summary: dict[str, Any] = {"run_id": run_id, "window": [start.isoformat(), end.isoformat()]}
     try:
-        summary["ingest"] = ingest_task(cfg, start, end)
-        summary["cases"] = cases_task(cfg)
+        summary["ingest"] = _with_retries(ingest_task, cfg)(cfg, start, end)
+        summary["cases"] = _with_retries(cases_task, cfg)(cfg)
         summary["edits"] = edit_task(cfg, run_id)
-        if cfg.server_url and summary["edits"].get("applied_batches"):
-            summary["publish"] = publish_task(cfg)
+        if cfg.server_url:
+            # Every run publishes the live version (idempotent on the server), so a server
+            # that was down last night catches up now; a failure after the task's retries is
+            # recorded in the summary and does not undo the night's edits.
+            try:
+                summary["publish"] = _with_retries(publish_task, cfg)(cfg)
+            except Exception as exc:  # noqa: BLE001 - recorded, retried by the next run
+                get_run_logger().error("publishing to %s failed: %s", cfg.server_url, exc)
+                summary["publish"] = {"error": f"{type(exc).__name__}: {exc}", "server": cfg.server_url}
         if steps.full_check_due(cfg):
             summary["full_check"] = full_check_task(cfg, run_id)
         summary["report"] = report_task(None, report_html)
@@ -123,8 +136,8 @@ def backfill(
     logger.info("backfill %s .. %s: %d chunks to do", start, end, len(chunks))
     done: list[dict[str, Any]] = []
     for i, (a, b) in enumerate(chunks, 1):
-        counts = backfill_chunk_task(cfg, a, b, source, dump_path, items)
-        cases = cases_task(cfg)
+        counts = _with_retries(backfill_chunk_task, cfg)(cfg, a, b, source, dump_path, items)
+        cases = _with_retries(cases_task, cfg)(cfg)
         edits = edit_task(cfg, run_id)
         steps.mark_chunk_done("backfill", start, end, b)
         done.append({"chunk": a.isoformat(), **counts, "cases": cases.get("new_cases", 0), "applied": edits.get("applied_cases", 0)})

@@ -24,6 +24,8 @@ class PipelineSettings:
     # Serving
     server_url: str | None = None
     admin_token: str | None = None
+    # Prefect retries of network steps (Wikidata, the server): one delay per retry
+    network_retry_delays_s: list[float] = field(default_factory=lambda: [10.0, 60.0, 300.0])
     # Regression gate
     full_check_every: int = 5
     # Schedules
@@ -36,7 +38,7 @@ class PipelineSettings:
         values: dict[str, Any] = {}
         for f in fields(cls):
             env = os.environ.get(f"KEDIT_{f.name.upper()}")
-            if env is None or f.name.endswith("_overrides"):
+            if env is None or f.name.endswith("_overrides") or f.name == "network_retry_delays_s":
                 continue
             values[f.name] = _coerce(env, f.type)
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -160,3 +160,21 @@ def test_killed_run_resumes_without_applying_twice(prefect_api, ledger_path, rep
     statuses = [b["status"] for b in ledger.list_batches(db)]
     assert statuses.count("applying") == 0
     _live_weights_match_ledger(db)
+
+
+def test_server_down_at_publish_is_recorded_and_the_nights_edits_stay(prefect_api, ledger_path, replay):
+    """Publishing to a server that is down: retried, then recorded; the run completes and
+    the next run publishes again (every run publishes the live version)."""
+    import socket
+
+    from flows.pipelines import nightly_update
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    out = nightly_update(window_end=DAY_END, window_hours=24,
+                         settings=_settings(replay, server_url=dead, network_retry_delays_s=[0.1]))
+    assert "error" in out["publish"] and out["publish"]["server"] == dead
+    assert out["edits"]["applied_cases"] >= 5
+    db = open_db(ledger_path)
+    assert ledger.list_runs(db, kind="nightly")[-1]["status"] == "completed"
