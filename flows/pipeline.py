@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
-from flows.runtime import LiveModel, delta_dir, rebuild_version
+from flows.runtime import LiveModel, delta_dir
 from kedit_core.editors.base import Editor, EditResult
 from kedit_core.evaluate import reference_predictions
 from kedit_core.gate import GateConfig, GateDecision, decide, is_full_check
@@ -200,10 +200,7 @@ def sync_with_ledger(live: LiveModel, db: Database) -> None:
     if target == live.version_id:
         return
     log.warning("model is at version %s but the ledger's live version is %s: rebuilding", live.version_id, target)
-    live.restore_base()  # exact: back to the base weights
-    for delta in rebuild_version(live.lm, db, target):
-        live.record_applied(delta)
-    live.version_id = target
+    live.rebuild_to(target)  # exact: base weights, then the ledger's deltas
 
 
 # --------------------------------------------------------------------------- the loop

@@ -69,6 +69,13 @@ class LiveModel:
         self.base_originals.clear()
         self.applied = []
 
+    def rebuild_to(self, version_id: int) -> None:
+        """Put the model exactly at ledger version `version_id` (base weights, then its deltas)."""
+        self.restore_base()
+        for delta in rebuild_version(self.lm, self.db, version_id):
+            self.record_applied(delta)
+        self.version_id = version_id
+
     @contextlib.contextmanager
     def at_base(self) -> Iterator[None]:
         """Temporarily the exact base weights (e.g. to freeze a regression suite); the live
@@ -144,7 +151,6 @@ def open_live_model(
     if version is None:
         row = ledger.live_version(db, lm.fingerprint)
         version = int(row["version_id"]) if row else base_id
-    live = LiveModel(lm=lm, db=db, version_id=version, base_version_id=base_id)
-    for delta in rebuild_version(lm, db, version):
-        live.record_applied(delta)
+    live = LiveModel(lm=lm, db=db, version_id=base_id, base_version_id=base_id)
+    live.rebuild_to(version)
     return live

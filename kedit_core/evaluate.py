@@ -154,22 +154,31 @@ def _locality(
             answers = [reference.answers[_probe_key(p)] for p in known]
             now = predicted_tokens(lm, _ask([p.prompt for p in known], rewriter), answers, bs)
             agree = token_agreement([reference.predictions[_probe_key(p)] for p in known], now)
-            # `locality` is unrelated knowledge (other subjects, dataset locality prompts),
-            # the field's definition; other facts of the edited subject are reported apart
-            # as `locality_same`, the known weak spot of locate-then-edit methods, so one
-            # cannot hide the other in an average.
-            unrelated = [a for p, a in zip(known, agree) if p.kind != "locality_same"]
+            unrelated, same = split_by_scope([p.kind for p in known], agree)
             if unrelated:
                 out["locality"] = _mean(unrelated)
-            for sub in ("locality_other", "locality_same"):
-                vals = [a for p, a in zip(known, agree) if p.kind == sub]
-                if vals:
-                    out[sub] = _mean(vals)
+            if same:
+                out["locality_same"] = _mean(same)
+            other = [a for p, a in zip(known, agree) if p.kind == "locality_other"]
+            if other:
+                out["locality_other"] = _mean(other)
     with_answer = [p for p in probes if p.answer.strip()]
     if with_answer:
         acc = token_accuracy(lm, _ask([p.prompt for p in with_answer], rewriter), [p.answer for p in with_answer], bs)
         out["locality_answer_acc"] = _mean(acc)
     return out
+
+
+def split_by_scope(kinds: Sequence[str], scores: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Locality scores split into (unrelated knowledge, other facts of an edited subject).
+
+    `locality` means unrelated knowledge (other subjects, dataset locality prompts), the
+    field's definition; `locality_same` is reported apart because it is the known weak spot
+    of locate-then-edit methods, so one cannot hide the other in an average.
+    """
+    unrelated = [s for k, s in zip(kinds, scores) if k != "locality_same"]
+    same = [s for k, s in zip(kinds, scores) if k == "locality_same"]
+    return unrelated, same
 
 
 def _negation(lm: LoadedModel, cases: Sequence[EditCase], rewriter: PromptRewriter | None, bs: int) -> dict[str, float]:

@@ -36,6 +36,7 @@ from kedit_core.evaluate import (
     latest_per_fact,
     reference_predictions,
     retention,
+    split_by_scope,
 )
 from kedit_core.model import LoadedModel
 from kedit_core.scoring import greedy_exact_match, perplexity, predicted_tokens, token_accuracy, token_agreement
@@ -282,10 +283,9 @@ def general_metrics(
         asked = [rewriter.rewrite_prompt(p) for p in prompts] if rewriter is not None else prompts
         now = predicted_tokens(lm, asked, [ref.answers[k] for k in keys], batch_size)
         agree = token_agreement([ref.predictions[k] for k in keys], now)
-        # Same split as kedit_core.evaluate: unrelated knowledge is gated, other facts of
-        # already-edited subjects are reported apart (they moved when those edits landed).
-        unrelated = [a for k, a in zip(keys, agree) if k[0] != "locality_same"]
-        same = [a for k, a in zip(keys, agree) if k[0] == "locality_same"]
+        # Unrelated knowledge is gated; other facts of already-edited subjects are reported
+        # apart (they moved when those edits landed).
+        unrelated, same = split_by_scope([k[0] for k in keys], agree)
         if unrelated:
             out["suite_locality"] = sum(unrelated) / len(unrelated)
         if same:

@@ -36,7 +36,7 @@ def kedit_home(tmp_path, monkeypatch, session_home) -> Path:
 @pytest.fixture(scope="session")
 def embedded_lm(session_home):
     """The real embedded model, loaded once per session (integration tests only)."""
-    from kedit_core.model import EMBEDDED_GGUF_NAME, embedded_gguf_path, load_model  # noqa: F401
+    from kedit_core.model import load_model
 
     old = os.environ.get("KEDIT_HOME")
     os.environ["KEDIT_HOME"] = str(session_home)
