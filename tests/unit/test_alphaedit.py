@@ -107,3 +107,21 @@ def test_accumulated_keys_protect_earlier_edits(tiny):
     assert moved_with < moved_without
     amnesic.rollback(tiny, without_state)
     ed.rollback(tiny, r1)
+
+
+def test_preserve_weight_holds_earlier_edits_tighter(tiny):
+    """A larger `preserve_weight` makes batch 2 move batch 1's key outputs less."""
+    from kedit_core.editors.memit import context_templates, encode_rows, keys_and_outputs
+
+    first, second = _batch("a"), _batch("b")
+    moved = {}
+    for weight in (1.0, 10.0):
+        ed: AlphaEdit = get_editor("alphaedit", {**FAST, "l2": 1.0, "preserve_weight": weight})  # type: ignore[assignment]
+        r1 = ed.edit(tiny, first)
+        templates = context_templates(tiny, ed.config.n_context_templates, ed.config.context_template_len, 0)
+        k1, _ = keys_and_outputs(tiny, encode_rows(tiny, first, templates), [1], 2)
+        r2 = ed.edit(tiny, second)
+        moved[weight] = float((_dW(tiny, r2, 1) @ k1[1].T).norm())
+        ed.rollback(tiny, r2)
+        ed.rollback(tiny, r1)
+    assert moved[10.0] < moved[1.0]
