@@ -46,6 +46,10 @@ class AlphaEditConfig(MemitConfig):
     # about l2, so at weight 1 a new batch may move old edits' outputs about as freely as
     # any other direction.
     preserve_weight: float = 1.0
+    # MEMIT's soft preservation inside the null space: adds cov_weight * C to the system, so
+    # directions generic text still uses a little cost more than truly unused ones. 0 is the
+    # paper's AlphaEdit; P keeps the update in the null space either way.
+    cov_weight: float = 0.0
 
 
 @register("alphaedit")
@@ -76,6 +80,8 @@ class AlphaEdit(Memit):
         K = keys.double().T  # [inter, n]
         prev = self.prev_keys.get(layer)
         KK = K @ K.T + (cfg.preserve_weight * prev.to(K.device) if prev is not None else 0.0)
+        if cfg.cov_weight:
+            KK = KK + cfg.cov_weight * self.covariance(lm, layer).double().to(K.device)
         A = P @ KK + cfg.l2 * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
         X = torch.linalg.solve(A, P @ K @ resid.double())  # [inter, H]; X = P X by construction
         return X.T
