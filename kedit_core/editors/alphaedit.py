@@ -38,18 +38,18 @@ class AlphaEditConfig(MemitConfig):
     # Eigen-directions of C with eigenvalue < nullspace_threshold * (largest eigenvalue)
     # form the null space (relative, so one setting works across models whose key scales
     # differ; set nullspace_relative=False for the paper's absolute threshold).
-    nullspace_threshold: float = 1e-2
+    nullspace_threshold: float = 2e-2
     nullspace_relative: bool = True
     l2: float = 10.0  # ridge on the projected update
     # Weight of earlier edits' keys in the solve. 1 is the paper's objective; subject keys
     # keep only ~8-22 of their ~50-60 squared norm inside the null space on SmolLM2, which is
     # about l2, so at weight 1 a new batch may move old edits' outputs about as freely as
     # any other direction.
-    preserve_weight: float = 1.0
+    preserve_weight: float = 10.0
     # MEMIT's soft preservation inside the null space: adds cov_weight * C to the system, so
     # directions generic text still uses a little cost more than truly unused ones. 0 is the
     # paper's AlphaEdit; P keeps the update in the null space either way.
-    cov_weight: float = 0.0
+    cov_weight: float = 1000.0
 
 
 @register("alphaedit")

@@ -72,7 +72,7 @@ class MemitConfig(EditorConfig):
     n_context_templates: int = 2  # "{}" plus n-1 random model-generated prefixes (2: paraphrase 0.80-0.87 at 2/3 the cost of 3)
     context_template_len: int = 10  # tokens per random prefix
     mom2_update_weight: float = 1500.0  # lambda: weight of the key covariance (preservation)
-    keystats_samples: int = 4000  # token positions for the key second moment
+    keystats_samples: int = 20000  # token positions for the key second moment (docs/editing.md)
     keystats_corpus: str | None = None  # text file; None = shipped corpus + model samples
     bf16: bool = True  # bfloat16 autocast for the target optimisation only
 
