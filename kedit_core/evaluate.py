@@ -222,10 +222,13 @@ def retention(
     rewriter: PromptRewriter | None = None,
     greedy: bool = False,
     batch_size: int = 32,
+    kinds: Sequence[str] = ("efficacy",),
 ) -> dict[str, float]:
-    """Efficacy of earlier edits now, skipping facts a later case overwrote."""
+    """Efficacy of earlier edits now (`retention_acc`), skipping facts a later case
+    overwrote; with "paraphrase" in `kinds` also their paraphrases (`retention_paraphrase_acc`),
+    which tells sequential erosion of generalisation apart from cases that never generalised."""
     if all_cases_so_far is not None:
         alive = {c.case_id for c in latest_per_fact(all_cases_so_far)}
         earlier_cases = [c for c in earlier_cases if c.case_id in alive]
-    m = evaluate_cases(lm, earlier_cases, kinds=("efficacy",), rewriter=rewriter, greedy=greedy, batch_size=batch_size)
-    return {k.replace("efficacy", "retention"): v for k, v in m.items()}
+    m = evaluate_cases(lm, earlier_cases, kinds=kinds, rewriter=rewriter, greedy=greedy, batch_size=batch_size)
+    return {("retention" + k[len("efficacy"):] if k.startswith("efficacy") else "retention_" + k): v for k, v in m.items()}

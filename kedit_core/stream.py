@@ -8,8 +8,10 @@ taken after the LAST batch (an edit that a later batch undid does not count).
   the latest edit of its fact (when a stream edits the same subject and relation twice,
   the later edit wins, `EditCase.fact_key`);
 - retention is the efficacy of the first batch's (still-current) cases after the last batch;
-- `immediate_efficacy_acc` is each batch's efficacy right after it was applied, averaged:
-  the gap between it and the final efficacy is what sequential editing forgets.
+- `immediate_efficacy_acc` / `immediate_paraphrase_acc` are each batch's efficacy and
+  paraphrase right after it was applied, averaged: the gap between them and the final
+  figures is what sequential editing forgets; `retention_paraphrase_acc` is the first
+  batch's paraphrase after the last batch (erosion of generalisation, not just of the edit).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from kedit_core.types import EditCase
 log = logging.getLogger(__name__)
 
 FINAL_KINDS = ("efficacy", "paraphrase", "locality")
+KEPT_KINDS = ("efficacy", "paraphrase")  # what retention measures on the first batch
 
 
 def peak_rss_mb() -> float:
@@ -107,9 +110,10 @@ def run_stream(
             editing += dt
             results.append(result)
             rec = BatchRecord(index=b, case_ids=[c.case_id for c in batch], seconds=dt)
-            rec.metrics["immediate_efficacy_acc"] = evaluate_cases(lm, batch, kinds=("efficacy",), rewriter=rw, greedy=False)[
-                "efficacy_acc"
-            ]
+            now = evaluate_cases(lm, batch, kinds=("efficacy", "paraphrase"), rewriter=rw, greedy=False)
+            rec.metrics["immediate_efficacy_acc"] = now["efficacy_acc"]
+            if "paraphrase_acc" in now:
+                rec.metrics["immediate_paraphrase_acc"] = now["paraphrase_acc"]
             steps = [d.steps for d in result.diagnostics]
             rec.info = {"mean_steps": sum(steps) / len(steps) if steps else 0, "delta_norm": result.delta.norm()}
             if eval_each_batch:
@@ -118,7 +122,7 @@ def run_stream(
                     evaluate_cases(lm, so_far, reference=reference, kinds=FINAL_KINDS, rewriter=rw, greedy=False)
                 )
                 rec.metrics.update(
-                    retention(lm, batches[0], all_cases_so_far=cases[: (b + 1) * batch_size], rewriter=rw)
+                    retention(lm, batches[0], all_cases_so_far=cases[: (b + 1) * batch_size], rewriter=rw, kinds=KEPT_KINDS)
                 )
             records.append(rec)
             if on_batch is not None:
@@ -128,8 +132,11 @@ def run_stream(
         bar.close()
         current = latest_per_fact(cases)
         metrics = evaluate_cases(lm, current, reference=reference, kinds=FINAL_KINDS, rewriter=rw, greedy=greedy)
-        metrics.update(retention(lm, batches[0], all_cases_so_far=cases, rewriter=rw, greedy=greedy))
-        metrics["immediate_efficacy_acc"] = sum(r.metrics["immediate_efficacy_acc"] for r in records) / len(records)
+        metrics.update(retention(lm, batches[0], all_cases_so_far=cases, rewriter=rw, greedy=greedy, kinds=KEPT_KINDS))
+        for key in ("immediate_efficacy_acc", "immediate_paraphrase_acc"):
+            vals = [r.metrics[key] for r in records if key in r.metrics]
+            if vals:
+                metrics[key] = sum(vals) / len(vals)
     finally:
         bar.close()
         if restore:

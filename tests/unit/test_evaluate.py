@@ -71,6 +71,16 @@ def test_latest_per_fact_and_retention_skip_overwritten(tiny_gpt2):
     assert r["retention_acc"] == pytest.approx(direct["efficacy_acc"])
 
 
+def test_retention_of_paraphrases_scores_the_surviving_cases_paraphrases(tiny_gpt2):
+    a = _case("a", new="xx", probes=[Probe("paraphrase", "Zed is fond of", "xx")])
+    b = _case("b", new="yy", probes=[Probe("paraphrase", "Zed enjoys", "yy")])  # overwrites a
+    c = _case("c", subj="Other", new="zz", probes=[Probe("paraphrase", "Other enjoys", "zz")])
+    r = retention(tiny_gpt2, [a, c], all_cases_so_far=[a, b, c], kinds=("efficacy", "paraphrase"))
+    direct = evaluate_cases(tiny_gpt2, [c], kinds=("efficacy", "paraphrase"), greedy=False)
+    assert set(r) == {"retention_acc", "retention_paraphrase_acc"}
+    assert r["retention_paraphrase_acc"] == pytest.approx(direct["paraphrase_acc"])
+
+
 def test_absent_probe_kinds_are_not_reported_as_zero(tiny_gpt2):
     m = evaluate_cases(tiny_gpt2, [_case("c1")], greedy=True)
     assert set(m) == {"efficacy_acc", "efficacy_em"}

@@ -25,8 +25,10 @@ def test_stream_measures_after_last_batch_and_restores_exactly(tiny_llama):
     result = run_stream(tiny_llama, get_editor("alphaedit", FAST), cases, batch_size=2, greedy=False,
                         restore=True, on_batch=seen.append, show_progress=False)
     assert [b.index for b in seen] == [0, 1] and [b.case_ids for b in result.batches] == [["c0", "c1"], ["c2", "c3"]]
-    for key in ("efficacy_acc", "paraphrase_acc", "locality", "retention_acc", "immediate_efficacy_acc"):
+    for key in ("efficacy_acc", "paraphrase_acc", "locality", "retention_acc", "immediate_efficacy_acc",
+                "immediate_paraphrase_acc", "retention_paraphrase_acc"):
         assert 0.0 <= result.metrics[key] <= 1.0
+    assert all("immediate_paraphrase_acc" in b.metrics for b in result.batches)
     assert result.fingerprint == tiny_llama.fingerprint and result.n_cases == 4
     assert result.seconds_per_edit > 0 and result.peak_rss_mb > 0
     assert result.config["method"] == "alphaedit"
