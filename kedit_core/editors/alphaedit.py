@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from kedit_core.editors.base import EditorConfig, EditResult, register
-from kedit_core.editors.memit import EditRows, Memit, MemitConfig, keys_and_outputs
+from kedit_core.editors.memit import EditRows, Memit, MemitConfig, fitted_keys
 from kedit_core.model import LoadedModel
 
 
@@ -93,7 +93,8 @@ class AlphaEdit(Memit):
 
     def after_edit(self, lm: LoadedModel, rows: EditRows, layers: list[int]) -> dict[str, Any]:
         # Keys of this batch under the edited weights (as the paper does) join the preserved set.
-        keys, _ = keys_and_outputs(lm, rows, layers, layers[-1])
+        cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
+        keys, _, _ = fitted_keys(lm, rows, layers, layers[-1], cfg.per_template_keys)
         added = {}
         for layer, k in keys.items():
             kk = k.double().T @ k.double()

@@ -10,9 +10,13 @@ The idea in four steps, for a batch of edits "subject -> new answer":
    "{subject} is a" predicting what it predicted before (so the subject keeps its
    identity), plus weight decay on `delta`; the norm of `delta` is clamped and
    optimisation stops early once the answer is likely enough. z = h_L + delta.
+   Optional `prompt_variants` add rewordings of the prompt to those contexts (e.g.
+   `subject_first`: "Munich: Who was the head of government of it?"), so the target must
+   also work when the subject is not where the edit's own wording puts it.
 2. **Keys.** At each edited layer l, the key of a case is the input of the MLP's output
    projection (Llama `mlp.down_proj`, GPT-2 `mlp.c_proj`) at the subject's last token,
-   averaged over the context templates.
+   averaged over the contexts (MEMIT); with `per_template_keys` each context's key is
+   fitted on its own (weight 1/contexts), each to its own output plus the case's delta.
 3. **Spread.** The remaining residual z - h_L(current weights) is split over the layers
    still to edit: layer i of n takes 1/(n - i) of what is left, edited lowest first, each
    seeing the edits below it.
@@ -75,6 +79,8 @@ class MemitConfig(EditorConfig):
     keystats_samples: int = 20000  # token positions for the key second moment (docs/editing.md)
     keystats_corpus: str | None = None  # text file; None = shipped corpus + model samples
     bf16: bool = True  # bfloat16 autocast for the target optimisation only
+    per_template_keys: bool = False  # fit every context template's key, not only their mean
+    prompt_variants: tuple[str, ...] = ()  # extra rewordings optimised alongside the templates (PROMPT_VARIANTS)
 
     def stronger(self) -> MemitConfig:
         from dataclasses import replace
@@ -208,31 +214,47 @@ def _subject_last_token(tok: Any, text: str, subject_end: int) -> int:
     return len(tok.encode(text[:subject_end], add_special_tokens=False)) - 1
 
 
-def encode_rows(lm: LoadedModel, cases: list[EditCase], templates: list[str]) -> EditRows:
+def subject_first(case: EditCase) -> tuple[str, int]:
+    """The prompt with the subject moved to the front ("Munich: Who was the head of
+    government of it?"), so the answer must be read from the subject across the whole
+    question, as in rewordings where the subject is not the question's last word."""
+    s0, s1 = case.subject_span
+    rest = case.prompt[:s0] + ("It" if s0 == 0 else "it") + case.prompt[s1:]
+    return f"{case.subject}: {rest}", len(case.subject)
+
+
+PROMPT_VARIANTS = {"subject_first": subject_first}
+
+
+def encode_rows(lm: LoadedModel, cases: list[EditCase], templates: list[str], variants: tuple[str, ...] = ()) -> EditRows:
+    unknown = [v for v in variants if v not in PROMPT_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown prompt variants {unknown}; known: {sorted(PROMPT_VARIANTS)}")
     tok = lm.tokenizer
     seqs: list[list[int]] = []
     lookup, case_of, tmpl_of = [], [], []
     tr, tp, tt, tw = [], [], [], []
+    n_contexts = len(templates) + len(variants)
     for ci, case in enumerate(cases):
         s0, s1 = case.subject_span
         a_ids = tok.encode(" " + case.target_new.strip(), add_special_tokens=False)
         if not a_ids:
             raise ValueError(f"case {case.case_id}: target {case.target_new!r} has no tokens")
-        for ti, tmpl in enumerate(templates):
-            pre = tmpl.index("{}")
-            text = tmpl.format(case.prompt)
+        contexts = [(tmpl.format(case.prompt), tmpl.index("{}") + s1) for tmpl in templates]
+        contexts += [PROMPT_VARIANTS[v](case) for v in variants]
+        for ti, (text, subject_end) in enumerate(contexts):
             p_ids = tok.encode(text, add_special_tokens=False)
             r = len(seqs)
             # position j predicts token j+1; the last answer token is never an input
             seqs.append(p_ids + a_ids[:-1])
-            lookup.append(min(_subject_last_token(tok, text, pre + s1), len(p_ids) - 1))
+            lookup.append(min(_subject_last_token(tok, text, subject_end), len(p_ids) - 1))
             case_of.append(ci)
             tmpl_of.append(ti)
             for k, a in enumerate(a_ids):
                 tr.append(r)
                 tp.append(len(p_ids) - 1 + k)
                 tt.append(a)
-                tw.append(1.0 / (len(a_ids) * len(templates)))
+                tw.append(1.0 / (len(a_ids) * n_contexts))
     kl_row, kl_pos = [], []
     for ci, case in enumerate(cases):
         text = f"{case.subject} is a"
@@ -253,7 +275,7 @@ def encode_rows(lm: LoadedModel, cases: list[EditCase], templates: list[str]) ->
     L = torch.tensor
     return EditRows(
         ids, att, L(lookup), L(case_of), L(tmpl_of), L(tr), L(tp), L(tt), L(tw, dtype=torch.float32),
-        L(kl_row), L(kl_pos), len(cases), len(templates),
+        L(kl_row), L(kl_pos), len(cases), n_contexts,
     )
 
 
@@ -297,15 +319,15 @@ def _first(x):
 
 
 @torch.no_grad()
-def keys_and_outputs(
+def row_keys_and_outputs(
     lm: LoadedModel, rows: EditRows, key_layers: list[int], z_layer: int
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """One forward (stopping after `z_layer`): per key layer, the MLP-output-projection input
-    at each case's subject last token averaged over its templates ([n_cases, inter]); and
-    the output of `z_layer` there for the bare prompt ("{}" template) ([n_cases, H])."""
-    tmpl_rows = rows.template_of_row >= 0
-    idx = torch.arange(rows.input_ids.shape[0], device=lm.device)
-    lookup = rows.lookup.to(lm.device)
+    """One forward (stopping after `z_layer`) over the template rows (KL rows left out), in
+    row order: per key layer, the MLP-output-projection input at the subject's last token
+    ([R_t, inter]), and the output of `z_layer` there ([R_t, H]), both float64."""
+    tmpl_rows = (rows.template_of_row >= 0).nonzero()[:, 0]
+    idx = torch.arange(len(tmpl_rows), device=lm.device)
+    lookup = rows.lookup[tmpl_rows].to(lm.device)
     raw: dict[int, torch.Tensor] = {}
     zout: dict[str, torch.Tensor] = {}
     handles = []
@@ -322,23 +344,55 @@ def keys_and_outputs(
         raise _StopForward
 
     handles.append(decoder_layers(lm.model)[z_layer].register_forward_hook(out_hook))
+    width = int(rows.lengths[tmpl_rows].max())
     try:
         lm.model.base_model(
-            input_ids=rows.input_ids.to(lm.device), attention_mask=rows.attention_mask.to(lm.device), use_cache=False
+            input_ids=rows.input_ids[tmpl_rows, :width].to(lm.device),
+            attention_mask=rows.attention_mask[tmpl_rows, :width].to(lm.device),
+            use_cache=False,
         )
     except _StopForward:
         pass
     finally:
         for h in handles:
             h.remove()
+    return raw, zout["z"]
+
+
+@torch.no_grad()
+def keys_and_outputs(
+    lm: LoadedModel, rows: EditRows, key_layers: list[int], z_layer: int
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """MEMIT's keys: per key layer, each case's key averaged over its templates
+    ([n_cases, inter]); and the output of `z_layer` for the bare prompt ("{}") ([n_cases, H])."""
+    raw, z = row_keys_and_outputs(lm, rows, key_layers, z_layer)
+    tmpl = rows.template_of_row >= 0
+    case_of = rows.case_of_row[tmpl].to(z.device)
     keys = {}
-    case_of = rows.case_of_row[tmpl_rows].to(lm.device)
     for layer, k in raw.items():
-        k = k[tmpl_rows.to(k.device)]
         summed = torch.zeros(rows.n_cases, k.shape[1], dtype=k.dtype, device=k.device).index_add_(0, case_of, k)
         keys[layer] = summed / rows.n_templates
-    bare = (rows.template_of_row == 0).to(lm.device)
-    return keys, zout["z"][bare]
+    bare = (rows.template_of_row[tmpl] == 0).to(z.device)
+    return keys, z[bare]
+
+
+def fitted_keys(
+    lm: LoadedModel, rows: EditRows, key_layers: list[int], z_layer: int, per_template: bool
+) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The keys the closed form fits, already weighted, with the layer-`z_layer` outputs
+    they currently produce and the case of each key.
+
+    MEMIT fits one key per case, the mean over context templates. With `per_template`, every
+    template row is its own key with weight 1/templates (keys and outputs are returned
+    scaled by its square root, so K K^T keeps the scale of the mean-key solve): the update
+    then has to work in every context it was optimised in, not only for their average."""
+    if not per_template:
+        keys, z = keys_and_outputs(lm, rows, key_layers, z_layer)
+        return keys, z, torch.arange(rows.n_cases)
+    raw, z = row_keys_and_outputs(lm, rows, key_layers, z_layer)
+    w = (1.0 / rows.n_templates) ** 0.5
+    case_of = rows.case_of_row[rows.template_of_row >= 0]
+    return {layer: k * w for layer, k in raw.items()}, z * w, case_of
 
 
 # --------------------------------------------------------------------------- step 1: target vectors
@@ -609,7 +663,7 @@ class Memit(Editor):
         for l_ in layers:  # key statistics first: their progress bar should not interrupt editing
             self.covariance(lm, l_)
         templates = context_templates(lm, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
-        rows = encode_rows(lm, cases, templates)
+        rows = encode_rows(lm, cases, templates, tuple(cfg.prompt_variants))
 
         targets = self.compute_targets(lm, rows, z_layer, cfg)
         t_targets = time.perf_counter() - t0
@@ -617,11 +671,17 @@ class Memit(Editor):
         params = dict(model.named_parameters())
         originals = {s.param_name: params[s.param_name].detach().clone() for s in sites}
         tensors: dict[str, torch.Tensor] = {}
+        per_template = cfg.per_template_keys
         try:
             with torch.no_grad():
+                if per_template:  # each template row's own target: its unedited output plus the case's delta
+                    _, z0, case_of = fitted_keys(lm, rows, [], z_layer, per_template)
+                    goal = z0 + (targets.z - targets.z_init).double()[case_of.to(z0.device)] * (1.0 / rows.n_templates) ** 0.5
+                else:
+                    goal = targets.z.double()
                 for i, site in enumerate(sites):
-                    keys, cur_z = keys_and_outputs(lm, rows, [site.layer], z_layer)
-                    resid = (targets.z.double() - cur_z) / (len(sites) - i)  # this layer's share of what is left
+                    keys, cur_z, _ = fitted_keys(lm, rows, [site.layer], z_layer, per_template)
+                    resid = (goal - cur_z) / (len(sites) - i)  # this layer's share of what is left
                     upd = self.solve_update(lm, site.layer, keys[site.layer], resid)  # [H, inter] float64
                     p = params[site.param_name]
                     upd = (upd.T if site.transposed else upd).to(p.dtype)

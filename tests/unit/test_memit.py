@@ -121,3 +121,45 @@ def test_key_statistics_cached_by_samples(tiny, kedit_home):
 def test_unknown_setting_is_rejected():
     with pytest.raises(ValueError, match="unknown settings"):
         get_editor("memit", {"layerz": [1]})
+
+
+def test_subject_first_variant_moves_the_subject_to_the_front(tiny):
+    from kedit_core.editors.memit import subject_first
+
+    case = _cases()[1]
+    text, end = subject_first(case)
+    assert text == "Borvik: What is the capital of it?" and text[:end] == "Borvik"
+    templates = context_templates(tiny, 2, 4)
+    rows = encode_rows(tiny, [case], templates, variants=("subject_first",))
+    assert rows.n_templates == 3
+    variant_row = int((rows.template_of_row == 2).nonzero()[0, 0])
+    upto = tiny.tokenizer.decode(rows.input_ids[variant_row, : int(rows.lookup[variant_row]) + 1])
+    assert upto.endswith("Borvik")
+    # the answer is still scored after the (reworded) question
+    assert int((rows.tgt_row == variant_row).sum()) == len(tiny.tokenizer.encode(" Oslo", add_special_tokens=False))
+
+
+def test_per_template_keys_fit_every_context_not_only_their_mean(tiny):
+    """One edited layer, almost no covariance penalty: the closed form can then fit its keys
+    exactly, so with per-template keys EVERY template row moves by the case's own delta,
+    while the mean key fits only the average of the rows."""
+    from kedit_core.editors.memit import row_keys_and_outputs
+
+    cases = _cases()
+    spread = {}
+    for per_template in (False, True):
+        cfg = {**FAST, "layers": [2], "mom2_update_weight": 1e-6, "per_template_keys": per_template}
+        editor = get_editor("memit", cfg)
+        rows = encode_rows(tiny, cases, context_templates(tiny, 2, 10))
+        _, before = row_keys_and_outputs(tiny, rows, [], 2)
+        result = editor.edit(tiny, cases)
+        _, after = row_keys_and_outputs(tiny, rows, [], 2)
+        editor.rollback(tiny, result)
+        moved = after - before  # [rows, H]
+        case_of = rows.case_of_row[rows.template_of_row >= 0]
+        spread[per_template] = max(
+            float((moved[case_of == c] - moved[case_of == c].mean(0)).norm(dim=1).max() / moved[case_of == c].norm(dim=1).mean())
+            for c in range(len(cases))
+        )
+    assert spread[True] < 1e-3, spread
+    assert spread[False] > 10 * spread[True], spread
