@@ -22,6 +22,10 @@ residual over layers: imported from `memit.py`). Only the closed form differs:
   penalty inside the null space, so directions that generic text still uses a little cost
   more than unused ones (locality 0.83 -> 0.87 for efficacy 0.97 -> 0.94 over 100 edits).
 
+kedit's AlphaEdit also turns on two MEMIT options by default (`memit.py`, measured in
+docs/editing.md): the `subject_first` prompt variant and `per_template_keys`, which lift
+paraphrase generalisation over 100 edits from 0.61 to 0.69.
+
 All of it in float64, [inter, inter] matrices (1536 x 1536 on SmolLM2-135M).
 """
 from __future__ import annotations
@@ -55,6 +59,11 @@ class AlphaEditConfig(MemitConfig):
     # directions generic text still uses a little cost more than truly unused ones. 0 is the
     # paper's AlphaEdit; P keeps the update in the null space either way.
     cov_weight: float = 1000.0
+    # Generalisation across wordings (docs/editing.md, third round): optimise each target
+    # also for the prompt with its subject moved to the front, and fit every context's key
+    # on its own. Over 100 edits: paraphrase 0.61 -> 0.69 for locality 0.87 -> 0.85.
+    per_template_keys: bool = True
+    prompt_variants: tuple[str, ...] = ("subject_first",)
 
 
 @register("alphaedit")
