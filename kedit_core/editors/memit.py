@@ -208,6 +208,12 @@ class EditRows:
     def lengths(self) -> torch.Tensor:
         return self.attention_mask.sum(1)
 
+    @property
+    def per_context_scale(self) -> float:
+        """sqrt(1/contexts): per-template keys and outputs are scaled by it, so that fitting
+        every context's key keeps the K K^T scale of fitting their mean."""
+        return (1.0 / self.n_templates) ** 0.5
+
 
 def _subject_last_token(tok: Any, text: str, subject_end: int) -> int:
     # Token count of the text up to the subject's end, minus one (ROME/MEMIT convention).
@@ -390,7 +396,7 @@ def fitted_keys(
         keys, z = keys_and_outputs(lm, rows, key_layers, z_layer)
         return keys, z, torch.arange(rows.n_cases)
     raw, z = row_keys_and_outputs(lm, rows, key_layers, z_layer)
-    w = (1.0 / rows.n_templates) ** 0.5
+    w = rows.per_context_scale
     case_of = rows.case_of_row[rows.template_of_row >= 0]
     return {layer: k * w for layer, k in raw.items()}, z * w, case_of
 
@@ -676,7 +682,7 @@ class Memit(Editor):
             with torch.no_grad():
                 if per_template:  # each template row's own target: its unedited output plus the case's delta
                     _, z0, case_of = fitted_keys(lm, rows, [], z_layer, per_template)
-                    goal = z0 + (targets.z - targets.z_init).double()[case_of.to(z0.device)] * (1.0 / rows.n_templates) ** 0.5
+                    goal = z0 + (targets.z - targets.z_init).double()[case_of.to(z0.device)] * rows.per_context_scale
                 else:
                     goal = targets.z.double()
                 for i, site in enumerate(sites):
