@@ -82,6 +82,9 @@ class MemitConfig(EditorConfig):
     per_template_keys: bool = False  # fit every context template's key, not only their mean
     prompt_variants: tuple[str, ...] = ()  # extra rewordings optimised alongside the templates (PROMPT_VARIANTS)
 
+    def __post_init__(self) -> None:
+        check_prompt_variants(self.prompt_variants)  # fail when configured, not mid-edit
+
     def stronger(self) -> MemitConfig:
         from dataclasses import replace
 
@@ -232,10 +235,14 @@ def subject_first(case: EditCase) -> tuple[str, int]:
 PROMPT_VARIANTS = {"subject_first": subject_first}
 
 
-def encode_rows(lm: LoadedModel, cases: list[EditCase], templates: list[str], variants: tuple[str, ...] = ()) -> EditRows:
+def check_prompt_variants(variants: Any) -> None:
     unknown = [v for v in variants if v not in PROMPT_VARIANTS]
     if unknown:
         raise ValueError(f"unknown prompt variants {unknown}; known: {sorted(PROMPT_VARIANTS)}")
+
+
+def encode_rows(lm: LoadedModel, cases: list[EditCase], templates: list[str], variants: tuple[str, ...] = ()) -> EditRows:
+    check_prompt_variants(variants)
     tok = lm.tokenizer
     seqs: list[list[int]] = []
     lookup, case_of, tmpl_of = [], [], []

@@ -163,3 +163,8 @@ def test_per_template_keys_fit_every_context_not_only_their_mean(tiny):
         )
     assert spread[True] < 1e-3, spread
     assert spread[False] > 10 * spread[True], spread
+
+
+def test_unknown_prompt_variant_is_named_when_configured():
+    with pytest.raises(ValueError, match="unknown prompt variants \\['reversed'\\].*subject_first"):
+        get_editor("memit", {**FAST, "prompt_variants": ["reversed"]})
