@@ -687,13 +687,13 @@ class Memit(Editor):
         per_template = cfg.per_template_keys
         try:
             with torch.no_grad():
-                if per_template:  # each template row's own target: its unedited output plus the case's delta
-                    _, z0, case_of = fitted_keys(lm, rows, [], z_layer, per_template)
-                    goal = z0 + (targets.z - targets.z_init).double()[case_of.to(z0.device)] * rows.per_context_scale
-                else:
-                    goal = targets.z.double()
                 for i, site in enumerate(sites):
-                    keys, cur_z, _ = fitted_keys(lm, rows, [site.layer], z_layer, per_template)
+                    keys, cur_z, case_of = fitted_keys(lm, rows, [site.layer], z_layer, per_template)
+                    if i == 0 and not per_template:
+                        goal = targets.z.double()
+                    elif i == 0:  # nothing edited yet: each row's target is its unedited output plus its case's delta
+                        delta_z = (targets.z - targets.z_init).double()[case_of.to(cur_z.device)]
+                        goal = cur_z + delta_z * rows.per_context_scale
                     resid = (goal - cur_z) / (len(sites) - i)  # this layer's share of what is left
                     upd = self.solve_update(lm, site.layer, keys[site.layer], resid)  # [H, inter] float64
                     p = params[site.param_name]
