@@ -42,7 +42,7 @@ from typing import Sequence
 
 import torch
 
-from kedit_core.model import LoadedModel, kedit_home
+from kedit_core.model import LoadedModel, kedit_home, kv_cache_kwargs, kv_cache_of
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,16 @@ def corpus_id(corpus: str | Path | None) -> tuple[str, list[str]]:
 @torch.no_grad()
 def sampled_paragraphs(lm: LoadedModel, seeds: list[str], n_tokens: int, max_new: int = 96, batch: int = 128) -> list[str]:
     """Continuations the model samples from the first words of each seed paragraph, cached
-    by model fingerprint so every later run reads the same text."""
-    cache = kedit_home() / "keystats" / f"generated_{lm.fingerprint[:16]}_{n_tokens}_{GEN_SEED}.txt"
+    by model fingerprint and by the openings they start from, so every later run reads the
+    same text and an edited seed corpus gets fresh text."""
+    starts = [" ".join(p.split()[:6]) for p in seeds]
+    seeds_id = hashlib.sha256("\n".join(starts).encode()).hexdigest()[:12]
+    cache = kedit_home() / "keystats" / f"generated_{lm.fingerprint[:16]}_{seeds_id}_{n_tokens}_{GEN_SEED}.txt"
     if cache.exists():
         return read_paragraphs(cache.read_text(encoding="utf-8"))
     from tqdm.auto import tqdm
 
     tok, model, device = lm.tokenizer, lm.model, lm.device
-    starts = [" ".join(p.split()[:6]) for p in seeds]
     n_rows = max(1, -(-n_tokens // max_new))
     out: list[str] = []
     gen = torch.Generator(device="cpu").manual_seed(GEN_SEED)
@@ -110,8 +112,9 @@ def sampled_paragraphs(lm: LoadedModel, seeds: list[str], n_tokens: int, max_new
         for _ in range(max_new):
             # bfloat16 autocast: ~2x faster on AVX512-BF16 CPUs, and sampled text needs no more precision
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                out_m = model(input_ids=cur_ids, attention_mask=att, position_ids=cur_pos, past_key_values=past, use_cache=True)
-            past = out_m.past_key_values
+                out_m = model(input_ids=cur_ids, attention_mask=att, position_ids=cur_pos, use_cache=True,
+                              **kv_cache_kwargs(model, past))
+            past = kv_cache_of(out_m)
             probs = torch.softmax(out_m.logits[:, -1].float().cpu(), -1)
             # nucleus sampling (p=0.95): varied but fluent text
             sp, si = probs.sort(-1, descending=True)

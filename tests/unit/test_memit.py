@@ -118,6 +118,17 @@ def test_key_statistics_cached_by_samples(tiny, kedit_home):
     assert not torch.equal(other[1], first[1])
 
 
+def test_sampled_key_text_is_cached_per_seed_corpus(tiny, kedit_home):
+    from kedit_core.keystats import sampled_paragraphs
+
+    a = sampled_paragraphs(tiny, ["The river flows past the old mill"], 40, max_new=8)
+    assert sampled_paragraphs(tiny, ["The river flows past the old mill"], 40, max_new=8) == a  # read back
+    b = sampled_paragraphs(tiny, ["A quiet market town in the hills"], 40, max_new=8)
+    assert all(p.startswith("The river flows past the old") for p in a)
+    assert all(p.startswith("A quiet market town in the") for p in b)  # not the first corpus's cached text
+    assert len(list((kedit_home / "keystats").glob("generated_*.txt"))) == 2
+
+
 def test_unknown_setting_is_rejected():
     with pytest.raises(ValueError, match="unknown settings"):
         get_editor("memit", {"layerz": [1]})
