@@ -103,6 +103,23 @@ def fingerprint_model(model: Any) -> str:
 # --------------------------------------------------------------------------- embedded model
 
 
+def kv_cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword that passes a KV cache to `module.forward` in the installed transformers.
+
+    transformers 5.x renamed `past_key_values` to `cache` (the old name warns and is due to
+    be removed in 5.40); pyproject allows >=4.46, so ask the signature which one it takes."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def kv_cache_of(output: Any) -> Any:
+    """The KV cache a forward returned, under either transformers name (see kv_cache_kwargs)."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values
+
+
 def embedded_gguf_path() -> Path:
     """Locate the GGUF inside the installed wheel without importing its package.
 

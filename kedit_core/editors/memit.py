@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditResult, WeightDelta, register
-from kedit_core.model import LoadedModel
+from kedit_core.model import LoadedModel, kv_cache_kwargs, kv_cache_of
 from kedit_core.types import EditCase
 
 
@@ -480,9 +480,9 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
     prefix_cache = None
     with torch.no_grad():
         if S > 0:
-            prefix_cache = body(
+            prefix_cache = kv_cache_of(body(
                 input_ids=ids_all[:, :S], attention_mask=att_all[:, :S], position_ids=pos_all[:, :S], use_cache=True
-            ).past_key_values
+            ))
         captured: dict[str, Any] = {}
 
         def grab(_m, _i, out):
@@ -492,7 +492,7 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
         handle = decoder_layers(model)[z_layer].register_forward_hook(grab)
         try:
             body(input_ids=ids_all[:, S:], attention_mask=att_all, position_ids=pos_all[:, S:],
-                 past_key_values=copy.deepcopy(prefix_cache), use_cache=prefix_cache is not None)
+                 **kv_cache_kwargs(body, copy.deepcopy(prefix_cache)), use_cache=prefix_cache is not None)
         except _StopForward:
             pass
         finally:
@@ -547,7 +547,7 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
                     input_ids=ids_all[sub_d, S : S + width],
                     attention_mask=att_all[sub_d, : S + width],
                     position_ids=pos_all[sub_d, S : S + width],
-                    past_key_values=cache,
+                    **kv_cache_kwargs(body, cache),
                     use_cache=cache is not None,
                 ).last_hidden_state
 

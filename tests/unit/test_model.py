@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kedit_core.editors.base import WeightDelta
-from kedit_core.model import ModelLoadError, fingerprint_model, load_model, tiny_model
+from kedit_core.model import ModelLoadError, fingerprint_model, kv_cache_kwargs, kv_cache_of, load_model, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -16,6 +16,27 @@ def test_tiny_models_run_and_fingerprint(arch):
     assert lm.fingerprint == fingerprint_model(lm.model)
     assert tiny_model(arch, seed=1).fingerprint == lm.fingerprint
     assert tiny_model(arch, seed=2).fingerprint != lm.fingerprint
+
+
+class _OldStyle(torch.nn.Module):
+    def forward(self, x, past_key_values=None):
+        return x
+
+
+class _NewStyle(torch.nn.Module):
+    def forward(self, x, cache=None):
+        return x
+
+
+def test_kv_cache_keyword_follows_the_installed_signature(tiny_llama):
+    assert kv_cache_kwargs(_OldStyle(), 1) == {"past_key_values": 1}
+    assert kv_cache_kwargs(_NewStyle(), 1) == {"cache": 1}
+    # the real model: a cached two-step forward gives the same last logits as one full forward
+    ids = torch.tensor([[5, 9, 13, 7]])
+    full = tiny_llama.model(input_ids=ids).logits[0, -1]
+    first = tiny_llama.model(input_ids=ids[:, :3], use_cache=True)
+    step = tiny_llama.model(input_ids=ids[:, 3:], use_cache=True, **kv_cache_kwargs(tiny_llama.model, kv_cache_of(first)))
+    assert torch.allclose(step.logits[0, -1], full, atol=1e-5)
 
 
 def test_fingerprint_sees_one_changed_weight(tiny_llama):
