@@ -10,12 +10,15 @@ position of the cases' locality questions (the positions the `locality` metric s
   (margin above 0.05 / 0.1 / 0.2 / 0.3): flips among near-ties are a different failure from
   flips of answers the model knew;
 - how many flips went to a token of some edit's new answer (leakage of the edited targets);
-- the mean KL divergence from the unedited distribution over those positions.
+- the mean KL divergence from the unedited distribution over those positions;
+- how agreement falls batch by batch (the trajectory) and, for weight editors, how far each
+  edited layer's weight has moved (||W - W0|| / ||W0||): whether locality is lost at once or
+  accumulates, and where.
 
     KEDIT_HOME=... python benchmarks/locality_flips.py --method alphaedit --limit 100 --batch 10 \
         [--set cov_weight=2000 ...]
 
-Findings for the defaults are in docs/editing.md ("What the locality figure is made of").
+Findings for the defaults are in docs/editing.md (third and fourth measurement rounds).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from connectors.benchmarks import read_dataset  # noqa: E402
 from flows.commands.evaluate_cmd import parse_settings  # noqa: E402
 from kedit_core.editors import get_editor  # noqa: E402
+from kedit_core.editors.memit import MemitConfig, edit_site, resolve_layers  # noqa: E402
 from kedit_core.evaluate import LOCALITY_KINDS  # noqa: E402
 from kedit_core.model import LoadedModel, load_model  # noqa: E402
 from kedit_core.scoring import EncodedPairs, encode_pairs  # noqa: E402
@@ -66,9 +70,14 @@ def main() -> None:
     enc = encode_pairs(lm, [p.prompt for p in probes], [p.answer for p in probes])
     base = answer_logits(lm, enc)
     editor = get_editor(args.method, parse_settings(args.settings))
+    layers = resolve_layers(editor.config, lm.model) if isinstance(editor.config, MemitConfig) else []
+    w0 = {layer: edit_site(lm.model, layer).module.weight.detach().clone() for layer in layers}
+    trajectory = []
     for s in range(0, len(cases), args.batch):
         editor.edit(lm, cases[s : s + args.batch])
-        print(f"edited {min(s + args.batch, len(cases))}/{len(cases)}", flush=True)
+        agree = float((answer_logits(lm, enc).argmax(-1) == base.argmax(-1)).float().mean())
+        trajectory.append(agree)
+        print(f"edited {min(s + args.batch, len(cases))}/{len(cases)}: agreement {agree:.3f}", flush=True)
     now = answer_logits(lm, enc)
 
     before, after = base.argmax(-1), now.argmax(-1)
@@ -89,6 +98,10 @@ def main() -> None:
     print(f"flips to a token of some edit's new answer: {leaked} of {nf}")
     kl = torch.nn.functional.kl_div(now.log_softmax(-1), base.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     print(f"mean KL(unedited || edited) per position: {float(kl.mean()):.4f} nats")
+    print("agreement after each batch:", " ".join(f"{a:.3f}" for a in trajectory))
+    for layer, w in w0.items():
+        moved = float((edit_site(lm.model, layer).module.weight.detach() - w).norm() / w.norm())
+        print(f"layer {layer}: ||W - W0|| / ||W0|| = {moved:.3f}")
     common = Counter(lm.tokenizer.decode([int(t)]) for t in after[flip]).most_common(10)
     print("most common new tokens:", ", ".join(f"{t!r} x{k}" for t, k in common))
 
