@@ -32,7 +32,8 @@ from typing import Any, Sequence
 import torch
 
 from flows.runtime import LiveModel, delta_dir
-from kedit_core.editors.base import Editor, EditResult
+from kedit_core.editors.base import Editor, EditResult, file_sha256
+from kedit_core.errors import KeditError
 from kedit_core.evaluate import reference_predictions
 from kedit_core.gate import GateConfig, GateDecision, decide, is_full_check
 from kedit_core.model import fingerprint_model, kedit_home
@@ -80,9 +81,10 @@ def state_path(base_fingerprint: str, batch_id: str) -> Path:
     return delta_dir(base_fingerprint) / f"{batch_id}.state.safetensors"
 
 
-def save_editor_state(state: dict[str, Any], path: Path, method: str) -> None:
+def save_editor_state(state: dict[str, Any], path: Path, method: str) -> str:
     """Tensors go into safetensors under their path in the dict; everything else into a
-    JSON skeleton in the metadata, with {"__tensor__": key} where a tensor was."""
+    JSON skeleton in the metadata, with {"__tensor__": key} where a tensor was. Returns the
+    file's sha256 (recorded in the version's note and checked when the state is restored)."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -102,6 +104,7 @@ def save_editor_state(state: dict[str, Any], path: Path, method: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"method": method, "skeleton": json.dumps(skeleton)})
     tmp.replace(path)
+    return file_sha256(path)
 
 
 def load_editor_state(path: Path) -> tuple[str, dict[str, Any]]:
@@ -131,12 +134,29 @@ def restore_editor_state(editor: Editor, db: Database, live: LiveModel) -> int |
             continue
         path = state_path(live.lm.fingerprint, row["batch_id"])
         if path.exists():
+            check_state_sha(path, row)
             method, state = load_editor_state(path)
             if method == editor.name:
                 editor.load_state_dict(state)
                 return int(row["version_id"])
         return None
     return None
+
+
+def check_state_sha(path: Path, row: dict[str, Any]) -> None:
+    """Refuse a state file that is not the one saved with the version: a changed AlphaEdit
+    key store would silently weaken the protection of every earlier edit. (Versions saved
+    before the hash was recorded carry none and are not checked.)"""
+    try:
+        expected = json.loads(row.get("note") or "{}").get("state_sha256")
+    except (json.JSONDecodeError, AttributeError):
+        expected = None
+    actual = file_sha256(path) if expected else None
+    if actual != expected:
+        raise KeditError(
+            f"editor state {path} has sha256 {actual}, version {row['version_id']} recorded "
+            f"{expected}: refusing to use it (restore the file, or roll the version back)"
+        )
 
 
 # --------------------------------------------------------------------------- the frozen suite
@@ -377,10 +397,9 @@ def _commit(
         sha = result.delta.save(path)
         delta_path = str(path)
     state = editor.state_dict()
-    if state:
-        save_editor_state(state, state_path(fp, batch_id), editor.name)
+    state_sha = save_editor_state(state, state_path(fp, batch_id), editor.name) if state else None
     note = json.dumps({"n_cases": len(batch), "efficacy_acc": metrics.get("efficacy_acc"),
-                       "config": editor.config.to_dict()}, default=str)
+                       "config": editor.config.to_dict(), "state_sha256": state_sha}, default=str)
     vid = ledger.add_version(
         db, live.version_id, fp, lm.spec, editor.name, batch_id, delta_path, sha,
         weights_fingerprint=fingerprint_model(lm.model), status="live", note=note,

@@ -63,7 +63,7 @@ def memory_rewriter(db: Database, chain: list[dict[str, Any]]) -> PromptRewriter
         factory = getattr(cls, "for_serving", None)
         if factory is not None:
             return factory(db, row)
-        from flows.pipeline import load_editor_state, state_path
+        from flows.pipeline import check_state_sha, load_editor_state, state_path
 
         path = state_path(row["base_fingerprint"], row["batch_id"]) if row.get("batch_id") else None
         if path is None or not path.exists():
@@ -76,6 +76,7 @@ def memory_rewriter(db: Database, chain: list[dict[str, Any]]) -> PromptRewriter
         except ValueError:
             config = None
         editor = get_editor(row["method"], config if isinstance(config, dict) else None)
+        check_state_sha(path, row)
         _, state = load_editor_state(path)
         editor.load_state_dict(state)
         return editor

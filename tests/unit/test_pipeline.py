@@ -2,6 +2,7 @@
 updates we control (harmless nudge, deliberately harmful huge update)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import gatekit as g
@@ -9,6 +10,7 @@ from gatekit import single_thread  # noqa: F401  (autouse fixture)
 from flows.pipeline import apply_gated_batches, state_path
 from flows.runtime import open_live_model, rebuild_version
 from kedit_core.editors.base import file_sha256
+from kedit_core.errors import KeditError
 from kedit_core.gate import GateConfig
 from kedit_core.model import fingerprint_model
 from kedit_core.regression import freeze_suite
@@ -145,6 +147,12 @@ def test_rebuild_from_base_and_deltas_equals_live_weights_and_editor_state_resum
     restarted = g.NudgeEditor()
     apply_gated_batches(open_live_model(db=db, lm=g.knowing_tiny_llama()), restarted, [], db, CFG, 1, "run-b", suite)
     assert torch.equal(restarted.keys, editor.keys) and len(restarted.keys) == 3
+    # A state file changed behind the ledger's back is refused, naming the file.
+    state_file = state_path(live.lm.fingerprint, versions[-1]["batch_id"])
+    state_file.write_bytes(state_file.read_bytes().replace(b"nudge", b"nudgf"))
+    with pytest.raises(KeditError, match=r"editor state .*state\.safetensors has sha256"):
+        apply_gated_batches(open_live_model(db=db, lm=g.knowing_tiny_llama()), g.NudgeEditor(), [], db, CFG, 1,
+                            "run-b", suite)
 
 
 def test_suite_is_frozen_on_base_weights_of_an_edited_live_model_and_reloaded(db):

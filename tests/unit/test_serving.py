@@ -479,6 +479,9 @@ def test_memory_editor_version_is_restored_from_its_saved_state(tiny_llama, db, 
                                  "b-mem", None, None, weights_fingerprint=tiny_llama.fingerprint, note=note)
         lost = ledger.add_version(db, versions.base, tiny_llama.fingerprint, tiny_llama.spec,
                                   "serving-test-memory", "b-gone", None, None)
+        wrong_sha = json.dumps({"state_sha256": "0" * 64})  # the saved memory is not the one recorded
+        tampered = ledger.add_version(db, versions.base, tiny_llama.fingerprint, tiny_llama.spec,
+                                      "serving-test-memory", "b-mem", None, None, note=wrong_sha)
         state = build_serving_state(tiny_llama, db, version=mem)
         expected = raw_answer(tiny_llama, "Fact: Paris is in Italy.\n" + QUESTION)
         assert expected != versions.expected[versions.base]  # the memory changes the answer
@@ -488,6 +491,9 @@ def test_memory_editor_version_is_restored_from_its_saved_state(tiny_llama, db, 
             assert ServedModelClient(srv.url).chat(QUESTION, max_tokens=MAX_TOKENS).text == expected
             with pytest.raises(ServedModelError, match="saved memory .* is missing") as exc:
                 admin(srv).load_version(lost)
+            assert exc.value.status == 409
+            with pytest.raises(ServedModelError, match="has sha256 .* recorded 0000") as exc:
+                admin(srv).load_version(tampered)
             assert exc.value.status == 409
     finally:
         EDITORS.pop("serving-test-memory", None)
