@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 DATA = REPO / "data"
+WIKIDATA_DAY = DATA / "wikidata_day"  # one recorded day of Wikidata answers (see its SOURCES.md)
+DAY_START, DAY_END = "2024-05-01T00:00:00Z", "2024-05-02T00:00:00Z"
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +71,14 @@ def db(kedit_home):
     from storage.db import open_db
 
     return open_db(kedit_home / "test.duckdb")
+
+
+@pytest.fixture
+def server():
+    """The recorded Wikidata day served on 127.0.0.1 by the replay server (real HTTP)."""
+    from connectors.replay import ReplayServer
+
+    srv = ReplayServer(WIKIDATA_DAY)
+    srv.start()
+    yield srv
+    srv.stop()

@@ -19,9 +19,9 @@ from flows.runtime import open_live_model
 from kedit_core.model import fingerprint_model
 from storage import ledger
 from storage.db import open_db
+from tests.conftest import WIKIDATA_DAY as DAY
 
 REPO = Path(__file__).resolve().parents[2]
-DAY = REPO / "data" / "wikidata_day"
 DAY_END = datetime(2024, 5, 2, tzinfo=timezone.utc)
 # Accept every batch that does not hurt: the tiny test editors do not make facts "take".
 LENIENT = {"take_floor": 0.0}

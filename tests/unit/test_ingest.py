@@ -15,18 +15,9 @@ from connectors.wikidata import WikidataClient
 from kedit_core.filters import FilterConfig
 from storage import ledger, wikidata_store
 from storage.db import open_db
-from tests.conftest import DATA
-
-DAY = DATA / "wikidata_day"
-START, END = "2024-05-01T00:00:00Z", "2024-05-02T00:00:00Z"
-
-
-@pytest.fixture
-def server():
-    srv = ReplayServer(DAY)
-    srv.start()
-    yield srv
-    srv.stop()
+from tests.conftest import DAY_END as END
+from tests.conftest import DAY_START as START
+from tests.conftest import WIKIDATA_DAY as DAY
 
 
 def client(srv: ReplayServer) -> WikidataClient:

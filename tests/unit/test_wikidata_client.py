@@ -10,23 +10,14 @@ import pytest
 
 from connectors.replay import ReplayServer
 from connectors.wikidata import WikidataAPIError, WikidataClient, WikidataError
-from tests.conftest import DATA
-
-DAY = DATA / "wikidata_day"
-START, END = "2024-05-01T00:00:00Z", "2024-05-02T00:00:00Z"
+from tests.conftest import DAY_END as END
+from tests.conftest import DAY_START as START
+from tests.conftest import WIKIDATA_DAY as DAY
 
 
 class Sleeps(list):
     def __call__(self, seconds: float) -> None:
         self.append(seconds)
-
-
-@pytest.fixture
-def server():
-    srv = ReplayServer(DAY)
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 def client_for(srv: ReplayServer, **kw) -> tuple[WikidataClient, Sleeps]:
