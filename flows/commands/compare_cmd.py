@@ -18,9 +18,10 @@ from typing import Any, List, Optional
 
 import typer
 
+from flows.commands import MODEL_HELP
+
 log = logging.getLogger(__name__)
 
-MODEL_HELP = "Model: 'smollm2' (embedded default) or a local Hugging Face model directory."
 TABLE_COLUMNS = [
     ("efficacy_acc", "efficacy"),
     ("paraphrase_acc", "paraphrase"),

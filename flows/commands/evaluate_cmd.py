@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 
 import typer
 
-MODEL_HELP = "Model: 'smollm2' (embedded default) or a local Hugging Face model directory."
+from flows.commands import MODEL_HELP
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:

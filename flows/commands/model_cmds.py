@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-MODEL_HELP = "Model: 'smollm2' (embedded default) or a local Hugging Face model directory."
+from flows.commands import MODEL_HELP
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from flows.commands import MODEL_HELP
 from kedit_core.answer import PromptRewriter
 from kedit_core.model import LoadedModel
 from kedit_core.serving import (
@@ -30,7 +31,6 @@ from storage.db import Database
 
 log = logging.getLogger(__name__)
 
-MODEL_HELP = "Model: 'smollm2' (embedded default) or a local Hugging Face model directory."
 RewriterFor = Callable[[dict[str, Any]], Optional[PromptRewriter]]
 
 
