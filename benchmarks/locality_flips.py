@@ -22,7 +22,6 @@ Findings for the defaults are in docs/editing.md (third and fourth measurement r
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from pathlib import Path
@@ -38,8 +37,8 @@ from kedit_core.editors.memit import MemitConfig, edit_site, resolve_layers  # n
 from kedit_core.evaluate import LOCALITY_KINDS  # noqa: E402
 from kedit_core.model import LoadedModel, load_model  # noqa: E402
 from kedit_core.scoring import EncodedPairs, encode_pairs  # noqa: E402
+from stream_args import stream_parser  # noqa: E402
 
-ZSRE = Path(__file__).resolve().parents[1] / "data" / "benchmarks" / "zsre_mend_train_1k.json"
 
 
 @torch.no_grad()
@@ -54,13 +53,7 @@ def answer_logits(lm: LoadedModel, enc: EncodedPairs, batch: int = 32) -> torch.
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", default="alphaedit")
-    ap.add_argument("--data", default=f"zsre:{ZSRE}")
-    ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=10)
-    ap.add_argument("--set", dest="settings", action="append", default=[], help="editor setting key=value")
-    args = ap.parse_args()
+    args = stream_parser(__doc__.split("\n")[0], limit=100).parse_args()
 
     lm = load_model(None, show_progress=False)
     cases = read_dataset(args.data, limit=args.limit)

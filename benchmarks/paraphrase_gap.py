@@ -19,7 +19,6 @@ Figures for kedit's settings are in docs/editing.md (third round).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -42,8 +41,8 @@ from kedit_core.editors.memit import (  # noqa: E402
 from kedit_core.model import LoadedModel, load_model  # noqa: E402
 from kedit_core.scoring import token_accuracy  # noqa: E402
 from kedit_core.types import EditCase  # noqa: E402
+from stream_args import stream_parser  # noqa: E402
 
-ZSRE = Path(__file__).resolve().parents[1] / "data" / "benchmarks" / "zsre_mend_train_1k.json"
 
 
 def injected_accuracy(lm: LoadedModel, layer: int, prompt: str, subject: str, answer: str, delta: torch.Tensor) -> float:
@@ -64,13 +63,7 @@ def injected_accuracy(lm: LoadedModel, layer: int, prompt: str, subject: str, an
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", default="alphaedit")
-    ap.add_argument("--data", default=f"zsre:{ZSRE}")
-    ap.add_argument("--limit", type=int, default=50)
-    ap.add_argument("--batch", type=int, default=10)
-    ap.add_argument("--set", dest="settings", action="append", default=[], help="editor setting key=value")
-    args = ap.parse_args()
+    args = stream_parser(__doc__.split("\n")[0], limit=50).parse_args()
 
     lm = load_model(None, show_progress=False)
     cases = [c for c in read_dataset(args.data, limit=args.limit) if c.probes_of("paraphrase")]
