@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from kedit_core.types import EditCase
-from storage.db import Database
+from storage.db import Database, StorageError
 
 
 def utcnow() -> datetime:
@@ -87,6 +87,57 @@ def set_live_version(db: Database, base_fingerprint: str, version_id: int) -> No
         con.execute(
             "UPDATE model_versions SET status = 'live' WHERE version_id = ? AND status <> 'base'", [version_id]
         )
+
+
+class RollbackError(StorageError):
+    """An operator's rollback cannot be done as asked (unknown version, not in the live line)."""
+
+
+def roll_back_to(db: Database, version_id: int, reason: str) -> list[dict[str, Any]]:
+    """Make `version_id` the live version of its base again: an operator's rollback, e.g.
+    of a vandal edit found after it passed the gate.
+
+    Every version after it in the live line is marked `rolled_back`, its batch
+    `rolled_back` and its applied cases `rejected` with `reason`, so no later run applies
+    them again; deltas and state files stay on disk (the audit can still explain them).
+    Weights are not touched: whoever opens the live model next rebuilds it from the base
+    and the deltas up to `version_id` (a running server keeps serving what it loaded until
+    told to load another version). Returns the rolled-back version rows, newest first; none
+    when `version_id` is already live. One transaction: all of it or nothing.
+    """
+    if not reason.strip():
+        raise RollbackError("a rollback needs a reason (it is recorded on every case it rejects)")
+    target = get_version(db, version_id)
+    if target is None:
+        raise RollbackError(f"model version {version_id} is not in the ledger")
+    live = live_version(db, target["base_fingerprint"]) or target
+    line = version_chain(db, int(live["version_id"]))
+    ids = [int(v["version_id"]) for v in line]
+    if version_id not in ids:
+        raise RollbackError(
+            f"model version {version_id} ({target['status']}) is not in the live line of its base "
+            f"(live version {ids[-1]}: {' -> '.join(map(str, ids))}); only an ancestor of the live version can be "
+            "made live again"
+        )
+    undone = list(reversed(line[ids.index(version_id) + 1 :]))
+    why = f"rolled back to version {version_id} by the operator: {reason.strip()}"
+    now = utcnow()
+    with db.connect() as con:
+        for v in undone:
+            con.execute("UPDATE model_versions SET status = 'rolled_back' WHERE version_id = ?", [v["version_id"]])
+            if v.get("batch_id"):
+                con.execute(
+                    "UPDATE edit_batches SET status = 'rolled_back', reason = ?, finished = ? WHERE batch_id = ?",
+                    [why, now, v["batch_id"]],
+                )
+                con.execute(
+                    "UPDATE edit_cases SET status = 'rejected', reason = ?, updated = ? "
+                    "WHERE batch_id = ? AND status = 'applied'",
+                    [why, now, v["batch_id"]],
+                )
+        if target["status"] != "base":
+            con.execute("UPDATE model_versions SET status = 'live' WHERE version_id = ?", [version_id])
+    return undone
 
 
 def get_version(db: Database, version_id: int) -> dict[str, Any] | None:

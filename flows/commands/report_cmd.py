@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from flows.commands import DB_HELP
 from kedit_core.errors import KeditError
 
 
@@ -52,7 +53,7 @@ def register(app: typer.Typer) -> None:
     def report(
         since: Optional[str] = typer.Option(None, "--since", help="Only data from this date on (YYYY-MM-DD or Nd)."),
         html_file: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report here."),
-        db_path: Optional[Path] = typer.Option(None, "--db", help="Ledger file (default: KEDIT_HOME/kedit.duckdb)."),
+        db_path: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
     ) -> None:
         """Drift report: versions, edits applied/rejected/quarantined, each metric now vs base vs last week."""
         from kedit_core.report import render_html, terminal_summary

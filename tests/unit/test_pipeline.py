@@ -169,3 +169,55 @@ def test_suite_is_frozen_on_base_weights_of_an_edited_live_model_and_reloaded(db
     assert {c.case_id for c in frozen.retention_cases} == {"a0", "a1"}
     assert suite_path("r1").exists()
     assert load_or_freeze_suite(live, db, "r1").to_json() == frozen.to_json()  # reloaded, not re-frozen
+
+
+def test_operator_rollback_makes_an_earlier_version_live_and_its_later_cases_are_never_reapplied(db):
+    from typer.testing import CliRunner
+
+    from flows.cli import _register_commands, app
+
+    live, suite = _setup(db)
+    editor = g.NudgeEditor()
+    cases = g.edit_cases("v", n=3)
+    apply_gated_batches(live, editor, cases, db, CFG, 1, "run-v", suite)  # three versions, one case each
+    first, second, third = [v for v in ledger.list_versions(db) if v["status"] != "base"]
+    after_first = g.knowing_tiny_llama()
+    rebuild_version(after_first, db, first["version_id"])
+
+    for bad, why in [(999, "not in the ledger"), (live.base_version_id, "")]:
+        with pytest.raises(ledger.RollbackError, match=why or "needs a reason"):
+            ledger.roll_back_to(db, bad, why)
+    undone = ledger.roll_back_to(db, first["version_id"], "vandalism found in review")
+    assert [v["version_id"] for v in undone] == [third["version_id"], second["version_id"]]
+    status = {v["version_id"]: v["status"] for v in ledger.list_versions(db)}
+    assert status[first["version_id"]] == "live"
+    assert status[second["version_id"]] == status[third["version_id"]] == "rolled_back"
+    rows = {r["case_id"]: r for r in ledger.case_rows(db)}
+    assert rows[cases[0].case_id]["status"] == "applied"
+    for case in cases[1:]:
+        assert rows[case.case_id]["status"] == "rejected" and "vandalism found in review" in rows[case.case_id]["reason"]
+    batches = {b["batch_id"]: b for b in ledger.list_batches(db, run_id="run-v")}
+    assert batches[second["batch_id"]]["status"] == "rolled_back"
+    # A rolled-back version is out of the live line; rolling back to the live one is a no-op.
+    with pytest.raises(ledger.RollbackError, match="not in the live line"):
+        ledger.roll_back_to(db, third["version_id"], "again")
+    assert ledger.roll_back_to(db, first["version_id"], "again") == []
+
+    # The next process serves version 1's weights, resumes version 1's editor state and
+    # applies none of the undone cases again.
+    reopened = open_live_model(db=db, lm=g.knowing_tiny_llama())
+    assert reopened.version_id == first["version_id"]
+    assert g.weights_equal(reopened.lm.model, _state(after_first.model))
+    restarted = g.NudgeEditor()
+    again = apply_gated_batches(reopened, restarted, cases, db, CFG, 1, "run-v2", suite)
+    assert again.n_applied == 0 and again.n_skipped == 3 and len(restarted.keys) == 1
+
+    # The CLI: versions lists the statuses, rollback reports what it undid.
+    if "rollback" not in {c.name for c in app.registered_commands}:
+        _register_commands()
+    listing = CliRunner().invoke(app, ["versions", "--db", str(db.path)])
+    assert listing.exit_code == 0 and listing.output.count("rolled_back") == 2
+    out = CliRunner().invoke(app, ["rollback", str(live.base_version_id), "--reason", "start over", "--db", str(db.path)])
+    assert out.exit_code == 0, out.output
+    assert f"rolled back version {first['version_id']}" in out.output
+    assert ledger.live_version(db, live.lm.fingerprint)["version_id"] == live.base_version_id
