@@ -100,9 +100,6 @@ def fingerprint_model(model: Any) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------- embedded model
-
-
 def kv_cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """The keyword that passes a KV cache to `module.forward` in the installed transformers.
 
@@ -118,6 +115,9 @@ def kv_cache_of(output: Any) -> Any:
     """The KV cache a forward returned, under either transformers name (see kv_cache_kwargs)."""
     cache = output.get("cache") if hasattr(output, "get") else None
     return cache if cache is not None else output.past_key_values
+
+
+# --------------------------------------------------------------------------- embedded model
 
 
 def embedded_gguf_path() -> Path:

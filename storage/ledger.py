@@ -107,22 +107,35 @@ def roll_back_to(db: Database, version_id: int, reason: str) -> list[dict[str, A
     """
     if not reason.strip():
         raise RollbackError("a rollback needs a reason (it is recorded on every case it rejects)")
-    target = get_version(db, version_id)
-    if target is None:
-        raise RollbackError(f"model version {version_id} is not in the ledger")
-    live = live_version(db, target["base_fingerprint"]) or target
-    line = version_chain(db, int(live["version_id"]))
-    ids = [int(v["version_id"]) for v in line]
-    if version_id not in ids:
-        raise RollbackError(
-            f"model version {version_id} ({target['status']}) is not in the live line of its base "
-            f"(live version {ids[-1]}: {' -> '.join(map(str, ids))}); only an ancestor of the live version can be "
-            "made live again"
-        )
-    undone = list(reversed(line[ids.index(version_id) + 1 :]))
     why = f"rolled back to version {version_id} by the operator: {reason.strip()}"
     now = utcnow()
+    # Reads and writes on one connection (one transaction, holding the file's lock), so a
+    # pipeline run cannot add a version between finding the live line and rewriting it.
     with db.connect() as con:
+        found = _rows(con, "SELECT * FROM model_versions WHERE version_id = ?", [version_id])
+        if not found:
+            raise RollbackError(f"model version {version_id} is not in the ledger")
+        target = found[0]
+        live = _rows(
+            con,
+            "SELECT version_id FROM model_versions WHERE base_fingerprint = ? AND status IN ('live', 'base') "
+            "ORDER BY CASE status WHEN 'live' THEN 0 ELSE 1 END, version_id DESC LIMIT 1",
+            [target["base_fingerprint"]],
+        )
+        line: list[dict[str, Any]] = []
+        current = live[0]["version_id"] if live else version_id
+        while current is not None:
+            row = _rows(con, "SELECT * FROM model_versions WHERE version_id = ?", [current])[0]
+            line.insert(0, row)
+            current = row["parent_id"]
+        ids = [int(v["version_id"]) for v in line]
+        if version_id not in ids:
+            raise RollbackError(
+                f"model version {version_id} ({target['status']}) is not in the live line of its base "
+                f"(live version {ids[-1]}: {' -> '.join(map(str, ids))}); only an ancestor of the live version "
+                "can be made live again"
+            )
+        undone = list(reversed(line[ids.index(version_id) + 1 :]))
         for v in undone:
             con.execute("UPDATE model_versions SET status = 'rolled_back' WHERE version_id = ?", [v["version_id"]])
             if v.get("batch_id"):
