@@ -81,6 +81,12 @@ class MemitConfig(EditorConfig):
     bf16: bool = True  # bfloat16 autocast for the target optimisation only
     per_template_keys: bool = False  # fit every context template's key, not only their mean
     prompt_variants: tuple[str, ...] = ()  # extra rewordings optimised alongside the templates (PROMPT_VARIANTS)
+    # Cases of one batch with the same subject share one delta. Wikidata revisions often
+    # change several facts of one item; where the subject opens the prompt ("Lena Hartmann
+    # is an instance of", and every `subject_first` row) its key is the same for all of
+    # them, so separate deltas would ask one key for contradicting outputs and the closed
+    # form would average them (demo batch: one of two such facts lost, efficacy 0.00).
+    share_subject_delta: bool = True
 
     def __post_init__(self) -> None:
         check_prompt_variants(self.prompt_variants)  # fail when configured, not mid-edit
@@ -206,6 +212,7 @@ class EditRows:
     kl_pos: torch.Tensor  # [n_cases] its last position
     n_cases: int
     n_templates: int
+    subject_group: torch.Tensor | None = None  # [n_cases] index of the case's subject among the batch's subjects
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -233,6 +240,14 @@ def subject_first(case: EditCase) -> tuple[str, int]:
 
 
 PROMPT_VARIANTS = {"subject_first": subject_first}
+
+
+def subject_groups(cases: list[EditCase]) -> list[int]:
+    """For each case, the index of its subject among the batch's distinct subjects (the
+    exact label, outer spaces aside: "May" and "may" may be different things), in order of
+    first appearance."""
+    index: dict[str, int] = {}
+    return [index.setdefault(c.subject.strip(), len(index)) for c in cases]
 
 
 def check_prompt_variants(variants: Any) -> None:
@@ -288,7 +303,7 @@ def encode_rows(lm: LoadedModel, cases: list[EditCase], templates: list[str], va
     L = torch.tensor
     return EditRows(
         ids, att, L(lookup), L(case_of), L(tmpl_of), L(tr), L(tp), L(tt), L(tw, dtype=torch.float32),
-        L(kl_row), L(kl_pos), len(cases), n_contexts,
+        L(kl_row), L(kl_pos), len(cases), n_contexts, L(subject_groups(cases)),
     )
 
 
@@ -465,7 +480,8 @@ def _align_at_lookup(rows: EditRows, pad: int) -> _Aligned:
 
 
 def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets:
-    """Optimise one residual per case, all cases in one batched forward/backward per step."""
+    """Optimise one residual per case (per subject with `share_subject_delta`), all cases in
+    one batched forward/backward per step."""
     model, device = lm.model, lm.device
     body, head = model.base_model, model.get_output_embeddings()
     n = rows.n_cases
@@ -503,9 +519,18 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
     bare = (rows.template_of_row == 0).nonzero()[:, 0].to(device)  # one per case, in case order
     z_init = cached[bare, 0].float()
     init_norm = z_init.norm(dim=1)  # [n]
-    delta = torch.zeros(n, cached.shape[-1], device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
-    done = torch.zeros(n, dtype=torch.bool)
+    # One delta per group: per subject when shared (cases of one subject move together and
+    # stop together), else per case. Singleton groups make this exactly the per-case method.
+    shared = cfg.share_subject_delta and rows.subject_group is not None
+    group = rows.subject_group if shared else torch.arange(n)
+    n_groups = int(group.max()) + 1
+    group_d = group.to(device)
+    group_size = torch.bincount(group, minlength=n_groups).to(device)
+    group_norm = torch.zeros(n_groups, device=device).index_add_(0, group_d, init_norm) / group_size
+    delta_g = torch.zeros(n_groups, cached.shape[-1], device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta_g], lr=cfg.v_lr)
+    done_g = torch.zeros(n_groups, dtype=torch.bool)
+    done = done_g[group]
     steps = [0] * n
     curves: list[list[float]] = [[] for _ in range(n)]
     last: dict[str, torch.Tensor] = {}
@@ -516,9 +541,11 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
 
     with _frozen_weights(model), torch.enable_grad():
         for step in range(cfg.v_steps + 1):
+            done = done_g[group]
             active = (~done).nonzero()[:, 0]
             if len(active) == 0:
                 break
+            delta = delta_g[group_d]  # [n, H], each case's view of its group's delta
             # rows of the still-active cases, trimmed to their longest suffix
             act_mask = (~done)[rows.case_of_row]
             sub = act_mask.nonzero()[:, 0]
@@ -567,34 +594,38 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
             ref = kl_init[active.to(device)]
             kl = torch.zeros(n, device=device)
             kl[active.to(device)] = F.kl_div(k_logp, ref, log_target=True, reduction="none").sum(-1)
-            wd = cfg.weight_decay * delta.norm(dim=1) / init_norm**2
+            wd = cfg.weight_decay * delta.norm(dim=1) / init_norm**2 / group_size[group_d]  # once per group
             loss = nll + cfg.kl_factor * kl + wd
 
             for c in active.tolist():
                 curves[c].append(float(loss[c].detach()))
             last = {"nll": nll.detach(), "kl": kl.detach()}
-            newly = nll.detach().cpu() < cfg.early_stop_nll
+            # a group has converged when every case in it has
+            pending = (nll.detach().cpu() >= cfg.early_stop_nll).long()
+            newly_g = torch.zeros(n_groups, dtype=torch.long).index_add_(0, group, pending) == 0
             if step == cfg.v_steps:
                 break
-            update = (~done) & ~newly
-            done |= newly
-            if not update.any():
+            update_g = (~done_g) & ~newly_g
+            done_g |= newly_g
+            if not update_g.any():
                 break
+            update = update_g[group]
             opt.zero_grad(set_to_none=True)
             loss[update.to(device)].sum().backward()
-            keep = delta.detach().clone()
+            keep = delta_g.detach().clone()
             opt.step()
             with torch.no_grad():
-                frozen = (~update).to(device)
-                delta[frozen] = keep[frozen]  # converged cases keep their delta (Adam momentum would move them)
-                max_norm = cfg.clamp_norm_factor * init_norm
-                norms = delta.norm(dim=1)
+                frozen = (~update_g).to(device)
+                delta_g[frozen] = keep[frozen]  # converged groups keep their delta (Adam momentum would move them)
+                max_norm = cfg.clamp_norm_factor * group_norm
+                norms = delta_g.norm(dim=1)
                 scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-                delta.mul_(scale[:, None])
+                delta_g.mul_(scale[:, None])
             for c in update.nonzero()[:, 0].tolist():
                 steps[c] += 1
 
-    d = delta.detach()
+    done = done_g[group]
+    d = delta_g.detach()[group_d]
     z = z_init + d
     diags = [
         {

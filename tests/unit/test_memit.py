@@ -91,6 +91,29 @@ def test_batched_targets_match_one_by_one(tiny):
         assert together.diagnostics[i]["steps"] == alone.diagnostics[0]["steps"]
 
 
+def test_cases_of_one_subject_share_their_delta(tiny):
+    """Two facts of one subject (a Wikidata revision often changes several) get one delta:
+    where the subject opens the prompt their keys coincide, so two deltas would contradict."""
+    from dataclasses import replace
+
+    cfg = MemitConfig(**{**FAST, "v_steps": 6, "early_stop_nll": 0.0})
+    cases = [
+        EditCase(case_id="p", subject="Tessaly", relation="capital", prompt="Tessaly has the capital", target_new="Rome"),
+        EditCase(case_id="q", subject="Tessaly", relation="river", prompt="Tessaly lies on the river", target_new="Kyiv"),
+        EditCase(case_id="r", subject="Borvik", relation="capital", prompt="Borvik has the capital", target_new="Oslo"),
+    ]
+    templates = context_templates(tiny, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
+    rows = encode_rows(tiny, cases, templates)
+    assert rows.subject_group.tolist() == [0, 0, 1]
+    shared = compute_targets(tiny, rows, 2, cfg)
+    apart = compute_targets(tiny, rows, 2, replace(cfg, share_subject_delta=False))
+    d, da = shared.z - shared.z_init, apart.z - apart.z_init
+    assert torch.equal(d[0], d[1]) and d[0].norm() > 0
+    assert not torch.allclose(da[0], da[1], atol=1e-3)  # without sharing, each fact pulls its own way
+    assert torch.allclose(d[2], da[2], atol=1e-5)  # a subject alone in the batch is optimised as before
+    assert shared.diagnostics[0]["steps"] == shared.diagnostics[1]["steps"] == 6
+
+
 def test_edit_raises_target_probability(tiny):
     with torch.no_grad():  # sharpen the random model's output so an answer can become likely
         norm = tiny.model.base_model.norm if tiny.arch == "llama" else tiny.model.base_model.ln_f
