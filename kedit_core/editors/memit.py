@@ -530,7 +530,6 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
     delta_g = torch.zeros(n_groups, cached.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta_g], lr=cfg.v_lr)
     done_g = torch.zeros(n_groups, dtype=torch.bool)
-    done = done_g[group]
     steps = [0] * n
     curves: list[list[float]] = [[] for _ in range(n)]
     last: dict[str, torch.Tensor] = {}
