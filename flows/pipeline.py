@@ -147,10 +147,7 @@ def check_state_sha(path: Path, row: dict[str, Any]) -> None:
     """Refuse a state file that is not the one saved with the version: a changed AlphaEdit
     key store would silently weaken the protection of every earlier edit. (Versions saved
     before the hash was recorded carry none and are not checked.)"""
-    try:
-        expected = json.loads(row.get("note") or "{}").get("state_sha256")
-    except (json.JSONDecodeError, AttributeError):
-        expected = None
+    expected = ledger.version_note(row).get("state_sha256")
     actual = file_sha256(path) if expected else None
     if actual != expected:
         raise KeditError(

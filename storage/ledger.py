@@ -116,18 +116,8 @@ def roll_back_to(db: Database, version_id: int, reason: str) -> list[dict[str, A
         if not found:
             raise RollbackError(f"model version {version_id} is not in the ledger")
         target = found[0]
-        live = _rows(
-            con,
-            "SELECT version_id FROM model_versions WHERE base_fingerprint = ? AND status IN ('live', 'base') "
-            "ORDER BY CASE status WHEN 'live' THEN 0 ELSE 1 END, version_id DESC LIMIT 1",
-            [target["base_fingerprint"]],
-        )
-        line: list[dict[str, Any]] = []
-        current = live[0]["version_id"] if live else version_id
-        while current is not None:
-            row = _rows(con, "SELECT * FROM model_versions WHERE version_id = ?", [current])[0]
-            line.insert(0, row)
-            current = row["parent_id"]
+        live = _live_row(con, target["base_fingerprint"]) or target
+        line = _chain(con, int(live["version_id"]))
         ids = [int(v["version_id"]) for v in line]
         if version_id not in ids:
             raise RollbackError(
@@ -168,30 +158,47 @@ def list_versions(db: Database, base_fingerprint: str | None = None) -> list[dic
         return _rows(con, "SELECT * FROM model_versions ORDER BY version_id")
 
 
+def _live_row(con, base_fingerprint: str) -> dict[str, Any] | None:
+    rows = _rows(
+        con,
+        "SELECT * FROM model_versions WHERE base_fingerprint = ? AND status IN ('live', 'base') "
+        "ORDER BY CASE status WHEN 'live' THEN 0 ELSE 1 END, version_id DESC LIMIT 1",
+        [base_fingerprint],
+    )
+    return rows[0] if rows else None
+
+
+def _chain(con, version_id: int) -> list[dict[str, Any]]:
+    chain: list[dict[str, Any]] = []
+    current: int | None = version_id
+    while current is not None:
+        rows = _rows(con, "SELECT * FROM model_versions WHERE version_id = ?", [current])
+        if not rows:
+            raise KeyError(f"model version {current} is not in the ledger")
+        chain.append(rows[0])
+        current = rows[0]["parent_id"]
+    return list(reversed(chain))
+
+
 def live_version(db: Database, base_fingerprint: str) -> dict[str, Any] | None:
     """The newest live version of a base, or its base row when nothing is applied."""
     with db.connect(read_only=True) as con:
-        rows = _rows(
-            con,
-            "SELECT * FROM model_versions WHERE base_fingerprint = ? AND status IN ('live', 'base') "
-            "ORDER BY CASE status WHEN 'live' THEN 0 ELSE 1 END, version_id DESC LIMIT 1",
-            [base_fingerprint],
-        )
-    return rows[0] if rows else None
+        return _live_row(con, base_fingerprint)
 
 
 def version_chain(db: Database, version_id: int) -> list[dict[str, Any]]:
     """Versions from the base (first) to `version_id` (last), following parent links."""
-    chain: list[dict[str, Any]] = []
-    current: int | None = version_id
     with db.connect(read_only=True) as con:
-        while current is not None:
-            rows = _rows(con, "SELECT * FROM model_versions WHERE version_id = ?", [current])
-            if not rows:
-                raise KeyError(f"model version {current} is not in the ledger")
-            chain.append(rows[0])
-            current = rows[0]["parent_id"]
-    return list(reversed(chain))
+        return _chain(con, version_id)
+
+
+def version_note(row: dict[str, Any]) -> dict[str, Any]:
+    """A version's `note` JSON (config, case count, state sha256) as a dict; {} if absent or unreadable."""
+    try:
+        note = json.loads(row.get("note") or "{}")
+    except ValueError:
+        return {}
+    return note if isinstance(note, dict) else {}
 
 
 # --------------------------------------------------------------------------- edit cases

@@ -71,10 +71,7 @@ def memory_rewriter(db: Database, chain: list[dict[str, Any]]) -> PromptRewriter
                 f"version {row['version_id']} was made by the memory editor {row['method']!r}, but its saved "
                 f"memory ({path or 'no batch id'}) is missing, so it cannot be served"
             )
-        try:
-            config = json.loads(row.get("note") or "{}").get("config")
-        except ValueError:
-            config = None
+        config = ledger.version_note(row).get("config")
         editor = get_editor(row["method"], config if isinstance(config, dict) else None)
         check_state_sha(path, row)
         _, state = load_editor_state(path)

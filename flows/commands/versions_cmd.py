@@ -1,7 +1,6 @@
 """`kedit versions` and `kedit rollback`: the ledger's model versions, and undoing some for good."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -20,10 +19,7 @@ def register(app: typer.Typer) -> None:
         rows = ledger.list_versions(open_db(db_path))
         typer.echo(f"{'version':>7} {'parent':>6}  {'status':<11} {'method':<10} {'cases':>5}  {'created':<19}  batch")
         for v in rows:
-            try:
-                n_cases = json.loads(v.get("note") or "{}").get("n_cases")
-            except (ValueError, AttributeError):
-                n_cases = None
+            n_cases = ledger.version_note(v).get("n_cases")
             parent = "" if v["parent_id"] is None else v["parent_id"]
             typer.echo(f"{v['version_id']:>7} {parent:>6}  {v['status']:<11} {v['method'] or '':<10} "
                        f"{n_cases if n_cases is not None else '':>5}  {str(v['created'])[:19]:<19}  {v['batch_id'] or ''}")
