@@ -673,7 +673,10 @@ class Memit(Editor):
         self.compute_targets = compute_targets
 
     # The one thing AlphaEdit changes: how a layer's residual becomes a weight update.
-    def solve_update(self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    def solve_update(
+        self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor, case_of: torch.Tensor
+    ) -> torch.Tensor:
+        """keys [n, inter], resid [n, H], case_of [n]: the batch case each key column fits."""
         cfg: MemitConfig = self.config  # type: ignore[assignment]
         return memit_solve(keys, resid, self.covariance(lm, layer), cfg.mom2_update_weight)
 
@@ -725,7 +728,7 @@ class Memit(Editor):
                         delta_z = (targets.z - targets.z_init).double()[case_of.to(cur_z.device)]
                         goal = cur_z + delta_z * rows.per_context_scale
                     resid = (goal - cur_z) / (len(sites) - i)  # this layer's share of what is left
-                    upd = self.solve_update(lm, site.layer, keys[site.layer], resid)  # [H, inter] float64
+                    upd = self.solve_update(lm, site.layer, keys[site.layer], resid, case_of)  # [H, inter] float64
                     p = params[site.param_name]
                     upd = (upd.T if site.transposed else upd).to(p.dtype)
                     p.add_(upd)  # the layers above see this edit when their keys are computed

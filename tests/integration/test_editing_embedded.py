@@ -44,3 +44,30 @@ def test_one_edit_flips_the_answer_and_keeps_an_unrelated_one(embedded_lm):
             editor.rollback(lm, result)
     params = dict(lm.model.named_parameters())
     assert all(torch.equal(params[n].detach(), snapshot[n]) for n in names)
+
+
+def test_alphaedit_adds_a_later_fact_of_an_edited_subject_and_keeps_the_first(embedded_lm):
+    """The nightly pipeline keeps meeting subjects it edited before. Two facts of
+    Karlsruhe from the demo's Wikidata day, one batch apart: the later one must land and
+    the earlier one must stay. Without `revisit_subjects` the later fact fights the
+    earlier fact's preserved key (the `subject_first` row's key is the same for both)."""
+    lm = embedded_lm
+    population = EditCase(case_id="int-pop", subject="Karlsruhe", relation="P1082",
+                          prompt="The population of Karlsruhe is", target_new="308,707")
+    mayor = EditCase(case_id="int-mayor", subject="Karlsruhe", relation="P6",
+                     prompt="The head of government of Karlsruhe is", target_new="Lena Hartmann")
+    both = [population, mayor]
+    scores = {}
+    for revisit in (False, True):
+        editor = get_editor("alphaedit", {"keystats_samples": 1500, "revisit_subjects": revisit})
+        results = []
+        try:
+            results.append(editor.edit(lm, [population]))
+            results.append(editor.edit(lm, [mayor]))
+            scores[revisit] = token_accuracy(lm, [c.prompt for c in both], [c.target_new for c in both])
+        finally:
+            for r in reversed(results):
+                editor.rollback(lm, r)
+    kept, added = scores[True]
+    assert kept >= 0.75 and added >= 0.75, scores
+    assert sum(scores[True]) >= sum(scores[False]) + 0.3, scores

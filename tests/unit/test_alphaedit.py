@@ -140,3 +140,76 @@ def test_cov_weight_stays_in_the_null_space_and_moves_generic_keys_less(tiny):
         moved[weight] = float((dW @ generic).norm() / dW.norm())
         ed.rollback(tiny, result)
     assert moved[50.0] < moved[0.0]
+
+
+def test_without_span_removes_exactly_the_spanned_directions():
+    from kedit_core.editors.alphaedit import without_span
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    gram = A @ A.T
+    keys = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    lifted = without_span(gram, keys)
+    assert torch.allclose(lifted, lifted.T)
+    assert (lifted @ keys).abs().max() < 1e-9 * gram.abs().max()  # nothing preserved along the keys
+    Q, _ = torch.linalg.qr(keys)
+    other = torch.randn(12, generator=g, dtype=torch.float64)
+    other = other - Q @ (Q.T @ other)  # orthogonal to the keys: untouched
+    assert torch.allclose(lifted @ other, gram @ other - Q @ (Q.T @ (gram @ other)), atol=1e-9)
+    assert torch.allclose(other @ lifted @ other, other @ gram @ other)
+
+
+def _fact(case_id: str, subject: str, relation: str, prompt: str, answer: str) -> EditCase:
+    return EditCase(case_id=case_id, subject=subject, relation=relation, prompt=prompt, target_new=answer)
+
+
+def test_remembers_facts_keeps_earlier_ones_of_a_revisited_subject_and_rolls_back(tiny):
+    ed: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]
+    first = [_fact("a", "Borvik", "capital", "Borvik has the capital", "Oslo"),
+             _fact("b", "Borvik", "river", "Borvik lies on the river", "Nile"),
+             _fact("c", "Quin", "capital", "Quin has the capital", "Lima")]
+    r1 = ed.edit(tiny, first)
+    assert ed.facts["Borvik"] == {"capital": ["Borvik", "Borvik has the capital", "Oslo"],
+                                  "river": ["Borvik", "Borvik lies on the river", "Nile"]}
+    second = [_fact("d", "Borvik", "capital", "Borvik has the capital", "Rome"), _fact("e", "Pell", "capital", "Pell has the capital", "Bern")]
+    keep = ed.facts_to_keep(second)
+    assert [(k.subject, k.relation, k.target_new) for k in keep] == [("Borvik", "river", "Nile")]  # the replaced fact is not kept
+    r2 = ed.edit(tiny, second)
+    assert [d.case_id for d in r2.diagnostics] == ["d", "e"] and r2.delta.meta["cases"] == ["d", "e"]
+    assert r2.info["kept_facts"] == [keep[0].case_id]
+    assert ed.n_edits == 5  # kept facts are not new edits
+    assert ed.facts["Borvik"]["capital"][2] == "Rome" and "Pell" in ed.facts
+
+    fresh: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]
+    fresh.load_state_dict(ed.state_dict())
+    assert fresh.facts == ed.facts
+
+    ed.rollback(tiny, r2)
+    assert ed.facts["Borvik"]["capital"][2] == "Oslo" and "Pell" not in ed.facts and ed.n_edits == 3
+    ed.rollback(tiny, r1)
+    assert ed.facts == {} and ed.n_edits == 0
+
+
+def test_a_later_edit_of_the_same_fact_wins(tiny):
+    """Batch 2 re-edits batch 1's fact. Without revisiting, the solve holds the fact's
+    earlier key (the same prompt) at its old output with preserve_weight, so the edited
+    layers deliver a fraction of the new target's delta; with it, about all of it.
+    (P = I and preserve_weight 100 make the conflict plain on a tiny random model.)"""
+    from kedit_core.editors.memit import context_templates, encode_rows, keys_and_outputs
+
+    cfg = {**FAST, "v_steps": 8, "l2": 1e-3, "cov_weight": 0.0, "nullspace_threshold": 1.01, "preserve_weight": 100.0}
+    old = [_fact("a", "Borvik", "capital", "The capital of Borvik is", "Oslo"), _fact("b", "Quin", "capital", "The capital of Quin is", "Lima")]
+    new = [_fact("a2", "Borvik", "capital", "The capital of Borvik is", "Rome")]
+    delivered = {}
+    for revisit in (False, True):
+        ed: AlphaEdit = get_editor("alphaedit", {**cfg, "revisit_subjects": revisit})  # type: ignore[assignment]
+        r1 = ed.edit(tiny, old)
+        rows = encode_rows(tiny, new, context_templates(tiny, 2, ed.config.context_template_len, 0))
+        _, z_before = keys_and_outputs(tiny, rows, [1], 2)
+        r2 = ed.edit(tiny, new)
+        _, z_after = keys_and_outputs(tiny, rows, [1], 2)
+        # how much of the target's delta the layer-2 output at the subject now carries
+        delivered[revisit] = float((z_after - z_before).norm()) / r2.diagnostics[0].delta_norm
+        ed.rollback(tiny, r2)
+        ed.rollback(tiny, r1)
+    assert delivered[True] > 0.5 and delivered[False] < 0.5 * delivered[True], delivered
