@@ -88,6 +88,11 @@ class AlphaEditConfig(MemitConfig):
     revisit_subjects: bool = True
     keep_facts_per_subject: int = 8
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keep_facts_per_subject < 0:
+            raise ValueError(f"keep_facts_per_subject must be >= 0, got {self.keep_facts_per_subject}")
+
 
 @register("alphaedit")
 class AlphaEdit(Memit):

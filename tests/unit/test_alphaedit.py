@@ -37,6 +37,8 @@ def _dW(tiny, result, layer: int) -> torch.Tensor:
 def test_is_registered_and_the_pipeline_default_shape():
     ed = get_editor("alphaedit", FAST)
     assert isinstance(ed, AlphaEdit) and ed.name == "alphaedit"
+    with pytest.raises(ValueError, match="keep_facts_per_subject"):
+        get_editor("alphaedit", {"keep_facts_per_subject": -1})
 
 
 def test_update_lies_in_the_null_space_of_preserved_keys(tiny):
