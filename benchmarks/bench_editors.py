@@ -113,7 +113,7 @@ def naive_targets(lm, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets
             model.zero_grad(set_to_none=True)
         zs.append(state["z_init"] + delta.detach())
         z_inits.append(state["z_init"])
-        diags.append({"loss_curve": [], "steps": steps, "target_norm": 0.0, "delta_norm": float(delta.norm()),
+        diags.append({"loss_curve": [], "steps": steps, "target_norm": 0.0, "delta_norm": float(delta.detach().norm()),
                       "init_norm": 0.0, "final_nll": float(nll.detach()), "converged": steps < cfg.v_steps})
     return Targets(z=torch.stack(zs), z_init=torch.stack(z_inits), diagnostics=diags)
 

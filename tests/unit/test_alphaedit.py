@@ -165,7 +165,7 @@ def _fact(case_id: str, subject: str, relation: str, prompt: str, answer: str) -
     return EditCase(case_id=case_id, subject=subject, relation=relation, prompt=prompt, target_new=answer)
 
 
-def test_remembers_facts_keeps_earlier_ones_of_a_revisited_subject_and_rolls_back(tiny):
+def test_remembers_facts_keeps_earlier_ones_of_a_revisited_subject_and_rolls_back(tiny, tmp_path):
     ed: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]
     first = [_fact("a", "Borvik", "capital", "Borvik has the capital", "Oslo"),
              _fact("b", "Borvik", "river", "Borvik lies on the river", "Nile"),
@@ -182,9 +182,13 @@ def test_remembers_facts_keeps_earlier_ones_of_a_revisited_subject_and_rolls_bac
     assert ed.n_edits == 5  # kept facts are not new edits
     assert ed.facts["Borvik"]["capital"][2] == "Rome" and "Pell" in ed.facts
 
+    from flows.pipeline import load_editor_state, save_editor_state  # how the pipeline persists it
+
+    save_editor_state(ed.state_dict(), tmp_path / "state.safetensors", ed.name)
     fresh: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]
-    fresh.load_state_dict(ed.state_dict())
-    assert fresh.facts == ed.facts
+    fresh.load_state_dict(load_editor_state(tmp_path / "state.safetensors")[1])
+    assert fresh.facts == ed.facts and list(fresh.facts["Borvik"]) == ["river", "capital"]  # most recent last
+    assert all(torch.equal(fresh.prev_keys[l], ed.prev_keys[l]) for l in (1, 2))
 
     ed.rollback(tiny, r2)
     assert ed.facts["Borvik"]["capital"][2] == "Oslo" and "Pell" not in ed.facts and ed.n_edits == 3
@@ -215,3 +219,11 @@ def test_a_later_edit_of_the_same_fact_wins(tiny):
         ed.rollback(tiny, r2)
         ed.rollback(tiny, r1)
     assert delivered[True] > 0.5 and delivered[False] < 0.5 * delivered[True], delivered
+
+
+def test_kept_facts_are_the_most_recent_few_of_the_batch_subjects():
+    ed: AlphaEdit = get_editor("alphaedit", {**FAST, "keep_facts_per_subject": 2})  # type: ignore[assignment]
+    ed.facts = {"Borvik": {f"r{i}": ["Borvik", f"Borvik r{i} is", f"a{i}"] for i in range(4)},
+                "Quin": {"r0": ["Quin", "Quin r0 is", "b0"]}}
+    keep = ed.facts_to_keep([_fact("x", " Borvik ", "r3", "The Borvik r3 is", "new")])  # outer spaces: same subject
+    assert [(k.relation, k.target_new) for k in keep] == [("r1", "a1"), ("r2", "a2")]  # r3 is replaced, Quin not in the batch
