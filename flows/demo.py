@@ -29,7 +29,12 @@ def demo_db_path() -> Path:
     return kedit_home() / "demo" / "kedit.duckdb"
 
 
-def run_demo(model: str = "smollm2", method: str = "alphaedit", echo: Callable[[str], Any] = print) -> dict[str, Any]:
+def run_demo(
+    model: str = "smollm2",
+    method: str = "alphaedit",
+    echo: Callable[[str], Any] = print,
+    editor_settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     from connectors.replay import ReplayServer
     from flows import steps
     from flows.pipelines import nightly_update
@@ -46,7 +51,8 @@ def run_demo(model: str = "smollm2", method: str = "alphaedit", echo: Callable[[
         summary = nightly_update(
             window_end=DAY_END,
             window_hours=24,
-            settings={"model": model, "method": method, "endpoint": url, "rate_limit_per_s": 0},
+            settings={"model": model, "method": method, "endpoint": url, "rate_limit_per_s": 0,
+                      "editor_overrides": editor_settings or {}},
             report_html=str(html),
         )
     _print(summary, echo)

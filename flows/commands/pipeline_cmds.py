@@ -3,9 +3,11 @@ start kedit's Prefect flows."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Any, List, Optional
 
 import typer
+
+SET_HELP = "Editor setting KEY=VALUE (repeatable), as for `kedit evaluate`, e.g. --set v_steps=50."
 
 
 def _utc(value: Optional[datetime]) -> Optional[datetime]:
@@ -18,6 +20,24 @@ def _settings_overrides(**kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def editor_overrides(method: Optional[str], pairs: List[str]) -> Optional[dict[str, Any]]:
+    """`--set` pairs as the pipeline's `editor_overrides`, checked against the method's
+    config now, so a typo fails before a night's ingest rather than at its first batch."""
+    if not pairs:
+        return None
+    from flows.commands.evaluate_cmd import parse_settings
+    from flows.settings import PipelineSettings
+    from kedit_core.editors import get_editor
+    from kedit_core.errors import KeditError
+
+    overrides = parse_settings(pairs)
+    try:
+        get_editor(method or PipelineSettings.from_env().method, overrides)
+    except (ValueError, TypeError) as exc:  # names the unknown setting or bad value
+        raise KeditError(str(exc)) from exc
+    return overrides
+
+
 def register(app: typer.Typer) -> None:
     @app.command("nightly")
     def nightly(
@@ -28,14 +48,17 @@ def register(app: typer.Typer) -> None:
         endpoint: Optional[str] = typer.Option(None, help="Wikidata API endpoint (default: the real one)."),
         server: Optional[str] = typer.Option(None, "--server", help="Publish new versions to this `kedit serve` URL."),
         html: Optional[str] = typer.Option(None, help="Where to write the HTML drift report."),
+        settings: List[str] = typer.Option([], "--set", help=SET_HELP),
     ) -> None:
         """Run the nightly update once: ingest, build cases, edit in gated batches, report."""
         from flows.pipelines import nightly_update
 
+        overrides = editor_overrides(method, settings)
         summary = nightly_update(
             window_end=_utc(window_end),
             window_hours=window_hours,
-            settings=_settings_overrides(model=model, method=method, endpoint=endpoint, server_url=server),
+            settings=_settings_overrides(model=model, method=method, endpoint=endpoint, server_url=server,
+                                         editor_overrides=overrides),
             report_html=html,
         )
         _print_summary(summary)
@@ -51,10 +74,12 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = typer.Option(None),
         method: Optional[str] = typer.Option(None),
         endpoint: Optional[str] = typer.Option(None),
+        settings: List[str] = typer.Option([], "--set", help=SET_HELP),
     ) -> None:
         """Backfill historical Wikidata edits by date range (resumable)."""
         from flows.pipelines import backfill
 
+        overrides = editor_overrides(method, settings)
         summary = backfill(
             start=_utc(start),
             end=_utc(end),
@@ -62,7 +87,7 @@ def register(app: typer.Typer) -> None:
             source=source,
             dump_path=dump,
             items=[i.strip() for i in items.split(",")] if items else None,
-            settings=_settings_overrides(model=model, method=method, endpoint=endpoint),
+            settings=_settings_overrides(model=model, method=method, endpoint=endpoint, editor_overrides=overrides),
         )
         _print_summary(summary)
 
@@ -92,6 +117,7 @@ def register(app: typer.Typer) -> None:
     def demo(
         model: str = typer.Option("smollm2", help="Model spec (default: the embedded model)."),
         method: str = typer.Option("alphaedit", help="Editing method."),
+        settings: List[str] = typer.Option([], "--set", help=SET_HELP),
     ) -> None:
         """The main job: the nightly flow on a recorded Wikidata day, on the embedded model.
 
@@ -99,7 +125,7 @@ def register(app: typer.Typer) -> None:
         """
         from flows.demo import run_demo
 
-        run_demo(model=model, method=method, echo=typer.echo)
+        run_demo(model=model, method=method, echo=typer.echo, editor_settings=editor_overrides(method, settings))
 
 
 def _print_summary(summary: dict) -> None:

@@ -178,3 +178,23 @@ def test_server_down_at_publish_is_recorded_and_the_nights_edits_stay(prefect_ap
     assert out["edits"]["applied_cases"] >= 5
     db = open_db(ledger_path)
     assert ledger.list_runs(db, kind="nightly")[-1]["status"] == "completed"
+
+
+def test_nightly_cli_passes_editor_settings_and_rejects_unknown_ones_before_ingesting(prefect_api, ledger_path, replay):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import _register_commands, app
+
+    _register_commands()
+    common = ["nightly", "--model", "tiny-llama", "--method", "nudge", "--endpoint", replay, "--window-end", "2024-05-02"]
+    bad = CliRunner().invoke(app, [*common, "--set", "scal=2"])
+    assert bad.exit_code != 0 and "scal" in str(bad.exception)
+    assert not ledger_path.exists() or not ledger.list_runs(open_db(ledger_path))  # nothing ran
+
+    ok = CliRunner().invoke(app, [*common, "--set", "scale=0.0002", "--set", "pause_s=0"])
+    assert ok.exit_code == 0, ok.output
+    run = ledger.list_runs(open_db(ledger_path), kind="nightly")[-1]
+    assert json.loads(run["config"])["editor_overrides"] == {"scale": 0.0002, "pause_s": 0}
+    assert ledger.list_batches(open_db(ledger_path))  # the editor ran with them
