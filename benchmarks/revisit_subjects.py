@@ -7,7 +7,7 @@ from the same base model, and prints teacher-forced token accuracy of every fact
 - karlsruhe: the demo's Wikidata day split over three batches: population, then head of
   government (a second fact of the same city), then both re-edited.
 
-    KEDIT_HOME=... python benchmarks/revisit_subjects.py [--scenario zsre|karlsruhe] [--set v_steps=50 ...]
+    KEDIT_HOME=... python benchmarks/revisit_subjects.py [--method alphaedit|memit] [--scenario zsre|karlsruhe] [--set v_steps=50 ...]
 
 Findings are in docs/editing.md ("Subjects edited again").
 """
@@ -65,15 +65,16 @@ def accuracy(lm: LoadedModel, cases: list[EditCase]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--method", choices=("alphaedit", "memit"), default="alphaedit")
     ap.add_argument("--scenario", choices=("zsre", "karlsruhe"), default="karlsruhe")
     ap.add_argument("--set", dest="settings", action="append", default=[], help="editor setting key=value")
     args = ap.parse_args()
     batches, groups = zsre_scenario() if args.scenario == "zsre" else karlsruhe_scenario()
     lm = load_model(None, show_progress=False)
     for revisit in (False, True):
-        editor = get_editor("alphaedit", {**parse_settings(args.settings), "revisit_subjects": revisit})
+        editor = get_editor(args.method, {**parse_settings(args.settings), "revisit_subjects": revisit})
         results = []
-        print(f"\nrevisit_subjects={revisit}")
+        print(f"\n{args.method}, revisit_subjects={revisit}")
         for b, batch in enumerate(batches, 1):
             results.append(editor.edit(lm, batch))
             shown = {name: accuracy(lm, cs) for name, cs in groups.items() if all(c in sum(batches[:b], []) for c in cs)}

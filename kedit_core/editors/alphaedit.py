@@ -23,21 +23,15 @@ residual over layers: imported from `memit.py`). Only the closed form differs:
   more than unused ones (locality 0.83 -> 0.87 for efficacy 0.97 -> 0.94 over 100 edits).
 
 Subjects edited again (`revisit_subjects`, kedit's). The nightly pipeline keeps meeting
-subjects it edited before: a city's population changes every year, a club's coach every
-season, and one Wikidata item gets a second fact a week later. Two things then go wrong
-with the plain method. Where the subject opens the prompt ("Karlsruhe: ..." in every
-`subject_first` row, and every Wikidata cloze "Lena Hartmann is an instance of"), the new
-fact's key IS an earlier fact's key, which the solve holds at its current output with
-weight w_p, so the new fact gets about 1/(1 + w_p) of its residual. And the new delta for
-the subject, optimised for the new fact alone, may overwrite the subject's earlier facts.
-So for each subject seen before, the batch's target optimisation also carries the
-subject's earlier facts that still hold (not the one being replaced; the subject's cases
-share one delta, so it must keep them), and the solve stops preserving earlier keys
-along the span of this subject's keys in the batch (those keys are re-fitted right here,
-with targets that already include the earlier facts). The editor remembers each subject's
-current facts (subject, relation, prompt, answer) in its state. Measured on the demo's
-Wikidata cases (docs/editing.md): a second fact of Karlsruhe in a later batch reached
-0.25 and knocked its first fact from 1.00 to 0.38 without this.
+subjects it edited before (a city's population next year, a second fact of an item). Where
+the subject opens the prompt ("Karlsruhe: ..." in every `subject_first` row, and every
+Wikidata cloze "Lena Hartmann is an instance of"), the new fact's key IS an earlier fact's
+key, which this solve holds at its current output with weight w_p, so the new fact would
+get about 1/(1 + w_p) of its residual (a re-edited zsRE fact: 0.28; a second Karlsruhe fact:
+0.25, docs/editing.md). MEMIT's part (memit.py) re-optimises the subject's delta together
+with its earlier facts that still hold; AlphaEdit's part is `without_span`: for the cases of
+such subjects, earlier keys are not preserved along the span of their new keys, which are
+re-fitted right here with targets that already include the earlier facts.
 
 kedit's AlphaEdit also turns on two MEMIT options by default (`memit.py`, measured in
 docs/editing.md): the `subject_first` prompt variant and `per_template_keys`, which lift
@@ -47,7 +41,6 @@ All of it in float64, [inter, inter] matrices (1536 x 1536 on SmolLM2-135M).
 """
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -56,7 +49,6 @@ import torch
 from kedit_core.editors.base import EditorConfig, EditResult, register
 from kedit_core.editors.memit import EditRows, Memit, MemitConfig, fitted_keys
 from kedit_core.model import LoadedModel
-from kedit_core.types import EditCase
 
 
 @dataclass
@@ -82,16 +74,6 @@ class AlphaEditConfig(MemitConfig):
     # on its own. Over 100 edits: paraphrase 0.61 -> 0.69 for locality 0.87 -> 0.85.
     per_template_keys: bool = True
     prompt_variants: tuple[str, ...] = ("subject_first",)
-    # A subject edited in an earlier batch: re-optimise its delta together with its earlier
-    # facts that still hold (at most `keep_facts_per_subject`, the most recent), and do not
-    # preserve earlier keys along this subject's new keys (module docstring).
-    revisit_subjects: bool = True
-    keep_facts_per_subject: int = 8
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.keep_facts_per_subject < 0:
-            raise ValueError(f"keep_facts_per_subject must be >= 0, got {self.keep_facts_per_subject}")
 
 
 @register("alphaedit")
@@ -104,58 +86,6 @@ class AlphaEdit(Memit):
         self.prev_keys: dict[int, torch.Tensor] = {}  # layer -> sum of k k^T of earlier edits (float64)
         self.n_edits = 0
         self._batch_keys: dict[str, dict[int, torch.Tensor]] = {}  # for exact-as-possible rollback
-        # subject label -> relation -> [subject, prompt, answer]: the facts this editor put in
-        # and that still hold (a later edit of the same relation replaces its entry)
-        self.facts: dict[str, dict[str, list[str]]] = {}
-        self._batch_facts: dict[str, dict[str, dict[str, list[str]] | None]] = {}  # for rollback
-        self._revisit: torch.Tensor | None = None  # during edit(): per case, was its subject edited before
-        self._n_new = 0  # during edit(): the batch's own cases come first, kept facts after them
-
-    def facts_to_keep(self, cases: list[EditCase]) -> list[EditCase]:
-        """Earlier edits of the batch's subjects that still hold and that the batch does not
-        replace, as cases to optimise alongside (their answers are already in the model)."""
-        cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
-        replaced = {(c.subject.strip(), c.relation) for c in cases}
-        keep: list[EditCase] = []
-        for label in dict.fromkeys(c.subject.strip() for c in cases):
-            earlier = [(rel, f) for rel, f in self.facts.get(label, {}).items() if (label, rel) not in replaced]
-            for rel, (subject, prompt, answer) in earlier[len(earlier) - cfg.keep_facts_per_subject :]:
-                keep.append(EditCase(case_id=f"kept:{label}:{rel}", subject=subject, relation=rel,
-                                     prompt=prompt, target_new=answer, source="kept"))
-        return keep
-
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
-        cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
-        cases = list(cases)
-        keep = self.facts_to_keep(cases) if cfg.revisit_subjects and cases else []
-        batch = cases + keep
-        seen = set(self.facts) if cfg.revisit_subjects else set()
-        self._revisit = torch.tensor([c.subject.strip() in seen for c in batch], dtype=torch.bool)
-        self._n_new = len(cases)
-        try:
-            result = super().edit(lm, batch)
-        finally:
-            self._revisit = None
-        if keep:  # the kept facts are context for this batch, not its edits
-            result.diagnostics = result.diagnostics[: len(cases)]
-            result.delta.meta["cases"] = [c.case_id for c in cases]
-            result.info["kept_facts"] = [c.case_id for c in keep]
-        token = result.info.get("alphaedit_batch")
-        if token:
-            self._batch_facts[token] = self._record_facts(cases)
-        return result
-
-    def _record_facts(self, cases: list[EditCase]) -> dict[str, dict[str, list[str]] | None]:
-        """Remember the batch's facts (latest per relation wins); returns what they replaced."""
-        before: dict[str, dict[str, list[str]] | None] = {}
-        for c in cases:
-            label = c.subject.strip()
-            if label not in before:
-                before[label] = dict(self.facts[label]) if label in self.facts else None
-            rels = self.facts.setdefault(label, {})
-            rels.pop(c.relation, None)  # re-inserted last: most recent last
-            rels[c.relation] = [c.subject, c.prompt, c.target_new]
-        return before
 
     def projector(self, lm: LoadedModel, layer: int) -> torch.Tensor:
         """P = U U^T over the eigenvectors of C with small eigenvalues ([inter, inter], float64)."""
@@ -201,43 +131,33 @@ class AlphaEdit(Memit):
             self.prev_keys[layer] = self.prev_keys[layer] + kk if layer in self.prev_keys else kk
             added[layer] = kk
         self.n_edits += self._n_new
-        token = uuid.uuid4().hex
-        self._batch_keys[token] = added
-        return {"alphaedit_batch": token, "alphaedit_n_edits": self.n_edits}
+        self._batch_keys[self._token] = added
+        return {"alphaedit_n_edits": self.n_edits}
 
     def rollback(self, lm: LoadedModel, result: EditResult) -> None:
         """Revert the weights exactly and forget the batch's keys (float64 subtraction:
         exact to ~1e-16 relative, which is what the solve can resolve anyway)."""
-        super().rollback(lm, result)
-        token = result.info.get("alphaedit_batch", "")
-        added = self._batch_keys.pop(token, None)
+        super().rollback(lm, result)  # weights and remembered facts
+        added = self._batch_keys.pop(result.info.get("batch_token", ""), None)
         if added:
             for layer, kk in added.items():
                 self.prev_keys[layer] = self.prev_keys[layer] - kk
             self.n_edits -= len(result.diagnostics)
-        for label, facts in self._batch_facts.pop(token, {}).items():
-            if facts is None:
-                self.facts.pop(label, None)
-            else:
-                self.facts[label] = facts
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "method": self.name,
+            **super().state_dict(),  # method and remembered facts
             "n_edits": self.n_edits,
             "prev_keys": {str(layer): t.detach().cpu().clone() for layer, t in self.prev_keys.items()},
-            "facts": {label: {rel: list(f) for rel, f in rels.items()} for label, rels in self.facts.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
         self.n_edits = int(state.get("n_edits", 0))
+        super().load_state_dict(state)
         self.prev_keys = {int(layer): t.double() for layer, t in state.get("prev_keys", {}).items()}
-        # states written before kedit remembered facts have none: nothing to keep, nothing lifted
-        self.facts = {label: {rel: list(f) for rel, f in rels.items()} for label, rels in state.get("facts", {}).items()}
         self._batch_keys.clear()
-        self._batch_facts.clear()
 
 
 def without_span(gram: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

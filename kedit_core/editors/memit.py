@@ -41,12 +41,21 @@ Speed on CPU (why the code is shaped like this):
 - `bf16=True` runs that upper-layer forward/backward under bfloat16 autocast (~2x faster on
   CPUs with AVX512-BF16); the closed-form solve always stays in float64.
 
+Subjects edited again (kedit's, `revisit_subjects`): cases of one subject share one delta
+(`share_subject_delta`), so a later batch that edits a subject edited before would optimise
+its delta for the new fact alone and could overwrite the subject's earlier facts (a second
+Karlsruhe fact one batch later took the first from 1.00 to 0.38). The editor therefore
+remembers the facts it wrote (its `state_dict`, persisted with each version) and adds a
+revisited subject's other current facts to the batch as kept rows of that shared delta:
+optimised and fitted like the batch's cases, not reported or counted as its edits.
+
 AlphaEdit (`alphaedit.py`) reuses steps 1-3 and replaces the closed form in step 4.
 """
 from __future__ import annotations
 
 import copy
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
@@ -87,9 +96,18 @@ class MemitConfig(EditorConfig):
     # them, so separate deltas would ask one key for contradicting outputs and the closed
     # form would average them (demo batch: one of two such facts lost, efficacy 0.00).
     share_subject_delta: bool = True
+    # A subject edited in an earlier batch (the nightly pipeline meets them daily: a city's
+    # population next year, a second fact of an item): its earlier facts that still hold
+    # (at most `keep_facts_per_subject`, the most recent) join the batch as kept rows of the
+    # subject's shared delta, so the new delta keeps them (docs/editing.md, "Subjects edited
+    # again"). AlphaEdit also lifts its preserved keys along the subject's new keys.
+    revisit_subjects: bool = True
+    keep_facts_per_subject: int = 8
 
     def __post_init__(self) -> None:
         check_prompt_variants(self.prompt_variants)  # fail when configured, not mid-edit
+        if self.keep_facts_per_subject < 0:
+            raise ValueError(f"keep_facts_per_subject must be >= 0, got {self.keep_facts_per_subject}")
 
     def stronger(self) -> MemitConfig:
         from dataclasses import replace
@@ -671,6 +689,13 @@ class Memit(Editor):
         self._cov: dict[tuple[str, int], torch.Tensor] = {}
         # Step 1 as an attribute, so benchmarks can swap in a naive per-case version.
         self.compute_targets = compute_targets
+        # subject label -> relation -> [subject, prompt, answer]: the facts this editor put in
+        # and that still hold (a later edit of the same relation replaces its entry)
+        self.facts: dict[str, dict[str, list[str]]] = {}
+        self._batch_facts: dict[str, dict[str, dict[str, list[str]] | None]] = {}  # token -> what it replaced
+        self._revisit: torch.Tensor | None = None  # during edit(): per case, was its subject edited before
+        self._n_new = 0  # during edit(): the batch's own cases come first, kept facts after them
+        self._token = ""  # during edit(): the batch's id in the editor's rollback records
 
     # The one thing AlphaEdit changes: how a layer's residual becomes a weight update.
     def solve_update(
@@ -697,10 +722,78 @@ class Memit(Editor):
                 self._cov[(lm.fingerprint, l_)] = c.to(lm.device)
         return self._cov[key]
 
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+    # ----------------------------------------------------------------- facts it wrote
+
+    def facts_to_keep(self, cases: list[EditCase]) -> list[EditCase]:
+        """Earlier edits of the batch's subjects that still hold and that the batch does not
+        replace, as cases to optimise alongside (their answers are already in the model)."""
         cfg: MemitConfig = self.config  # type: ignore[assignment]
+        replaced = {(c.subject.strip(), c.relation) for c in cases}
+        keep: list[EditCase] = []
+        for label in dict.fromkeys(c.subject.strip() for c in cases):
+            earlier = [(rel, f) for rel, f in self.facts.get(label, {}).items() if (label, rel) not in replaced]
+            for rel, (subject, prompt, answer) in earlier[len(earlier) - cfg.keep_facts_per_subject :]:
+                keep.append(EditCase(case_id=f"kept:{label}:{rel}", subject=subject, relation=rel,
+                                     prompt=prompt, target_new=answer, source="kept"))
+        return keep
+
+    def _record_facts(self, cases: list[EditCase]) -> dict[str, dict[str, list[str]] | None]:
+        """Remember the batch's facts (latest per relation wins); returns what they replaced."""
+        before: dict[str, dict[str, list[str]] | None] = {}
+        for c in cases:
+            label = c.subject.strip()
+            if label not in before:
+                before[label] = dict(self.facts[label]) if label in self.facts else None
+            rels = self.facts.setdefault(label, {})
+            rels.pop(c.relation, None)  # re-inserted last: most recent last
+            rels[c.relation] = [c.subject, c.prompt, c.target_new]
+        return before
+
+    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+        """Edit `cases` (with the kept facts of any subject edited before) and remember them."""
+        cfg: MemitConfig = self.config  # type: ignore[assignment]
+        cases = list(cases)
         if not cases:
             return EditResult(method=self.name, delta=WeightDelta(meta={"method": self.name}), applied=True)
+        keep = self.facts_to_keep(cases) if cfg.revisit_subjects else []
+        batch = cases + keep
+        seen = set(self.facts) if cfg.revisit_subjects else set()
+        self._revisit = torch.tensor([c.subject.strip() in seen for c in batch], dtype=torch.bool)
+        self._n_new, self._token = len(cases), uuid.uuid4().hex
+        try:
+            result = self._edit_batch(lm, batch)
+        finally:
+            self._revisit = None
+        if keep:  # the kept facts are context for this batch, not its edits
+            result.diagnostics = result.diagnostics[: len(cases)]
+            result.delta.meta["cases"] = [c.case_id for c in cases]
+            result.info["kept_facts"] = [c.case_id for c in keep]
+        result.info["batch_token"] = self._token
+        self._batch_facts[self._token] = self._record_facts(cases)
+        return result
+
+    def rollback(self, lm: LoadedModel, result: EditResult) -> None:
+        """Revert the weights exactly and forget the batch's facts."""
+        super().rollback(lm, result)
+        for label, facts in self._batch_facts.pop(result.info.get("batch_token", ""), {}).items():
+            if facts is None:
+                self.facts.pop(label, None)
+            else:
+                self.facts[label] = facts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.name,
+                "facts": {label: {rel: list(f) for rel, f in rels.items()} for label, rels in self.facts.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # states written before kedit remembered facts have none: nothing to keep
+        self.facts = {label: {rel: list(f) for rel, f in rels.items()} for label, rels in state.get("facts", {}).items()}
+        self._batch_facts.clear()
+
+    # ----------------------------------------------------------------- one closed-form edit
+
+    def _edit_batch(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+        cfg: MemitConfig = self.config  # type: ignore[assignment]
         t0 = time.perf_counter()
         model = lm.model
         layers = resolve_layers(cfg, model)

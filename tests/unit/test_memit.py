@@ -202,3 +202,28 @@ def test_per_template_keys_fit_every_context_not_only_their_mean(tiny):
 def test_unknown_prompt_variant_is_named_when_configured():
     with pytest.raises(ValueError, match="unknown prompt variants \\['reversed'\\].*subject_first"):
         get_editor("memit", {**FAST, "prompt_variants": ["reversed"]})
+
+
+def test_remembers_its_facts_and_keeps_a_revisited_subjects_earlier_ones(tiny):
+    first = [EditCase(case_id="a", subject="Borvik", relation="capital", prompt="Borvik has the capital", target_new="Oslo")]
+    second = [EditCase(case_id="b", subject="Borvik", relation="river", prompt="Borvik lies on the river", target_new="Nile")]
+    ed = get_editor("memit", FAST)
+    r1 = ed.edit(tiny, first)
+    assert ed.state_dict()["facts"] == {"Borvik": {"capital": ["Borvik", "Borvik has the capital", "Oslo"]}}
+    r2 = ed.edit(tiny, second)  # the capital is optimised alongside (one shared subject delta) ...
+    assert r2.info["kept_facts"] == ["kept:Borvik:capital"]
+    assert [d.case_id for d in r2.diagnostics] == ["b"]  # ... but it is not this batch's edit
+    assert list(ed.facts["Borvik"]) == ["capital", "river"]
+    fresh = get_editor("memit", FAST)
+    fresh.load_state_dict(ed.state_dict())
+    assert fresh.facts == ed.facts
+    ed.rollback(tiny, r2)
+    assert list(ed.facts["Borvik"]) == ["capital"]
+    ed.rollback(tiny, r1)
+    assert ed.facts == {}
+    without = get_editor("memit", {**FAST, "revisit_subjects": False})
+    r1 = without.edit(tiny, first)
+    r2 = without.edit(tiny, second)
+    assert "kept_facts" not in r2.info
+    without.rollback(tiny, r2)
+    without.rollback(tiny, r1)
