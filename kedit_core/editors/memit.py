@@ -693,15 +693,11 @@ class Memit(Editor):
         # and that still hold (a later edit of the same relation replaces its entry)
         self.facts: dict[str, dict[str, list[str]]] = {}
         self._batch_facts: dict[str, dict[str, dict[str, list[str]] | None]] = {}  # token -> what it replaced
-        self._revisit: torch.Tensor | None = None  # during edit(): per case, was its subject edited before
         self._n_new = 0  # during edit(): the batch's own cases come first, kept facts after them
         self._token = ""  # during edit(): the batch's id in the editor's rollback records
 
     # The one thing AlphaEdit changes: how a layer's residual becomes a weight update.
-    def solve_update(
-        self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor, case_of: torch.Tensor
-    ) -> torch.Tensor:
-        """keys [n, inter], resid [n, H], case_of [n]: the batch case each key column fits."""
+    def solve_update(self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         cfg: MemitConfig = self.config  # type: ignore[assignment]
         return memit_solve(keys, resid, self.covariance(lm, layer), cfg.mom2_update_weight)
 
@@ -724,17 +720,28 @@ class Memit(Editor):
 
     # ----------------------------------------------------------------- facts it wrote
 
+    def _facts_as_cases(self, label: str) -> list[EditCase]:
+        """The facts this editor wrote about one subject, oldest first, as cases."""
+        return [
+            EditCase(case_id=f"kept:{label}:{rel}", subject=subject, relation=rel, prompt=prompt,
+                     target_new=answer, source="kept")
+            for rel, (subject, prompt, answer) in self.facts.get(label, {}).items()
+        ]
+
+    def remembered_facts(self, cases: list[EditCase]) -> list[EditCase]:
+        """Every fact this editor wrote about the batch's subjects (including those the batch replaces)."""
+        return [f for label in dict.fromkeys(c.subject.strip() for c in cases) for f in self._facts_as_cases(label)]
+
     def facts_to_keep(self, cases: list[EditCase]) -> list[EditCase]:
         """Earlier edits of the batch's subjects that still hold and that the batch does not
-        replace, as cases to optimise alongside (their answers are already in the model)."""
+        replace (the most recent `keep_facts_per_subject` per subject), as cases to optimise
+        alongside (their answers are already in the model)."""
         cfg: MemitConfig = self.config  # type: ignore[assignment]
         replaced = {(c.subject.strip(), c.relation) for c in cases}
         keep: list[EditCase] = []
         for label in dict.fromkeys(c.subject.strip() for c in cases):
-            earlier = [(rel, f) for rel, f in self.facts.get(label, {}).items() if (label, rel) not in replaced]
-            for rel, (subject, prompt, answer) in earlier[len(earlier) - cfg.keep_facts_per_subject :]:
-                keep.append(EditCase(case_id=f"kept:{label}:{rel}", subject=subject, relation=rel,
-                                     prompt=prompt, target_new=answer, source="kept"))
+            earlier = [f for f in self._facts_as_cases(label) if (label, f.relation) not in replaced]
+            keep += earlier[len(earlier) - cfg.keep_facts_per_subject :]
         return keep
 
     def _record_facts(self, cases: list[EditCase]) -> dict[str, dict[str, list[str]] | None]:
@@ -756,14 +763,8 @@ class Memit(Editor):
         if not cases:
             return EditResult(method=self.name, delta=WeightDelta(meta={"method": self.name}), applied=True)
         keep = self.facts_to_keep(cases) if cfg.revisit_subjects else []
-        batch = cases + keep
-        seen = set(self.facts) if cfg.revisit_subjects else set()
-        self._revisit = torch.tensor([c.subject.strip() in seen for c in batch], dtype=torch.bool)
         self._n_new, self._token = len(cases), uuid.uuid4().hex
-        try:
-            result = self._edit_batch(lm, batch)
-        finally:
-            self._revisit = None
+        result = self._edit_batch(lm, cases + keep)
         if keep:  # the kept facts are context for this batch, not its edits
             result.diagnostics = result.diagnostics[: len(cases)]
             result.delta.meta["cases"] = [c.case_id for c in cases]
@@ -821,7 +822,7 @@ class Memit(Editor):
                         delta_z = (targets.z - targets.z_init).double()[case_of.to(cur_z.device)]
                         goal = cur_z + delta_z * rows.per_context_scale
                     resid = (goal - cur_z) / (len(sites) - i)  # this layer's share of what is left
-                    upd = self.solve_update(lm, site.layer, keys[site.layer], resid, case_of)  # [H, inter] float64
+                    upd = self.solve_update(lm, site.layer, keys[site.layer], resid)  # [H, inter] float64
                     p = params[site.param_name]
                     upd = (upd.T if site.transposed else upd).to(p.dtype)
                     p.add_(upd)  # the layers above see this edit when their keys are computed

@@ -144,21 +144,28 @@ def test_cov_weight_stays_in_the_null_space_and_moves_generic_keys_less(tiny):
     assert moved[50.0] < moved[0.0]
 
 
-def test_without_span_removes_exactly_the_spanned_directions():
-    from kedit_core.editors.alphaedit import without_span
+def test_psd_part_keeps_the_positive_directions_only():
+    from kedit_core.editors.alphaedit import psd_part
 
     g = torch.Generator().manual_seed(0)
-    A = torch.randn(12, 40, generator=g, dtype=torch.float64)
-    gram = A @ A.T
-    keys = torch.randn(12, 3, generator=g, dtype=torch.float64)
-    lifted = without_span(gram, keys)
-    assert torch.allclose(lifted, lifted.T)
-    assert (lifted @ keys).abs().max() < 1e-9 * gram.abs().max()  # nothing preserved along the keys
-    Q, _ = torch.linalg.qr(keys)
-    other = torch.randn(12, generator=g, dtype=torch.float64)
-    other = other - Q @ (Q.T @ other)  # orthogonal to the keys: untouched
-    assert torch.allclose(lifted @ other, gram @ other - Q @ (Q.T @ (gram @ other)), atol=1e-9)
-    assert torch.allclose(other @ lifted @ other, other @ gram @ other)
+    Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    evals = torch.tensor([5.0, 2.0, 1.0, 0.5, 0.0, 0.0, -0.1, -0.3], dtype=torch.float64)
+    sym = (Q * evals) @ Q.T
+    part = psd_part(sym)
+    assert torch.allclose(part, (Q * evals.clamp_min(0)) @ Q.T, atol=1e-12)
+    assert torch.linalg.eigvalsh(part).min() > -1e-12
+
+
+def test_key_grams_are_what_after_edit_added_for_those_facts(tiny):
+    """Right after a batch (no drift yet), re-computing its facts' keys gives exactly what
+    the batch added to the preserved set, so the solve can take out just those facts."""
+    ed: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]
+    first = _batch("a")
+    r1 = ed.edit(tiny, first)
+    grams = ed.key_grams(tiny, ed.remembered_facts(first))
+    for layer in (1, 2):
+        assert torch.allclose(grams[layer], ed.prev_keys[layer], rtol=1e-6, atol=1e-9 * float(ed.prev_keys[layer].abs().max()))
+    ed.rollback(tiny, r1)
 
 
 def _fact(case_id: str, subject: str, relation: str, prompt: str, answer: str) -> EditCase:
