@@ -112,8 +112,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the same edit stream through several methods and compare them side by side."""
         from connectors.benchmarks import ReadReport, read_dataset
-        from flows.commands.evaluate_cmd import parse_settings
-        from kedit_core.editors import get_editor
+        from flows.commands.evaluate_cmd import editor_from_settings
         from kedit_core.errors import KeditError
         from kedit_core.model import fingerprint_model, load_model
         from storage.db import open_db
@@ -125,10 +124,7 @@ def register(app: typer.Typer) -> None:
         per_method = split_settings(settings, [lbl for lbl, _ in plan])
         editors = {}
         for label, method in plan:  # configuration errors stop the run before any work
-            try:
-                editors[label] = get_editor(method, parse_settings(per_method[label]))
-            except (ValueError, TypeError) as exc:
-                raise KeditError(f"{label}: {exc}") from exc
+            editors[label] = editor_from_settings(method, per_method[label], label)
         report = ReadReport(path=data)
         cases = read_dataset(data, limit=limit, report=report)
         if not cases:

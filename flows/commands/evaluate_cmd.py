@@ -33,6 +33,18 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def editor_from_settings(method: str, pairs: list[str], label: str | None = None) -> Any:
+    """The editor `method` with the `--set` pairs applied. A bad setting (unknown name,
+    wrong value) is one KeditError naming it, raised before any work starts."""
+    from kedit_core.editors import get_editor
+    from kedit_core.errors import KeditError
+
+    try:
+        return get_editor(method, parse_settings(pairs))
+    except (ValueError, TypeError) as exc:
+        raise KeditError(f"{label}: {exc}" if label else str(exc)) from exc
+
+
 def register(app: typer.Typer) -> None:
     @app.command("evaluate")
     def evaluate(
@@ -49,17 +61,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Edit a benchmark stream in batches on one model and print the metrics as JSON."""
         from connectors.benchmarks import ReadReport, read_dataset
-        from kedit_core.editors import get_editor
         from kedit_core.errors import KeditError
         from kedit_core.model import load_model
         from kedit_core.stream import run_stream
 
         if batch_size < 1:
             raise KeditError(f"--batch-size must be >= 1, got {batch_size}")
-        try:
-            editor = get_editor(method, parse_settings(settings))
-        except (ValueError, TypeError) as exc:
-            raise KeditError(str(exc)) from exc
+        editor = editor_from_settings(method, settings)
         report = ReadReport(path=data)
         cases = read_dataset(data, limit=limit, report=report)
         if not cases:

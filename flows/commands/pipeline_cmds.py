@@ -25,17 +25,11 @@ def editor_overrides(method: Optional[str], pairs: List[str]) -> Optional[dict[s
     config now, so a typo fails before a night's ingest rather than at its first batch."""
     if not pairs:
         return None
-    from flows.commands.evaluate_cmd import parse_settings
+    from flows.commands.evaluate_cmd import editor_from_settings, parse_settings
     from flows.settings import PipelineSettings
-    from kedit_core.editors import get_editor
-    from kedit_core.errors import KeditError
 
-    overrides = parse_settings(pairs)
-    try:
-        get_editor(method or PipelineSettings.from_env().method, overrides)
-    except (ValueError, TypeError) as exc:  # names the unknown setting or bad value
-        raise KeditError(str(exc)) from exc
-    return overrides
+    editor_from_settings(method or PipelineSettings.from_env().method, pairs)  # raises, naming a bad setting
+    return parse_settings(pairs)
 
 
 def register(app: typer.Typer) -> None:
