@@ -52,15 +52,7 @@ from typing import Any, ClassVar
 import torch
 
 from kedit_core.editors.base import EditorConfig, EditResult, register
-from kedit_core.editors.memit import (
-    EditRows,
-    Memit,
-    MemitConfig,
-    context_templates,
-    encode_rows,
-    fitted_keys,
-    resolve_layers,
-)
+from kedit_core.editors.memit import EditRows, Memit, MemitConfig, fitted_keys, resolve_layers
 from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
 
@@ -118,8 +110,7 @@ class AlphaEdit(Memit):
         the drift later batches caused in their keys)."""
         cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
         layers = resolve_layers(cfg, lm.model)
-        templates = context_templates(lm, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
-        rows = encode_rows(lm, cases, templates, tuple(cfg.prompt_variants))
+        _, rows = self.encode(lm, cases)  # encoded as the edit that added them
         keys, _, _ = fitted_keys(lm, rows, layers, layers[-1], cfg.per_template_keys)
         return {layer: k.double().T @ k.double() for layer, k in keys.items()}
 

@@ -100,7 +100,7 @@ class MemitConfig(EditorConfig):
     # population next year, a second fact of an item): its earlier facts that still hold
     # (at most `keep_facts_per_subject`, the most recent) join the batch as kept rows of the
     # subject's shared delta, so the new delta keeps them (docs/editing.md, "Subjects edited
-    # again"). AlphaEdit also lifts its preserved keys along the subject's new keys.
+    # again"). AlphaEdit also stops preserving those earlier facts' own keys in the solve.
     revisit_subjects: bool = True
     keep_facts_per_subject: int = 8
 
@@ -793,6 +793,12 @@ class Memit(Editor):
 
     # ----------------------------------------------------------------- one closed-form edit
 
+    def encode(self, lm: LoadedModel, cases: list[EditCase]) -> tuple[list[str], EditRows]:
+        """The context templates and every (case, context) row, as this editor's settings make them."""
+        cfg: MemitConfig = self.config  # type: ignore[assignment]
+        templates = context_templates(lm, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
+        return templates, encode_rows(lm, cases, templates, tuple(cfg.prompt_variants))
+
     def _edit_batch(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
         cfg: MemitConfig = self.config  # type: ignore[assignment]
         t0 = time.perf_counter()
@@ -802,8 +808,7 @@ class Memit(Editor):
         sites = [edit_site(model, l_) for l_ in layers]
         for l_ in layers:  # key statistics first: their progress bar should not interrupt editing
             self.covariance(lm, l_)
-        templates = context_templates(lm, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
-        rows = encode_rows(lm, cases, templates, tuple(cfg.prompt_variants))
+        templates, rows = self.encode(lm, cases)
 
         targets = self.compute_targets(lm, rows, z_layer, cfg)
         t_targets = time.perf_counter() - t0
