@@ -249,3 +249,79 @@ def key_second_moment(
         tmp.replace(path)
         out[layer] = c
     return out
+
+
+def _generic_keys_path(lm: LoadedModel, layer: int, cid: str, positions: int) -> Path:
+    return kedit_home() / "keystats" / f"{lm.fingerprint[:16]}_L{layer}_{cid}_keys{positions}.safetensors"
+
+
+def generic_keys(
+    lm: LoadedModel, layers: Sequence[int], corpus: str | Path | None = None, positions: int = 4096, batch_size: int = 16
+) -> dict[int, torch.Tensor]:
+    """Raw MLP keys ([positions, inter], float32) of ordinary text at each layer: every
+    7th paragraph of the key-statistics corpus (built-in prose and model samples alike),
+    cached like the second moments. The update gate (`kedit_core.editors.update_gate`) takes its
+    threshold from how large an update is on these positions."""
+    from safetensors.torch import load_file, save_file
+
+    from kedit_core.editors.memit import _StopForward, decoder_layers, edit_site
+
+    cid, paragraphs = corpus_id(corpus)
+    out: dict[int, torch.Tensor] = {}
+    missing = []
+    for layer in sorted(set(layers)):
+        path = _generic_keys_path(lm, layer, cid, positions)
+        if path.exists():
+            out[layer] = load_file(str(path))["keys"]
+        else:
+            missing.append(layer)
+    if not missing:
+        return out
+    if corpus is None:
+        have = sum(len(lm.tokenizer.encode(p, add_special_tokens=False)) for p in paragraphs)
+        if have < DEFAULT_SAMPLES:  # the same model-sampled text the default key statistics use
+            paragraphs = paragraphs + sampled_paragraphs(lm, paragraphs, DEFAULT_SAMPLES - have)
+    rows = _rows(lm, paragraphs[::7] or paragraphs, positions)
+    got: dict[int, list[torch.Tensor]] = {l_: [] for l_ in missing}
+    cur_mask: dict[str, torch.Tensor] = {}
+
+    def make_hook(layer: int):
+        def hook(_m, args):
+            got[layer].append(args[0][cur_mask["m"]].detach().float().cpu())
+
+        return hook
+
+    handles = [edit_site(lm.model, l_).module.register_forward_pre_hook(make_hook(l_)) for l_ in missing]
+
+    def stop(_m, _i, _o):
+        raise _StopForward
+
+    handles.append(decoder_layers(lm.model)[max(missing)].register_forward_hook(stop))
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    try:
+        with torch.no_grad():
+            for s in range(0, len(rows), batch_size):
+                batch = rows[s : s + batch_size]
+                width = max(len(r) for r in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                att = torch.zeros_like(ids)
+                for i, r in enumerate(batch):
+                    ids[i, : len(r)] = torch.tensor(r)
+                    att[i, : len(r)] = 1
+                cur_mask["m"] = att.bool().to(lm.device)
+                try:
+                    lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=att.to(lm.device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in missing:
+        keys = torch.cat(got[layer])
+        path = _generic_keys_path(lm, layer, cid, positions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"keys": keys.contiguous()}, str(tmp), metadata={"positions": str(len(keys)), "layer": str(layer)})
+        tmp.replace(path)
+        out[layer] = keys
+    return out

@@ -66,6 +66,8 @@ class LoadedModel:
     fingerprint: str  # of the *base* weights as loaded
     source_path: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # in-memory test models only: the parameters as built (they have no weight files)
+    base_snapshot: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -74,6 +76,28 @@ class LoadedModel:
     @property
     def arch(self) -> str:
         return self.model.config.model_type
+
+    def base_tensor(self, name: str) -> torch.Tensor:
+        """The base (unedited) value of parameter `name`, whatever version is live: read
+        from the weight files the model was loaded from (exact), or, for in-memory test
+        models, from the snapshot taken when they were built."""
+        if self.base_snapshot is not None:
+            return self.base_snapshot[name].clone()
+        if self.source_path is None:
+            raise ModelLoadError(f"{self.spec}: no weight files to read the base value of {name} from")
+        from safetensors import safe_open
+
+        folder = Path(self.source_path)
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            files = [folder / json.loads(index.read_text())["weight_map"][name]]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                if name in st.keys():
+                    return st.get_tensor(name).to(torch.float32)
+        raise ModelLoadError(f"{self.source_path}: no safetensors weight {name!r} (the update gate needs safetensors weights)")
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -372,6 +396,7 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int | None = None
         spec=f"tiny-{arch}",
         fingerprint=fingerprint_model(model),
         info={"n_params": sum(p.numel() for p in model.parameters()), "dtype": "torch.float32"},
+        base_snapshot={n: p.detach().clone() for n, p in model.named_parameters()},
     )
 
 

@@ -92,6 +92,7 @@ def run_stream(
         raise ValueError("run_stream: no cases to edit")
     t_start = time.perf_counter()
     reference = reference_predictions(lm, cases)  # the unedited model, before any edit
+    editor.attach(lm)  # e.g. a gate left on `lm` by an earlier method's stream comes off
     # Memory editors (retrieval, LTE) answer through their prompt rewriting, as served.
     rw = editor if editor.is_memory_editor else None
     batches = [cases[s : s + batch_size] for s in range(0, len(cases), batch_size)]

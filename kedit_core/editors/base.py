@@ -174,6 +174,17 @@ class Editor(ABC):
     def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
         """Apply `cases` to `lm` and return the result; the delta is already applied."""
 
+    def attach(self, lm: LoadedModel) -> None:
+        """Prepare `lm` to serve edits the way this editor means them: MEMIT/AlphaEdit
+        install their update gate when configured (`kedit_core/editors/update_gate.py`),
+        other weight editors remove one (their updates act everywhere), memory editors
+        leave the weights' serving alone. Called before a stream or a night's edits, and
+        wherever a version is loaded: the newest weight editor's config decides."""
+        if not self.is_memory_editor:
+            from kedit_core.editors.update_gate import remove_gate
+
+            remove_gate(lm)
+
     def rewrite_prompt(self, question: str) -> str:
         """How a question is asked of the edited model. Weight editors leave it unchanged."""
         return question

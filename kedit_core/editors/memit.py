@@ -103,9 +103,18 @@ class MemitConfig(EditorConfig):
     # again"). AlphaEdit also stops preserving those earlier facts' own keys in the solve.
     revisit_subjects: bool = True
     keep_facts_per_subject: int = 8
+    # The update gate (kedit_core/editors/update_gate.py, docs/editing.md "The update gate"): each edited
+    # layer's summed update acts only at token positions where it is larger than on this
+    # quantile of ordinary text (the key positions of every 7th paragraph of the key-statistics
+    # corpus, at most `update_gate_positions`; 2,986 on the embedded model).
+    # None = off: the plain method, the update acts everywhere.
+    update_gate: float | None = None
+    update_gate_positions: int = 4096
 
     def __post_init__(self) -> None:
         check_prompt_variants(self.prompt_variants)  # fail when configured, not mid-edit
+        if self.update_gate is not None and not 0.0 < self.update_gate < 1.0:
+            raise ValueError(f"update_gate must be between 0 and 1 (or null for no gate), got {self.update_gate}")
         if self.keep_facts_per_subject < 0:
             raise ValueError(f"keep_facts_per_subject must be >= 0, got {self.keep_facts_per_subject}")
 
@@ -756,9 +765,21 @@ class Memit(Editor):
             rels[c.relation] = [c.subject, c.prompt, c.target_new]
         return before
 
+    def attach(self, lm: LoadedModel) -> None:
+        """Install (or remove) the update gate the config asks for."""
+        from kedit_core.editors.update_gate import install_gate, remove_gate
+
+        cfg: MemitConfig = self.config  # type: ignore[assignment]
+        if cfg.update_gate is None:
+            remove_gate(lm)
+        else:
+            install_gate(lm, resolve_layers(cfg, lm.model), cfg.update_gate, corpus=cfg.keystats_corpus,
+                         positions=cfg.update_gate_positions)
+
     def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
         """Edit `cases` (with the kept facts of any subject edited before) and remember them."""
         cfg: MemitConfig = self.config  # type: ignore[assignment]
+        self.attach(lm)
         cases = list(cases)
         if not cases:
             return EditResult(method=self.name, delta=WeightDelta(meta={"method": self.name}), applied=True)

@@ -1,0 +1,139 @@
+"""The update gate (kedit_core/editors/update_gate.py) on tiny models: where the summed
+update is small the edited layer gives exactly the base layer's output, where it is large
+exactly the edited one; rollback and removal leave the plain model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kedit_core.editors import get_editor
+from kedit_core.editors.memit import edit_site
+from kedit_core.editors.update_gate import installed_gate
+from kedit_core.types import EditCase
+
+FAST = {"layers": [1, 2], "keystats_samples": 600, "v_steps": 4, "bf16": False, "update_gate_positions": 400}
+TEXT = "The river bends past the old mill, where the miller's daughter sells bread on market days."
+
+
+def _cases() -> list[EditCase]:
+    return [
+        EditCase(case_id=f"c{i}", subject=s, relation="capital", prompt=f"The capital of {s} is", target_new=t)
+        for i, (s, t) in enumerate([("Tessaly", "Rome"), ("Borvik", "Oslo"), ("Quin", "Lima")])
+    ]
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny(request):
+    from kedit_core.model import tiny_model
+
+    return tiny_model(request.param, seed=0)
+
+
+def _logits(lm, text: str) -> torch.Tensor:
+    ids = torch.tensor([lm.tokenizer.encode(text, add_special_tokens=False)])
+    with torch.no_grad():
+        return lm.model(input_ids=ids).logits[0]
+
+
+def _layer_outputs(lm, layers: list[int], text: str) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per edited layer: (what the gated layer output, W_live k, W_base k) at every position."""
+    seen = {}
+    handles = []
+    for layer in layers:
+        site = edit_site(lm.model, layer)
+        w_live, w_base = site.module.weight.detach(), lm.base_tensor(site.param_name)
+
+        def grab(_m, args, out, layer=layer, w_live=w_live, w_base=w_base, transposed=site.transposed):
+            k = args[0][0]
+            seen[layer] = (out[0].detach(), k @ w_live if transposed else k @ w_live.T, k @ w_base if transposed else k @ w_base.T)
+
+        handles.append(site.module.register_forward_hook(grab))  # runs after the gate's hook
+    try:
+        _logits(lm, text)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_gated_layer_outputs_base_where_small_and_edited_where_large(tiny):
+    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9})
+    ed.edit(tiny, _cases())
+    gate = installed_gate(tiny)
+    assert gate is not None and gate.layers == [1, 2]
+    subject_end = len(tiny.tokenizer.encode("The capital of Tessaly", add_special_tokens=False)) - 1
+    at_edit = _layer_outputs(tiny, gate.layers, "The capital of Tessaly is")
+    elsewhere = _layer_outputs(tiny, gate.layers, TEXT)
+    for layer in gate.layers:
+        for out, live, base in (at_edit[layer], elsewhere[layer]):
+            passed = torch.isclose(out, live, atol=1e-5).all(-1)
+            blocked = torch.isclose(out, base, atol=1e-5).all(-1)
+            assert bool((passed | blocked).all()), f"layer {layer}: a position is neither the base nor the edited output"
+        out, live, base = at_edit[layer]
+        assert torch.isclose(out, live, atol=1e-5).all(-1)[subject_end], f"layer {layer}: blocked at the edited subject"
+        out, live, base = elsewhere[layer]
+        assert torch.isclose(out, base, atol=1e-5).all(-1).any(), f"layer {layer}: passed at every position of other text"
+        assert not torch.allclose(live, base), "the edit changed nothing"
+        assert gate.stats()[f"L{layer}"]["tau"] > 0
+
+
+def test_a_gated_edit_raises_its_answer_as_the_plain_edit_does(tiny):
+    from kedit_core.scoring import answer_logprob
+
+    with torch.no_grad():  # sharpen the random model's output so an answer can become likely (as in test_memit)
+        norm = tiny.model.base_model.norm if tiny.arch == "llama" else tiny.model.base_model.ln_f
+        norm.weight.mul_(20)
+    cases = [EditCase(case_id=f"s{i}", subject=s, relation="r", prompt=f"Answer for {s}", target_new=t)
+             for i, (s, t) in enumerate([("Zorbland", "Q"), ("Mivvy", "K"), ("Plonk", "W")])]
+    prompts, answers = [c.prompt for c in cases], [c.target_new for c in cases]
+    before = answer_logprob(tiny, prompts, answers)
+    cfg = {**FAST, "v_steps": 25, "v_lr": 0.05, "weight_decay": 0.0, "kl_factor": 0.0, "clamp_norm_factor": 20.0,
+           "mom2_update_weight": 1.0}
+    plain = get_editor("memit", cfg)
+    result = plain.edit(tiny, cases)
+    after_plain = answer_logprob(tiny, prompts, answers)
+    plain.rollback(tiny, result)
+    get_editor("memit", {**cfg, "update_gate": 0.99}).edit(tiny, cases)
+    after_gated = answer_logprob(tiny, prompts, answers)
+    for b, p, g in zip(before, after_plain, after_gated):
+        assert p > b + 1.0 and g > b + 0.5 * (p - b), (before, after_plain, after_gated)
+
+
+def test_rollback_and_removal_give_the_plain_model_back(tiny):
+    before = _logits(tiny, TEXT)
+    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9})
+    result = ed.edit(tiny, _cases())
+    ed.rollback(tiny, result)
+    assert torch.equal(_logits(tiny, TEXT), before)  # the weights are back, the gate has nothing to pass
+    result = ed.edit(tiny, _cases())
+    gated = _logits(tiny, TEXT)
+    plain = get_editor("alphaedit", {**FAST, "update_gate": None})  # no gate configured: attach removes it
+    plain.attach(tiny)
+    assert installed_gate(tiny) is None
+    assert not torch.equal(_logits(tiny, TEXT), gated)  # the ungated update leaks into this text
+    ed.rollback(tiny, result)
+    assert torch.equal(_logits(tiny, TEXT), before)
+
+
+def test_bad_quantile_is_refused():
+    with pytest.raises(ValueError, match="update_gate"):
+        get_editor("alphaedit", {"update_gate": 1.5})
+
+
+def test_a_served_version_gets_the_gate_of_its_weight_editor(tiny):
+    """Serving and the pipeline rebuild the gate from the config in the version's note."""
+    from flows.runtime import weight_editor_attach
+
+    note = json.dumps({"config": get_editor("alphaedit", {**FAST, "update_gate": 0.9}).config.to_dict()}, default=str)
+    chain = [
+        {"version_id": 1, "method": None, "delta_path": None, "note": None},
+        {"version_id": 2, "method": "alphaedit", "delta_path": "v2.safetensors", "note": note},
+        {"version_id": 3, "method": "rag", "delta_path": None, "note": None},  # memory editors have no say
+    ]
+    attach = weight_editor_attach(chain)
+    assert attach is not None
+    attach(tiny)
+    assert installed_gate(tiny) is not None and installed_gate(tiny).quantile == 0.9
+    assert weight_editor_attach(chain[:1]) is None
