@@ -250,6 +250,7 @@ def apply_gated_batches(
     sync_with_ledger(live, db)
     report.start_version = live.version_id
     restore_editor_state(editor, db, live)
+    editor.attach(lm)  # tonight's weight editor decides how the live weights are served (its update gate)
 
     # Interrupted cases first, then the new ones; each case once.
     seen: set[str] = set()

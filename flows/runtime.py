@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -74,6 +74,7 @@ class LiveModel:
         self.restore_base()
         for delta in rebuild_version(self.lm, self.db, version_id):
             self.record_applied(delta)
+        attach_for_version(self.lm, self.db, version_id)
         self.version_id = version_id
 
     @contextlib.contextmanager
@@ -100,6 +101,33 @@ class LiveModel:
         out["live_version"] = self.version_id
         out["ledger"] = str(self.db.path)
         return out
+
+
+def weight_editor_attach(chain: list[dict[str, Any]]) -> Callable[[LoadedModel], None] | None:
+    """How the newest weight-editor version in the chain wants the model served (its edit
+    gate, `Editor.attach`), rebuilt from the config in that version's note; None when no
+    version in the chain was made by a weight editor."""
+    from kedit_core.editors.base import EDITORS, available_editors, get_editor
+
+    available_editors()
+    for row in reversed(chain[1:]):
+        cls = EDITORS.get(row.get("method") or "")
+        if cls is None or getattr(cls, "is_memory_editor", False) or not row.get("delta_path"):
+            continue
+        config = ledger.version_note(row).get("config")
+        return get_editor(row["method"], config if isinstance(config, dict) else None).attach
+    return None
+
+
+def attach_for_version(lm: LoadedModel, db: Database, version_id: int) -> None:
+    """Serve version `version_id`'s edits as its weight editor meant (its update gate, if any)."""
+    from kedit_core.editors.update_gate import remove_gate
+
+    attach = weight_editor_attach(ledger.version_chain(db, version_id))
+    if attach is not None:
+        attach(lm)
+    else:
+        remove_gate(lm)
 
 
 def load_delta(row: dict[str, Any]) -> WeightDelta:

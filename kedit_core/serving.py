@@ -109,6 +109,9 @@ class VersionPlan:
     parent_id: int | None = None
     rewriter: PromptRewriter | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # Prepares the model as the version's weight editor serves its edits (installs or
+    # removes the update gate: `Editor.attach`); None = the plain weights, no gate.
+    attach: Callable[[LoadedModel], None] | None = None
 
 
 VersionLoader = Callable[[int], VersionPlan]
@@ -399,6 +402,12 @@ class ServingState:
             )
         slot.version_id = None  # unknown until the build succeeds
         move_to_chain(slot.lm.model, slot.chain, plan.chain)
+        if plan.attach is not None:
+            plan.attach(slot.lm)
+        else:
+            from kedit_core.editors.update_gate import remove_gate
+
+            remove_gate(slot.lm)
         fp = fingerprint_model(slot.lm.model)
         slot.weights_fingerprint = fp
         if plan.weights_fingerprint and fp != plan.weights_fingerprint:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from flows.commands import MODEL_HELP
+from flows.runtime import weight_editor_attach
 from kedit_core.answer import PromptRewriter
 from kedit_core.model import LoadedModel
 from kedit_core.serving import (
@@ -104,6 +105,7 @@ def ledger_version_loader(
             parent_id=row["parent_id"],
             rewriter=rewriter,
             info={k: row[k] for k in ("method", "status", "batch_id", "note")},
+            attach=weight_editor_attach(chain),
         )
 
     def lister() -> list[dict[str, Any]]:
