@@ -251,17 +251,23 @@ def key_second_moment(
     return out
 
 
-def _generic_keys_path(lm: LoadedModel, layer: int, cid: str, positions: int) -> Path:
-    return kedit_home() / "keystats" / f"{lm.fingerprint[:16]}_L{layer}_{cid}_keys{positions}.safetensors"
+def _generic_keys_path(lm: LoadedModel, layer: int, cid: str, samples: int, positions: int) -> Path:
+    return kedit_home() / "keystats" / f"{lm.fingerprint[:16]}_L{layer}_{cid}_{samples}_keys{positions}.safetensors"
 
 
 def generic_keys(
-    lm: LoadedModel, layers: Sequence[int], corpus: str | Path | None = None, positions: int = 4096, batch_size: int = 16
+    lm: LoadedModel,
+    layers: Sequence[int],
+    corpus: str | Path | None = None,
+    positions: int = 4096,
+    samples: int = DEFAULT_SAMPLES,
+    batch_size: int = 16,
 ) -> dict[int, torch.Tensor]:
-    """Raw MLP keys ([positions, inter], float32) of ordinary text at each layer: every
-    7th paragraph of the key-statistics corpus (built-in prose and model samples alike),
-    cached like the second moments. The update gate (`kedit_core.editors.update_gate`) takes its
-    threshold from how large an update is on these positions."""
+    """Raw MLP keys ([n, inter], float32, n <= positions) of ordinary text at each layer:
+    every 7th paragraph of the text the key statistics over `samples` positions use (the
+    built-in prose and, by default, model samples alike), cached like the second moments.
+    The update gate (`kedit_core.editors.update_gate`) takes its threshold from how large an
+    update is on these positions."""
     from safetensors.torch import load_file, save_file
 
     from kedit_core.editors.memit import _StopForward, decoder_layers, edit_site
@@ -270,7 +276,7 @@ def generic_keys(
     out: dict[int, torch.Tensor] = {}
     missing = []
     for layer in sorted(set(layers)):
-        path = _generic_keys_path(lm, layer, cid, positions)
+        path = _generic_keys_path(lm, layer, cid, samples, positions)
         if path.exists():
             out[layer] = load_file(str(path))["keys"]
         else:
@@ -279,8 +285,8 @@ def generic_keys(
         return out
     if corpus is None:
         have = sum(len(lm.tokenizer.encode(p, add_special_tokens=False)) for p in paragraphs)
-        if have < DEFAULT_SAMPLES:  # the same model-sampled text the default key statistics use
-            paragraphs = paragraphs + sampled_paragraphs(lm, paragraphs, DEFAULT_SAMPLES - have)
+        if have < samples:  # the same model-sampled text the key statistics use
+            paragraphs = paragraphs + sampled_paragraphs(lm, paragraphs, samples - have)
     rows = _rows(lm, paragraphs[::7] or paragraphs, positions)
     got: dict[int, list[torch.Tensor]] = {l_: [] for l_ in missing}
     cur_mask: dict[str, torch.Tensor] = {}
@@ -318,7 +324,7 @@ def generic_keys(
             h.remove()
     for layer in missing:
         keys = torch.cat(got[layer])
-        path = _generic_keys_path(lm, layer, cid, positions)
+        path = _generic_keys_path(lm, layer, cid, samples, positions)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file({"keys": keys.contiguous()}, str(tmp), metadata={"positions": str(len(keys)), "layer": str(layer)})

@@ -774,7 +774,7 @@ class Memit(Editor):
             remove_gate(lm)
         else:
             install_gate(lm, resolve_layers(cfg, lm.model), cfg.update_gate, corpus=cfg.keystats_corpus,
-                         positions=cfg.update_gate_positions)
+                         positions=cfg.update_gate_positions, samples=cfg.keystats_samples)
 
     def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
         """Edit `cases` (with the kept facts of any subject edited before) and remember them."""

@@ -93,6 +93,7 @@ class EditGate:
 
     quantile: float
     layers: list[int]
+    source: tuple[Any, ...] = ()  # (corpus, positions, samples): the ordinary text tau comes from
     gates: list[_LayerGate] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
 
@@ -127,6 +128,7 @@ def install_gate(
     quantile: float,
     corpus: str | None = None,
     positions: int = 4096,
+    samples: int = 20000,
 ) -> EditGate:
     """Gate the updates of `layers` (idempotent: the same gate is kept, another replaced)."""
     from kedit_core.editors.memit import edit_site
@@ -134,12 +136,13 @@ def install_gate(
 
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"gate quantile must be between 0 and 1, got {quantile}")
+    source = (corpus, positions, samples)
     current = installed_gate(lm)
-    if current is not None and current.quantile == quantile and current.layers == sorted(layers):
+    if current is not None and (current.quantile, current.layers, current.source) == (quantile, sorted(layers), source):
         return current
     remove_gate(lm)
-    keys = generic_keys(lm, layers, corpus=corpus, positions=positions)
-    gate = EditGate(quantile=quantile, layers=sorted(layers))
+    keys = generic_keys(lm, layers, corpus=corpus, positions=positions, samples=samples)
+    gate = EditGate(quantile=quantile, layers=sorted(layers), source=source)
     for layer in gate.layers:
         site = edit_site(lm.model, layer)
         base = lm.base_tensor(site.param_name).to(site.module.weight.device, site.module.weight.dtype)

@@ -71,3 +71,31 @@ def test_alphaedit_adds_a_later_fact_of_an_edited_subject_and_keeps_the_first(em
     kept, added = scores[True]
     assert kept >= 0.75 and added >= 0.75, scores
     assert sum(scores[True]) >= sum(scores[False]) + 0.3, scores
+
+
+def test_the_update_gate_keeps_unrelated_text_at_the_base_model(embedded_lm):
+    """AlphaEdit's default update gate: the edit still flips its answer, and on unrelated
+    text the gated model stays (much) closer to the unedited one than the same edit without
+    the gate (docs/editing.md, "The update gate")."""
+    lm = embedded_lm
+    case = EditCase(case_id="int-gate", subject="Eiffel Tower", relation="P131",
+                    prompt="The Eiffel Tower is located in the city of", target_new="Rome")
+    text = "Rivers carry water from the hills to the sea, and most towns were built beside one."
+    ids = torch.tensor([lm.tokenizer.encode(text, add_special_tokens=False)])
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return lm.model(input_ids=ids).logits[0]
+
+    before = logits()
+    moved = {}
+    for gate in (0.999, None):
+        editor = get_editor("alphaedit", {"keystats_samples": 1500, "update_gate": gate})
+        result = editor.edit(lm, [case])
+        try:
+            assert token_accuracy(lm, [case.prompt], [case.target_new])[0] == 1.0
+            moved[gate] = float((logits() - before).abs().max())
+        finally:
+            editor.rollback(lm, result)
+    assert moved[0.999] < 0.5 * moved[None], moved
+    assert torch.equal(logits(), before)
