@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -154,6 +154,45 @@ def _rows(lm: LoadedModel, paragraphs: list[str], samples: int) -> list[list[int
     return rows
 
 
+def _forward_rows(
+    lm: LoadedModel, rows: list[list[int]], stop_layer: int, batch_size: int, cur_mask: dict[str, torch.Tensor],
+    on_batch: Callable[[int], Any] | None = None,
+) -> int:
+    """Run token `rows` in padded batches through decoder layers 0..`stop_layer` (the rest is
+    skipped), for forward pre-hooks that read MLP keys; `cur_mask["m"]` holds the batch's
+    real-token mask while it runs. Returns the number of real token positions."""
+    from kedit_core.editors.memit import _StopForward, decoder_layers
+
+    def stop(_m, _i, _o):
+        raise _StopForward
+
+    handle = decoder_layers(lm.model)[stop_layer].register_forward_hook(stop)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    count = 0
+    try:
+        with torch.no_grad():
+            for s in range(0, len(rows), batch_size):
+                batch = rows[s : s + batch_size]
+                width = max(len(r) for r in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                att = torch.zeros_like(ids)
+                for i, r in enumerate(batch):
+                    ids[i, : len(r)] = torch.tensor(r)
+                    att[i, : len(r)] = 1
+                cur_mask["m"] = att.bool().to(lm.device)
+                try:
+                    lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=att.to(lm.device), use_cache=False)
+                except _StopForward:
+                    pass
+                n = int(att.sum())
+                count += n
+                if on_batch is not None:
+                    on_batch(n)
+    finally:
+        handle.remove()
+    return count
+
+
 def _cache_path(lm: LoadedModel, layer: int, cid: str, samples: int) -> Path:
     return kedit_home() / "keystats" / f"{lm.fingerprint[:16]}_L{layer}_{cid}_{samples}.safetensors"
 
@@ -173,7 +212,7 @@ def key_second_moment(
     """
     from safetensors.torch import load_file, save_file
 
-    from kedit_core.editors.memit import _StopForward, decoder_layers, edit_site
+    from kedit_core.editors.memit import edit_site
 
     cid, paragraphs = corpus_id(corpus)
     out: dict[int, torch.Tensor] = {}
@@ -199,7 +238,6 @@ def key_second_moment(
     from tqdm.auto import tqdm
 
     sums: dict[int, torch.Tensor] = {}
-    count = 0
     cur_mask: dict[str, torch.Tensor] = {}
 
     def make_hook(layer: int):
@@ -211,31 +249,9 @@ def key_second_moment(
 
     deepest = max(missing)
     handles = [edit_site(lm.model, l_).module.register_forward_pre_hook(make_hook(l_)) for l_ in missing]
-
-    def stop(_m, _i, _o):
-        raise _StopForward
-
-    handles.append(decoder_layers(lm.model)[deepest].register_forward_hook(stop))
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=n_pos, desc=f"Key statistics (layers {missing})", unit="tok", disable=not show_progress, leave=False)
     try:
-        with torch.no_grad():
-            for s in range(0, len(rows), batch_size):
-                batch = rows[s : s + batch_size]
-                width = max(len(r) for r in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                att = torch.zeros_like(ids)
-                for i, r in enumerate(batch):
-                    ids[i, : len(r)] = torch.tensor(r)
-                    att[i, : len(r)] = 1
-                cur_mask["m"] = att.bool().to(lm.device)
-                try:
-                    lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=att.to(lm.device), use_cache=False)
-                except _StopForward:
-                    pass
-                n = int(att.sum())
-                count += n
-                bar.update(n)
+        count = _forward_rows(lm, rows, deepest, batch_size, cur_mask, on_batch=bar.update)
     finally:
         for h in handles:
             h.remove()
@@ -270,7 +286,7 @@ def generic_keys(
     update is on these positions."""
     from safetensors.torch import load_file, save_file
 
-    from kedit_core.editors.memit import _StopForward, decoder_layers, edit_site
+    from kedit_core.editors.memit import edit_site
 
     cid, paragraphs = corpus_id(corpus)
     out: dict[int, torch.Tensor] = {}
@@ -298,27 +314,8 @@ def generic_keys(
         return hook
 
     handles = [edit_site(lm.model, l_).module.register_forward_pre_hook(make_hook(l_)) for l_ in missing]
-
-    def stop(_m, _i, _o):
-        raise _StopForward
-
-    handles.append(decoder_layers(lm.model)[max(missing)].register_forward_hook(stop))
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     try:
-        with torch.no_grad():
-            for s in range(0, len(rows), batch_size):
-                batch = rows[s : s + batch_size]
-                width = max(len(r) for r in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                att = torch.zeros_like(ids)
-                for i, r in enumerate(batch):
-                    ids[i, : len(r)] = torch.tensor(r)
-                    att[i, : len(r)] = 1
-                cur_mask["m"] = att.bool().to(lm.device)
-                try:
-                    lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=att.to(lm.device), use_cache=False)
-                except _StopForward:
-                    pass
+        _forward_rows(lm, rows, max(missing), batch_size, cur_mask)
     finally:
         for h in handles:
             h.remove()
