@@ -154,6 +154,28 @@ def _rows(lm: LoadedModel, paragraphs: list[str], samples: int) -> list[list[int
     return rows
 
 
+def _read_cached(paths: dict[int, Path], key: str) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """(tensors already cached, layers still to compute), by layer."""
+    from safetensors.torch import load_file
+
+    out, missing = {}, []
+    for layer in sorted(paths):
+        if paths[layer].exists():
+            out[layer] = load_file(str(paths[layer]))[key]
+        else:
+            missing.append(layer)
+    return out, missing
+
+
+def _topped_up(lm: LoadedModel, paragraphs: list[str], corpus: str | Path | None, samples: int) -> list[str]:
+    """The built-in corpus topped up with model samples to `samples` tokens (a file corpus as is)."""
+    if corpus is None:
+        have = sum(len(lm.tokenizer.encode(p, add_special_tokens=False)) for p in paragraphs)
+        if have < samples:
+            paragraphs = paragraphs + sampled_paragraphs(lm, paragraphs, samples - have)
+    return paragraphs
+
+
 def _forward_rows(
     lm: LoadedModel, rows: list[list[int]], stop_layer: int, batch_size: int, cur_mask: dict[str, torch.Tensor],
     on_batch: Callable[[int], Any] | None = None,
@@ -210,26 +232,15 @@ def key_second_moment(
     All missing layers are computed in one pass over the text (the forward stops after the
     deepest one); cached files are read back without touching the model.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from kedit_core.editors.memit import edit_site
 
     cid, paragraphs = corpus_id(corpus)
-    out: dict[int, torch.Tensor] = {}
-    missing = []
-    for layer in sorted(set(layers)):
-        path = _cache_path(lm, layer, cid, samples)
-        if path.exists():
-            out[layer] = load_file(str(path))["mom2"]
-        else:
-            missing.append(layer)
+    out, missing = _read_cached({l_: _cache_path(lm, l_, cid, samples) for l_ in layers}, "mom2")
     if not missing:
         return out
-
-    if corpus is None:
-        have = sum(len(lm.tokenizer.encode(p, add_special_tokens=False)) for p in paragraphs)
-        if have < samples:
-            paragraphs = paragraphs + sampled_paragraphs(lm, paragraphs, samples - have)
+    paragraphs = _topped_up(lm, paragraphs, corpus, samples)
     rows = _rows(lm, paragraphs, samples)
     n_pos = sum(len(r) for r in rows)
     if n_pos < samples:
@@ -284,25 +295,15 @@ def generic_keys(
     built-in prose and, by default, model samples alike), cached like the second moments.
     The update gate (`kedit_core.editors.update_gate`) takes its threshold from how large an
     update is on these positions."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from kedit_core.editors.memit import edit_site
 
     cid, paragraphs = corpus_id(corpus)
-    out: dict[int, torch.Tensor] = {}
-    missing = []
-    for layer in sorted(set(layers)):
-        path = _generic_keys_path(lm, layer, cid, samples, positions)
-        if path.exists():
-            out[layer] = load_file(str(path))["keys"]
-        else:
-            missing.append(layer)
+    out, missing = _read_cached({l_: _generic_keys_path(lm, l_, cid, samples, positions) for l_ in layers}, "keys")
     if not missing:
         return out
-    if corpus is None:
-        have = sum(len(lm.tokenizer.encode(p, add_special_tokens=False)) for p in paragraphs)
-        if have < samples:  # the same model-sampled text the key statistics use
-            paragraphs = paragraphs + sampled_paragraphs(lm, paragraphs, samples - have)
+    paragraphs = _topped_up(lm, paragraphs, corpus, samples)  # the same text the key statistics use
     rows = _rows(lm, paragraphs[::7] or paragraphs, positions)
     got: dict[int, list[torch.Tensor]] = {l_: [] for l_ in missing}
     cur_mask: dict[str, torch.Tensor] = {}
