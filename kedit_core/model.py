@@ -97,7 +97,8 @@ class LoadedModel:
             with safe_open(str(f), framework="pt") as st:
                 if name in st.keys():
                     return st.get_tensor(name).to(torch.float32)
-        raise ModelLoadError(f"{self.source_path}: no safetensors weight {name!r} (the update gate needs safetensors weights)")
+        raise ModelLoadError(f"{self.source_path}: no safetensors weight {name!r} (the update gate reads base weights from safetensors files; save the model with "
+                             "save_pretrained(safe_serialization=True), or edit with --set update_gate=null)")
 
 
 # --------------------------------------------------------------------------- fingerprint

@@ -402,12 +402,15 @@ class ServingState:
             )
         slot.version_id = None  # unknown until the build succeeds
         move_to_chain(slot.lm.model, slot.chain, plan.chain)
+        from kedit_core.editors.update_gate import installed_gate, remove_gate
+
         if plan.attach is not None:
             plan.attach(slot.lm)
         else:
-            from kedit_core.editors.update_gate import remove_gate
-
             remove_gate(slot.lm)
+        gate = installed_gate(slot.lm)
+        if gate is not None:
+            gate.refresh()  # before any request reads this slot
         fp = fingerprint_model(slot.lm.model)
         slot.weights_fingerprint = fp
         if plan.weights_fingerprint and fp != plan.weights_fingerprint:

@@ -62,6 +62,8 @@ class _LayerGate:
 
     def refresh(self) -> None:
         w = self.module.weight
+        # `_version` counts in-place changes of the tensor (apply/revert/copy_ are in place),
+        # `data_ptr` catches a replaced tensor: together a cheap "did the weights change?"
         stamp = (w.data_ptr(), w._version)
         if stamp == self.version:
             return
@@ -84,6 +86,7 @@ class _LayerGate:
         small = (d.detach().norm(dim=-1, keepdim=True) <= self.tau)
         self.passed += int((~small).sum())
         self.seen += small.numel()
+        # W_live k - dW k: the base layer's output to float rounding, without a second matmul
         return out - d * small.to(d.dtype)
 
 
@@ -102,9 +105,14 @@ class EditGate:
             h.remove()
         self.handles.clear()
 
-    def stats(self) -> dict[str, Any]:
+    def refresh(self) -> None:
+        """Recompute tau now for weights that changed (a server does this before a version
+        goes live, so concurrent requests never find it half-updated)."""
         for g in self.gates:
             g.refresh()
+
+    def stats(self) -> dict[str, Any]:
+        self.refresh()
         return {
             f"L{g.layer}": {"tau": float(f"{g.tau:.4g}"), "passed_share": round(g.passed / g.seen, 5) if g.seen else None}
             for g in self.gates

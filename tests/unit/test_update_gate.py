@@ -137,3 +137,24 @@ def test_a_served_version_gets_the_gate_of_its_weight_editor(tiny):
     attach(tiny)
     assert installed_gate(tiny) is not None and installed_gate(tiny).quantile == 0.9
     assert weight_editor_attach(chain[:1]) is None
+
+
+def test_the_server_installs_a_versions_gate_and_removes_it_for_an_ungated_one(tiny):
+    from kedit_core.serving import ServingState, VersionPlan
+
+    editor = get_editor("alphaedit", {**FAST, "update_gate": 0.9})
+    plans = {
+        0: VersionPlan(version_id=0),
+        1: VersionPlan(version_id=1, attach=editor.attach),
+    }
+    state = ServingState(tiny, plans.__getitem__, version_id=1)
+    with state.lease() as held:
+        gate = installed_gate(held.lm)
+        assert gate is not None and gate.quantile == 0.9
+        assert all(g.version is not None for g in gate.gates)  # tau computed before serving
+    state.load_version(0)
+    with state.lease() as held:
+        assert installed_gate(held.lm) is None
+    state.rollback()
+    with state.lease() as held:
+        assert held.version_id == 1 and installed_gate(held.lm) is not None
