@@ -104,7 +104,7 @@ class LiveModel:
 
 
 def weight_editor_attach(chain: list[dict[str, Any]]) -> Callable[[LoadedModel], None] | None:
-    """How the newest weight-editor version in the chain wants the model served (its edit
+    """How the newest weight-editor version in the chain wants the model served (its update
     gate, `Editor.attach`), rebuilt from the config in that version's note; None when no
     version in the chain was made by a weight editor."""
     from kedit_core.editors.base import EDITORS, available_editors, get_editor
