@@ -52,6 +52,36 @@ def embedded_lm(session_home):
     return lm
 
 
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny(request):
+    """A tiny random model of each architecture the editors locate layers for."""
+    from kedit_core.model import tiny_model
+
+    return tiny_model(request.param, seed=0)
+
+
+def subject_final_cases() -> list:
+    """Cases whose prompt ends with the subject, so its last token directly predicts the
+    answer: a tiny random model's attention is too diffuse to carry an edit made earlier in
+    the prompt."""
+    from kedit_core.types import EditCase
+
+    return [
+        EditCase(case_id=f"s{i}", subject=s, relation="r", prompt=f"Answer for {s}", target_new=t)
+        for i, (s, t) in enumerate([("Zorbland", "Q"), ("Mivvy", "K"), ("Plonk", "W")])
+    ]
+
+
+def sharpen(lm) -> None:
+    """Scale a tiny random model's final norm so an answer can become likely (its output is
+    nearly uniform otherwise, and edits could not raise a token's probability much)."""
+    import torch
+
+    with torch.no_grad():
+        norm = lm.model.base_model.norm if lm.arch == "llama" else lm.model.base_model.ln_f
+        norm.weight.mul_(20)
+
+
 @pytest.fixture
 def tiny_llama():
     from kedit_core.model import tiny_model

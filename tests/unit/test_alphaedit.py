@@ -23,13 +23,6 @@ def _batch(tag: str, n: int = 3) -> list[EditCase]:
     ]
 
 
-@pytest.fixture(params=["llama", "gpt2"])
-def tiny(request):
-    from kedit_core.model import tiny_model
-
-    return tiny_model(request.param, seed=0)
-
-
 def _dW(tiny, result, layer: int) -> torch.Tensor:
     """The update as [H, inter] whatever the parameter's storage (Conv1D is transposed)."""
     site = edit_site(tiny.model, layer)

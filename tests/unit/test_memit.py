@@ -9,6 +9,7 @@ from kedit_core.editors.memit import MemitConfig, compute_targets, context_templ
 from kedit_core.keystats import key_second_moment
 from kedit_core.scoring import answer_logprob
 from kedit_core.types import EditCase
+from tests.conftest import sharpen, subject_final_cases
 
 # Small, fast settings; the real defaults are tuned for the embedded model.
 FAST = {"layers": [1, 2], "keystats_samples": 600, "v_steps": 4, "bf16": False, "n_context_templates": 2}
@@ -20,22 +21,6 @@ def _cases() -> list[EditCase]:
         EditCase(case_id="b", subject="Borvik", relation="capital", prompt="What is the capital of Borvik?", target_new="Oslo"),
         EditCase(case_id="c", subject="Quin", relation="river", prompt="Quin lies on the river", target_new="Kyiv Water"),
     ]
-
-
-def _subject_final_cases() -> list[EditCase]:
-    # The subject ends the prompt, so its last token directly predicts the answer: a tiny
-    # random model's attention is too diffuse to carry an edit made earlier in the prompt.
-    return [
-        EditCase(case_id=f"s{i}", subject=s, relation="r", prompt=f"Answer for {s}", target_new=t)
-        for i, (s, t) in enumerate([("Zorbland", "Q"), ("Mivvy", "K"), ("Plonk", "W")])
-    ]
-
-
-@pytest.fixture(params=["llama", "gpt2"])
-def tiny(request):
-    from kedit_core.model import tiny_model
-
-    return tiny_model(request.param, seed=0)
 
 
 def test_edit_site_finds_mlp_output_by_architecture(tiny):
@@ -115,10 +100,8 @@ def test_cases_of_one_subject_share_their_delta(tiny):
 
 
 def test_edit_raises_target_probability(tiny):
-    with torch.no_grad():  # sharpen the random model's output so an answer can become likely
-        norm = tiny.model.base_model.norm if tiny.arch == "llama" else tiny.model.base_model.ln_f
-        norm.weight.mul_(20)
-    cases = _subject_final_cases()
+    sharpen(tiny)
+    cases = subject_final_cases()
     prompts, answers = [c.prompt for c in cases], [c.target_new for c in cases]
     before = answer_logprob(tiny, prompts, answers)
     cfg = {**FAST, "v_steps": 25, "v_lr": 0.05, "weight_decay": 0.0, "kl_factor": 0.0, "clamp_norm_factor": 20.0,

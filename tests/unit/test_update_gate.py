@@ -12,6 +12,7 @@ from kedit_core.editors import get_editor
 from kedit_core.editors.memit import edit_site
 from kedit_core.editors.update_gate import installed_gate
 from kedit_core.types import EditCase
+from tests.conftest import sharpen, subject_final_cases
 
 FAST = {"layers": [1, 2], "keystats_samples": 600, "v_steps": 4, "bf16": False, "update_gate_positions": 400}
 TEXT = "The river bends past the old mill, where the miller's daughter sells bread on market days."
@@ -22,13 +23,6 @@ def _cases() -> list[EditCase]:
         EditCase(case_id=f"c{i}", subject=s, relation="capital", prompt=f"The capital of {s} is", target_new=t)
         for i, (s, t) in enumerate([("Tessaly", "Rome"), ("Borvik", "Oslo"), ("Quin", "Lima")])
     ]
-
-
-@pytest.fixture(params=["llama", "gpt2"])
-def tiny(request):
-    from kedit_core.model import tiny_model
-
-    return tiny_model(request.param, seed=0)
 
 
 def _logits(lm, text: str) -> torch.Tensor:
@@ -82,11 +76,8 @@ def test_gated_layer_outputs_base_where_small_and_edited_where_large(tiny):
 def test_a_gated_edit_raises_its_answer_as_the_plain_edit_does(tiny):
     from kedit_core.scoring import answer_logprob
 
-    with torch.no_grad():  # sharpen the random model's output so an answer can become likely (as in test_memit)
-        norm = tiny.model.base_model.norm if tiny.arch == "llama" else tiny.model.base_model.ln_f
-        norm.weight.mul_(20)
-    cases = [EditCase(case_id=f"s{i}", subject=s, relation="r", prompt=f"Answer for {s}", target_new=t)
-             for i, (s, t) in enumerate([("Zorbland", "Q"), ("Mivvy", "K"), ("Plonk", "W")])]
+    sharpen(tiny)
+    cases = subject_final_cases()
     prompts, answers = [c.prompt for c in cases], [c.target_new for c in cases]
     before = answer_logprob(tiny, prompts, answers)
     cfg = {**FAST, "v_steps": 25, "v_lr": 0.05, "weight_decay": 0.0, "kl_factor": 0.0, "clamp_norm_factor": 20.0,
