@@ -121,13 +121,9 @@ def weight_editor_attach(chain: list[dict[str, Any]]) -> Callable[[LoadedModel],
 
 def attach_for_version(lm: LoadedModel, db: Database, version_id: int) -> None:
     """Serve version `version_id`'s edits as its weight editor meant (its update gate, if any)."""
-    from kedit_core.editors.update_gate import remove_gate
+    from kedit_core.editors.update_gate import serve_as
 
-    attach = weight_editor_attach(ledger.version_chain(db, version_id))
-    if attach is not None:
-        attach(lm)
-    else:
-        remove_gate(lm)
+    serve_as(lm, weight_editor_attach(ledger.version_chain(db, version_id)))
 
 
 def load_delta(row: dict[str, Any]) -> WeightDelta:

@@ -402,15 +402,9 @@ class ServingState:
             )
         slot.version_id = None  # unknown until the build succeeds
         move_to_chain(slot.lm.model, slot.chain, plan.chain)
-        from kedit_core.editors.update_gate import installed_gate, remove_gate
+        from kedit_core.editors.update_gate import serve_as
 
-        if plan.attach is not None:
-            plan.attach(slot.lm)
-        else:
-            remove_gate(slot.lm)
-        gate = installed_gate(slot.lm)
-        if gate is not None:
-            gate.refresh()  # before any request reads this slot
+        serve_as(slot.lm, plan.attach)
         fp = fingerprint_model(slot.lm.model)
         slot.weights_fingerprint = fp
         if plan.weights_fingerprint and fp != plan.weights_fingerprint:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -128,6 +128,19 @@ def remove_gate(lm: LoadedModel) -> None:
     if gate is not None:
         gate.remove()
         delattr(lm.model, GATE_ATTR)
+
+
+def serve_as(lm: LoadedModel, attach: Callable[[LoadedModel], None] | None) -> None:
+    """Prepare `lm` the way a version's weight editor serves it (`attach`, its
+    `Editor.attach`), or with no gate when no weight editor made it; tau is computed now,
+    before anything reads the model (a server's requests run concurrently)."""
+    if attach is not None:
+        attach(lm)
+    else:
+        remove_gate(lm)
+    gate = installed_gate(lm)
+    if gate is not None:
+        gate.refresh()
 
 
 def install_gate(
