@@ -4,6 +4,11 @@ one `EditCase` type, so every editor runs on Wikidata streams and benchmarks ali
 Bad records (missing fields, empty answers) raise `BenchmarkFormatError` naming the file,
 the record and the field, unless `skip_bad=True`, in which case they are skipped and
 counted in the returned `ReadReport`.
+
+Where a record lists other names of an answer, they go to `meta["aliases"]` (new value)
+and `meta["old_aliases"]` (old value) of the case or probe, for the served-answer protocol
+(`kedit_core.served_answers`): zsRE's `answers`, KnowEdit's `ground_truth` list, MQuAKE's
+per-hop `answer_alias` and `new_answer_alias`. CounterFact files carry none.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit_core.errors import KeditError
+from kedit_core.render import prune_aliases
 from kedit_core.types import EditCase, Probe
 
 
@@ -65,6 +71,10 @@ def zsre_record_to_case(rec: dict[str, Any], index: int, where: str = "zsre") ->
         loc = loc[0].upper() + loc[1:] + ("?" if not loc.endswith("?") else "")
         probes.append(Probe("locality", loc, rec["loc_ans"]))
     answers = rec.get("answers") or []
+    target_old = answers[0] if answers else rec.get("pred")
+    # `answers` lists every true answer (often several objects of one relation): all of them
+    # are old values; one that is the new value too is left out by `prune_aliases`.
+    _, old_aliases = prune_aliases(alt.strip(), [], target_old, _strs(answers))
     return EditCase(
         case_id=f"zsre-{index}",
         subject=subject,
@@ -72,9 +82,10 @@ def zsre_record_to_case(rec: dict[str, Any], index: int, where: str = "zsre") ->
         prompt=src,
         question=src,
         target_new=alt.strip(),
-        target_old=(answers[0] if answers else rec.get("pred")),
+        target_old=target_old,
         probes=probes,
         source="zsre",
+        meta={"aliases": [], "old_aliases": old_aliases},
     )
 
 
@@ -132,6 +143,12 @@ def _first_str(value: Any) -> str | None:
     return None
 
 
+def _strs(value: Any) -> list[str]:
+    """The non-empty strings of a string-or-list field, stripped, in order."""
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return [v.strip() for v in items if isinstance(v, str) and v.strip()]
+
+
 def _need_str(rec: dict[str, Any], key: str, where: str) -> str:
     value = _first_str(rec.get(key))
     if value is None:
@@ -171,7 +188,12 @@ def knowedit_record_to_case(rec: dict[str, Any], index: int, where: str = "knowe
             q, a = _first_str((item or {}).get("prompt")), _first_str((item or {}).get("ground_truth"))
             if q is None or a is None:
                 raise BenchmarkFormatError(f"{at}: portability.{family}[{j}] needs 'prompt' and 'ground_truth'")
-            probes.append(Probe("portability", q, a, {"family": family}))
+            # a list of answers (the shipped subset has plain strings): the others are aliases
+            port_aliases, _ = prune_aliases(a, _strs((item or {}).get("ground_truth"))[1:])
+            probes.append(Probe("portability", q, a, {"family": family, "aliases": port_aliases}))
+    target_old = _first_str(rec.get("ground_truth"))
+    # `ground_truth` is a list of true answers: all are old values
+    _, old_aliases = prune_aliases(target, [], target_old, _strs(rec.get("ground_truth")))
     return EditCase(
         case_id=f"knowedit-{index}",
         subject=subject,
@@ -179,9 +201,10 @@ def knowedit_record_to_case(rec: dict[str, Any], index: int, where: str = "knowe
         prompt=prompt,
         question=prompt,
         target_new=target,
-        target_old=_first_str(rec.get("ground_truth")),
+        target_old=target_old,
         probes=probes,
         source="knowedit",
+        meta={"aliases": [], "old_aliases": old_aliases},
     )
 
 
@@ -300,6 +323,7 @@ def mquake_record_to_cases(rec: dict[str, Any], index: int, where: str = "mquake
         raise BenchmarkFormatError(f"{at}: missing or empty field 'questions'")
     new_answer = _need_str(rec, "new_answer", at)
     group = f"mquake-{rec.get('case_id', index)}"
+    alias_of = _mquake_aliases(rec)
     cases: list[EditCase] = []
     for j, rw in enumerate(rewrites):
         where_rw = f"{at} requested_rewrite[{j}]"
@@ -311,6 +335,8 @@ def mquake_record_to_cases(rec: dict[str, Any], index: int, where: str = "mquake
         probes = []
         if _first_str(rw.get("question")):
             probes.append(Probe("paraphrase", rw["question"].strip(), target))
+        new_aliases, old_aliases = prune_aliases(target, alias_of(rw.get("target_new"), target),
+                                                 old, alias_of(rw.get("target_true"), old))
         cases.append(
             EditCase(
                 case_id=f"{group}-{j}",
@@ -322,16 +348,51 @@ def mquake_record_to_cases(rec: dict[str, Any], index: int, where: str = "mquake
                 target_old=old,
                 probes=probes,
                 source="mquake",
-                meta={"group": group, "step": j, "steps": len(rewrites)},
+                meta={"group": group, "step": j, "steps": len(rewrites),
+                      "aliases": new_aliases, "old_aliases": old_aliases},
             )
         )
-    aliases = [a for a in rec.get("new_answer_alias") or [] if isinstance(a, str)]
+    old_answer = _first_str(rec.get("answer"))
+    aliases, old_aliases = prune_aliases(new_answer, _strs(rec.get("new_answer_alias")),
+                                         old_answer, _strs(rec.get("answer_alias")))
     cases[-1].probes.extend(
-        Probe("multihop", q.strip(), new_answer, {"aliases": aliases, "old_answer": _first_str(rec.get("answer")),
+        Probe("multihop", q.strip(), new_answer, {"aliases": aliases, "old_answer": old_answer,
+                                                  "old_aliases": old_aliases,
                                                   "hops": len(rec.get("new_single_hops") or rewrites)})
         for q in questions
     )
     return cases
+
+
+def _mquake_aliases(rec: dict[str, Any]) -> Any:
+    """(target {"str", "id"}, its text) -> that entity's `answer_alias` list, from the record's
+    hops: `single_hops` / `new_single_hops` answer the chains `orig.triples` /
+    `orig.new_triples`, so hop k's aliases belong to triple k's object id; without those
+    ids, the hop whose answer is the same text. A value no hop answers
+    (an edit's old object off both chains) has none."""
+    by_id: dict[str, list[str]] = {}
+    by_text: dict[str, list[str]] = {}
+    orig = rec.get("orig") if isinstance(rec.get("orig"), dict) else {}
+    for hops_key, triples_key in (("single_hops", "triples"), ("new_single_hops", "new_triples")):
+        hops = rec.get(hops_key) if isinstance(rec.get(hops_key), list) else []
+        triples = orig.get(triples_key) if isinstance(orig.get(triples_key), list) else []
+        for k, hop in enumerate(hops):
+            if not isinstance(hop, dict):
+                continue
+            answer, aliases = _first_str(hop.get("answer")), _strs(hop.get("answer_alias"))
+            if answer is None:
+                continue
+            by_text.setdefault(answer, aliases)
+            if len(triples) == len(hops) and isinstance(triples[k], list) and len(triples[k]) == 3:
+                by_id.setdefault(str(triples[k][2]), aliases)
+
+    def alias_of(target: Any, text: str) -> list[str]:
+        tid = target.get("id") if isinstance(target, dict) else None
+        if tid and by_id:  # ids known: only the same entity's aliases, never a namesake's
+            return list(by_id.get(str(tid), []))
+        return list(by_text.get(text, []))
+
+    return alias_of
 
 
 def read_mquake(path: str | Path, limit: int | None = None, skip_bad: bool = False,

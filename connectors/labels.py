@@ -2,6 +2,7 @@
 for ids never asked before (a missing label is cached too, so it is not asked every night)."""
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
 
@@ -22,6 +23,7 @@ class CachedLabelLookup:
         self.client, self.db, self.lang, self.max_age = client, db, lang, max_age
         self.api_lookups = 0  # ids asked from the API (for reports and tests)
         self._mem: dict[str, str | None] = {}
+        self._alias_mem: dict[str, tuple[str, ...]] = {}
         self._pending: list[LabelRow] = []
 
     def remember(self, labels: dict[str, str | None]) -> None:
@@ -54,7 +56,38 @@ class CachedLabelLookup:
                 rows.append((i, lab.label if lab else None, lab.description if lab else None,
                              lab.aliases if lab else ()))
                 self._mem[i] = lab.label if lab else None
+                self._alias_mem[i] = tuple(lab.aliases) if lab else ()
             wikidata_store.put_labels(self.db, rows, self.lang)
         elif unknown:
             log.debug("no client: %d ids without a cached label", len(unknown))
         return {i: self._mem[i] for i in wanted if self._mem.get(i)}
+
+    def aliases(self, ids: list[str]) -> dict[str, list[str]]:
+        """Aliases (in `lang`) of ids whose label this lookup fetched, or that the cache holds with
+        aliases; never asks the API (call the lookup for labels first: it fetches aliases too).
+        Labels remembered from entity bodies carry none. Ids without aliases are absent."""
+        wanted = sorted({i for i in ids if i})
+        unknown = [i for i in wanted if i not in self._alias_mem]
+        if unknown:
+            self._alias_mem.update(_cached_aliases(self.db, unknown, self.lang, self.max_age))
+            for i in unknown:
+                self._alias_mem.setdefault(i, ())  # asked once per lookup object
+        return {i: list(self._alias_mem[i]) for i in wanted if self._alias_mem.get(i)}
+
+
+def _cached_aliases(db: Database, ids: list[str], lang: str, max_age: timedelta | None) -> dict[str, tuple[str, ...]]:
+    """The `aliases` column (a JSON list) of cached labels: {id: aliases} for the ids it has."""
+    sql = ("SELECT entity_id, aliases FROM entity_labels WHERE lang = ? AND label IS NOT NULL"
+           " AND entity_id IN (SELECT unnest(?::TEXT[]))")
+    params: list = [lang, ids]
+    if max_age is not None:
+        sql, params = sql + " AND fetched_at >= ?", params + [wikidata_store._utcnow() - max_age]
+    out: dict[str, tuple[str, ...]] = {}
+    with db.connect(read_only=True) as con:
+        for eid, raw in con.execute(sql, params).fetchall():
+            try:
+                vals = json.loads(raw) if raw else []
+            except (TypeError, ValueError):
+                vals = []
+            out[eid] = tuple(v for v in vals if isinstance(v, str) and v.strip()) if isinstance(vals, list) else ()
+    return out

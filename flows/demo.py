@@ -86,21 +86,24 @@ def _print(summary: dict[str, Any], echo: Callable[[str], Any]) -> None:
 
 
 def _show_answers(model: str, echo: Callable[[str], Any]) -> None:
-    """What the live model now says on the applied edits: the edit's own cloze (what the
-    editor wrote in) and the chat question (does the edit generalise to how users ask?)."""
+    """What a user of `kedit serve` now reads: each applied edit's question asked in chat
+    to the live model (chat template, greedy, up to 48 tokens), and whether the reply
+    states the new value (kedit_core/served_answers.py, the protocol every figure uses)."""
     from flows import steps
     from flows.settings import PipelineSettings
-    from kedit_core.answer import generate
+    from kedit_core.answer import answer_many
+    from kedit_core.served_answers import case_forms, states_answer
     from storage import ledger
 
     applied = ledger.get_cases(steps.db(), status="applied")
     if not applied:
         return
     live = steps.live_model(PipelineSettings(model=model))
-    shown = applied[:6]
-    clozes = generate(live.lm, [c.prompt for c in shown], max_new_tokens=10, stop_at_newline=True)
-    echo(f"\nthe live model (version {live.version_id}) on this day's applied edits:")
-    for case, cloze in zip(shown, clozes):
-        question = case.question or case.prompt
-        echo(f"  {case.prompt} ... -> {cloze}   (new: {case.target_new}; was: {case.target_old or '-'})")
-        echo(f"    Q: {question}  A: {live.answer(question, max_new_tokens=24)}")
+    questions = [c.question or c.prompt for c in applied]
+    replies = answer_many(live.lm, questions, rewriter=live.rewriter)
+    stated = [states_answer(r, *case_forms(c)) for c, r in zip(applied, replies)]
+    echo(f"\nthe live model (version {live.version_id}) asked in chat about the applied edits: "
+         f"{sum(stated)} of {len(applied)} replies state the new value")
+    for case, question, reply, ok in zip(applied, questions, replies, stated):
+        echo(f"  [{'x' if ok else ' '}] Q: {question}   (new: {case.target_new}; was: {case.target_old or '-'})")
+        echo(f"      A: {' '.join(reply.split())}")

@@ -312,7 +312,7 @@ def _gated_batch(
     full = is_full_check(batch_no, cfg)  # the run's batch count, so the schedule survives restarts
     rewriter = editor if editor.is_memory_editor else live.rewriter
     # What the model says on the batch's locality probes before the edit (locality reference).
-    before = reference_predictions(lm, batch)
+    before = reference_predictions(lm, batch, rewriter=rewriter)
     original_config = editor.config
     reasons: list[str] = []
     try:

@@ -7,6 +7,7 @@ kinds are served by the same code path.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Protocol
 
 import torch
@@ -18,13 +19,29 @@ class PromptRewriter(Protocol):
     def rewrite_prompt(self, question: str) -> str: ...
 
 
-def chat_prompt(lm: LoadedModel, question: str, system: str | None = None) -> str:
-    """The model's own chat template around one user question (plain text if it has none)."""
+# Hugging Face fast tokenizers are Rust objects that refuse concurrent mutable use
+# ("Already borrowed") when a call changes their padding/truncation state; the server's
+# requests run in parallel threads, so its tokenizer calls go through this lock (~0.1 ms each).
+TOKENIZER_LOCK = threading.Lock()
+
+
+def render_chat(lm: LoadedModel, messages: list[dict[str, str]]) -> str:
+    """The model's chat template around a conversation, the assistant's turn opened (plain
+    "role: text" lines for a tokenizer without one). The server renders every chat with
+    this, and the served-answer evaluators ask through it, so both see the same prompt."""
     tok = lm.tokenizer
+    try:
+        with TOKENIZER_LOCK:
+            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except (ValueError, AttributeError):  # a tokenizer with no chat template
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+def chat_prompt(lm: LoadedModel, question: str, system: str | None = None) -> str:
+    """One user question as the server renders a one-message chat (the template's own
+    default system prompt unless `system` is given)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"Question: {question}\nAnswer:"
+    return render_chat(lm, messages)
 
 
 @torch.no_grad()
@@ -59,26 +76,57 @@ def generate(
     return [t.strip() for t in texts]
 
 
+SERVED_MAX_NEW_TOKENS = 48  # the server's default reply length, and what every evaluator asks for
+
+
 def answer(
     lm: LoadedModel,
     question: str,
     rewriter: PromptRewriter | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = SERVED_MAX_NEW_TOKENS,
     system: str | None = None,
 ) -> str:
     """Greedy answer to one question from the model as it is now (its current version)."""
     return answer_many(lm, [question], rewriter=rewriter, max_new_tokens=max_new_tokens, system=system)[0]
 
 
+def rewrite_all(questions: list[str], rewriter: PromptRewriter | None) -> list[str]:
+    """The questions as a memory editor would send them to the model (batched if it can)."""
+    if rewriter is None:
+        return list(questions)
+    batched = getattr(rewriter, "rewrite_prompts", None)
+    return list(batched(questions)) if callable(batched) else [rewriter.rewrite_prompt(q) for q in questions]
+
+
 def answer_many(
     lm: LoadedModel,
     questions: list[str],
     rewriter: PromptRewriter | None = None,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = SERVED_MAX_NEW_TOKENS,
     system: str | None = None,
+    batch_size: int = 16,
 ) -> list[str]:
-    asked = [rewriter.rewrite_prompt(q) if rewriter is not None else q for q in questions]
-    return generate(lm, [chat_prompt(lm, q, system) for q in asked], max_new_tokens=max_new_tokens)
+    """Greedy chat replies to one-message chats, as `kedit serve` gives them.
+
+    Prompts are batched only with prompts of the same token length, so no row is padded
+    and each reply is the one the server (one request at a time, no padding) produces:
+    padding changes float rounding, and a greedy reply of 48 tokens can flip on it, which
+    would show up as a changed answer that no user would ever see.
+    """
+    questions = list(questions)
+    if not questions:
+        return []
+    prompts = [chat_prompt(lm, q, system) for q in rewrite_all(questions, rewriter)]
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(lm.tokenizer.encode(p, add_special_tokens=False)), []).append(i)
+    replies = [""] * len(prompts)
+    for idx in by_len.values():
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s : s + batch_size]
+            for i, reply in zip(chunk, generate(lm, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens)):
+                replies[i] = reply
+    return replies
 
 
 def model_summary(lm: LoadedModel) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from kedit_core.scoring import (
     token_accuracy,
     token_agreement,
 )
+from kedit_core.served_answers import locality_questions, record_replies, served_metrics
 from kedit_core.types import EditCase, Probe
 
 LOCALITY_KINDS = ("locality", "locality_other", "locality_same")
@@ -47,14 +48,23 @@ class Reference:
 
     predictions: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
     answers: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    # the unedited model's chat replies to the same questions (served locality), if recorded
+    replies: dict[str, str] = field(default_factory=dict)
 
 
 def _locality_probes(cases: Iterable[EditCase]) -> list[Probe]:
     return [p for c in cases for p in c.probes if p.kind in LOCALITY_KINDS]
 
 
-def reference_predictions(lm: LoadedModel, cases: Sequence[EditCase], batch_size: int = 32) -> Reference:
-    """Record the unedited model's answers on the cases' locality probes.
+def reference_predictions(
+    lm: LoadedModel,
+    cases: Sequence[EditCase],
+    batch_size: int = 32,
+    served: bool = True,
+    rewriter: PromptRewriter | None = None,
+) -> Reference:
+    """Record the unedited model's answers on the cases' locality probes: teacher-forced
+    predictions and (with `served`) its chat replies, for `served_locality`.
 
     A probe with an empty expected answer means "whatever the base model says": its
     answer becomes the base model's own greedy continuation (a few tokens).
@@ -72,6 +82,8 @@ def reference_predictions(lm: LoadedModel, cases: Sequence[EditCase], batch_size
     for p, a, pred in zip(probes, answers, predicted_tokens(lm, [p.prompt for p in probes], answers, batch_size)):
         ref.predictions[_probe_key(p)] = pred
         ref.answers[_probe_key(p)] = a
+    if served:
+        record_replies(lm, locality_questions(cases), ref.replies, rewriter)
     return ref
 
 
@@ -101,12 +113,15 @@ def evaluate_cases(
     greedy: bool = True,
     batch_size: int = 32,
     per_case: dict[str, dict[str, float]] | None = None,
+    served: bool = True,
 ) -> dict[str, float]:
     """Score `cases` on the current model. Returns metric name -> mean over probes.
 
-    Metrics whose probes are absent are left out (not reported as 0). Pass `per_case` (a
-    dict) to also receive per-case efficacy values keyed by case id (used for retention
-    and for the report's worst-hit tables).
+    Teacher-forced (`*_acc`), greedy exact match (`*_em`, with `greedy`) and, with
+    `served`, the served-answer metrics (`served_*`, kedit_core/served_answers.py: free
+    chat replies, as users read them). Metrics whose probes are absent are left out (not
+    reported as 0). Pass `per_case` (a dict) to also receive per-case efficacy values
+    keyed by case id (used for retention and for the report's worst-hit tables).
     """
     out: dict[str, float] = {}
     cases = list(cases)
@@ -138,6 +153,9 @@ def evaluate_cases(
 
     if "negation" in kinds:
         out.update(_negation(lm, cases, rewriter, batch_size))
+    if served:
+        replies = reference.replies if reference is not None and reference.replies else None
+        out.update(served_metrics(lm, cases, replies, kinds=kinds, rewriter=rewriter, per_case=per_case))
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -223,12 +241,24 @@ def retention(
     greedy: bool = False,
     batch_size: int = 32,
     kinds: Sequence[str] = ("efficacy",),
+    served: bool = True,
 ) -> dict[str, float]:
-    """Efficacy of earlier edits now (`retention_acc`), skipping facts a later case
-    overwrote; with "paraphrase" in `kinds` also their paraphrases (`retention_paraphrase_acc`),
-    which tells sequential erosion of generalisation apart from cases that never generalised."""
+    """Efficacy of earlier edits now (`retention_acc`; served: `served_retention`),
+    skipping facts a later case overwrote; with "paraphrase" in `kinds` also their
+    paraphrases (`retention_paraphrase_acc`, `served_retention_paraphrase`), which tells
+    sequential erosion of generalisation apart from cases that never generalised."""
     if all_cases_so_far is not None:
         alive = {c.case_id for c in latest_per_fact(all_cases_so_far)}
         earlier_cases = [c for c in earlier_cases if c.case_id in alive]
-    m = evaluate_cases(lm, earlier_cases, kinds=kinds, rewriter=rewriter, greedy=greedy, batch_size=batch_size)
-    return {("retention" + k[len("efficacy"):] if k.startswith("efficacy") else "retention_" + k): v for k, v in m.items()}
+    m = evaluate_cases(lm, earlier_cases, kinds=kinds, rewriter=rewriter, greedy=greedy, batch_size=batch_size,
+                       served=served)
+    return {_retention_name(k): v for k, v in m.items()}
+
+
+def _retention_name(metric: str) -> str:
+    """efficacy_acc -> retention_acc, paraphrase_acc -> retention_paraphrase_acc,
+    served_efficacy -> served_retention, served_paraphrase -> served_retention_paraphrase."""
+    if metric.startswith("served_"):
+        rest = metric[len("served_"):]
+        return "served_retention" + ("" if rest == "efficacy" else "_" + rest)
+    return "retention" + metric[len("efficacy"):] if metric.startswith("efficacy") else "retention_" + metric

@@ -34,7 +34,10 @@ def _default_floors() -> dict[str, float]:
     # answer tokens of the edited subject's other facts (measured on the demo day), the
     # field's known same-subject weakness; the floor catches worse than that, and the
     # report shows the value for every batch.
-    return {"locality": 0.70, "suite_locality": 0.70, "locality_same": 0.40}
+    # `served_locality` / `suite_served_locality`: the share of unrelated questions whose
+    # chat reply is unchanged (before the batch / since the base model): what users see.
+    return {"locality": 0.70, "suite_locality": 0.70, "locality_same": 0.40,
+            "served_locality": 0.80, "suite_served_locality": 0.80}
 
 
 @dataclass
@@ -52,7 +55,9 @@ class GateConfig:
     floors: dict[str, float] = field(default_factory=_default_floors)
     ceilings: dict[str, float] = field(default_factory=dict)
     max_drop: dict[str, float] = field(default_factory=_default_max_drop)
-    take_metric: str = "efficacy_acc"
+    # Did the batch take? Judged on served answers (the batch's questions asked in chat, as
+    # `kedit serve` answers): teacher-forced accuracy can read ~1.0 while users read the old fact.
+    take_metric: str = "served_efficacy"
     take_floor: float = 0.5
     full_check_every: int = 5
     retry_stronger: bool = True

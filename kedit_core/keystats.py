@@ -85,16 +85,34 @@ def sampled_paragraphs(lm: LoadedModel, seeds: list[str], n_tokens: int, max_new
     cache = kedit_home() / "keystats" / f"generated_{lm.fingerprint[:16]}_{seeds_id}_{n_tokens}_{GEN_SEED}.txt"
     if cache.exists():
         return read_paragraphs(cache.read_text(encoding="utf-8"))
+    n_rows = max(1, -(-n_tokens // max_new))
+    prompts = [starts[i % len(starts)] for i in range(n_rows)]
+    samples = sample_texts(lm, prompts, max_new, batch, "Sampling key-statistics text")
+    out = [" ".join((p + g).split()) for p, g in zip(prompts, samples)]
+    _write_text(cache, "\n\n".join(out))
+    return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def sample_texts(lm: LoadedModel, prompts: list[str], max_new: int, batch: int = 128, desc: str = "Sampling") -> list[str]:
+    """One nucleus-sampled continuation (p=0.95, `max_new` tokens) per prompt, from a seeded
+    generator of its own: the same text for the same model, whatever the global RNG did."""
     from tqdm.auto import tqdm
 
     tok, model, device = lm.tokenizer, lm.model, lm.device
-    n_rows = max(1, -(-n_tokens // max_new))
     out: list[str] = []
     gen = torch.Generator(device="cpu").manual_seed(GEN_SEED)
-    bar = tqdm(total=n_rows * max_new, desc="Sampling key-statistics text", unit="tok", leave=False)
-    for s in range(0, n_rows, batch):
-        prompts = [starts[(s + i) % len(starts)] for i in range(min(batch, n_rows - s))]
-        enc = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    bar = tqdm(total=len(prompts) * max_new, desc=desc, unit="tok", leave=False)
+    for s in range(0, len(prompts), batch):
+        chunk = prompts[s : s + batch]
+        enc = [tok.encode(p, add_special_tokens=False) for p in chunk]
         # Own sampling loop (KV cache, left padding) rather than `generate`: it draws from our
         # own seeded Generator, so the text does not depend on global RNG state.
         width = max(len(e) for e in enc)
@@ -124,15 +142,10 @@ def sampled_paragraphs(lm: LoadedModel, seeds: list[str], n_tokens: int, max_new
             cur_ids = nxt.to(device)
             cur_pos = cur_pos[:, -1:] + 1
             att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
-            bar.update(len(prompts))
+            bar.update(len(chunk))
         gen_ids = torch.stack(new_tokens, 1)
-        for p, g in zip(prompts, gen_ids):
-            out.append(" ".join((p + tok.decode(g.tolist(), skip_special_tokens=True)).split()))
+        out.extend(tok.decode(g.tolist(), skip_special_tokens=True) for g in gen_ids)
     bar.close()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text("\n\n".join(out), encoding="utf-8")
-    tmp.replace(cache)
     return out
 
 
@@ -323,6 +336,82 @@ def generic_keys(
     for layer in missing:
         keys = torch.cat(got[layer])
         path = _generic_keys_path(lm, layer, cid, samples, positions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"keys": keys.contiguous()}, str(tmp), metadata={"positions": str(len(keys)), "layer": str(layer)})
+        tmp.replace(path)
+        out[layer] = keys
+    return out
+
+
+# Served chats for the update gate: the model asks itself questions of the kind users ask
+# (entity-rich: people, places, works) and answers them as the server would. Their keys are
+# what the gate must leave alone at serving time; prose from the corpus is not enough
+# (docs/editing.md, "Served answers": on such chats ~1% of positions passed a threshold
+# set on prose at the 0.999 quantile, and half of all unrelated replies changed).
+CHAT_QUESTION_REQUESTS = (
+    "Ask me one short trivia question about a famous person. Reply with the question only.",
+    "Ask me one short trivia question about a city or a country. Reply with the question only.",
+    "Ask me one short trivia question about a book, film, song or team. Reply with the question only.",
+    "Ask me one short question about history, science or sport. Reply with the question only.",
+)
+CHAT_SAMPLES = 192  # chats; with their replies about 20,000 token positions
+
+
+def _chat_keys_path(lm: LoadedModel, layer: int, n: int) -> Path:
+    return kedit_home() / "keystats" / f"{lm.fingerprint[:16]}_L{layer}_chats{n}_{GEN_SEED}_keys.safetensors"
+
+
+def served_chats(lm: LoadedModel, n: int = CHAT_SAMPLES) -> list[str]:
+    """`n` one-question chats rendered as the server renders them, each followed by the
+    model's greedy reply: questions the model samples itself (no data set needed), cached."""
+    from kedit_core.answer import answer_many, chat_prompt
+
+    import json
+
+    cache = kedit_home() / "keystats" / f"chats_{lm.fingerprint[:16]}_{n}_{GEN_SEED}.json"
+    if cache.exists():
+        return json.loads(cache.read_text(encoding="utf-8"))
+    # the model follows "reply with the question only" loosely on 135M parameters; what it
+    # writes is still the kind of chat the server sees, which is what the gate needs
+    asks = [chat_prompt(lm, CHAT_QUESTION_REQUESTS[i % len(CHAT_QUESTION_REQUESTS)]) for i in range(n)]
+    questions = [(q.strip().split("\n")[0].strip() or "What is it?") for q in
+                 sample_texts(lm, asks, 32, batch=32, desc="Sampling served chats")]
+    chats = [chat_prompt(lm, q) + r for q, r in zip(questions, answer_many(lm, questions))]
+    _write_text(cache, json.dumps(chats, ensure_ascii=False))  # JSON: chats keep their newlines
+    return chats
+
+
+def chat_keys(lm: LoadedModel, layers: Sequence[int], n: int = CHAT_SAMPLES) -> dict[int, torch.Tensor]:
+    """MLP keys ([m, inter], float32) at every position of `served_chats` (the template's own
+    tokens, the question, the reply), cached per model. The update gate's threshold is never
+    below the update's size on these: what users ask and read must see the unedited layer."""
+    from safetensors.torch import save_file
+
+    from kedit_core.editors.memit import edit_site
+
+    out, missing = _read_cached({l_: _chat_keys_path(lm, l_, n) for l_ in layers}, "keys")
+    if not missing:
+        return out
+    rows = [lm.tokenizer.encode(c, add_special_tokens=False)[:SEQ_LEN * 2] for c in served_chats(lm, n)]
+    got: dict[int, list[torch.Tensor]] = {l_: [] for l_ in missing}
+    cur_mask: dict[str, torch.Tensor] = {}
+
+    def make_hook(layer: int):
+        def hook(_m, args):
+            got[layer].append(args[0][cur_mask["m"]].detach().float().cpu())
+
+        return hook
+
+    handles = [edit_site(lm.model, l_).module.register_forward_pre_hook(make_hook(l_)) for l_ in missing]
+    try:
+        _forward_rows(lm, rows, max(missing), 16, cur_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in missing:
+        keys = torch.cat(got[layer])
+        path = _chat_keys_path(lm, layer, n)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file({"keys": keys.contiguous()}, str(tmp), metadata={"positions": str(len(keys)), "layer": str(layer)})

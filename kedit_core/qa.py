@@ -4,7 +4,9 @@
 
 1. collect every entity id whose English label is needed and look them all up at once;
 2. per change, apply the quality filters (each drop is recorded with a reason code);
-3. render the new (and old) answer per datatype (`kedit_core.render`);
+3. render the new (and old) answer per datatype (`kedit_core.render`), and the other
+   renderings a reply may use (`meta["aliases"]` / `meta["old_aliases"]`: item aliases,
+   number and date forms);
 4. take the property's template (`kedit_core.templates`; label fallback otherwise) and
    write the edit's cloze prompt (subject verbatim, answer follows) and its question;
 5. attach probes: paraphrases (the template's questions; the edit itself trains only on
@@ -22,12 +24,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from kedit_core.render import Unrenderable, ids_needed, render_value
+from kedit_core.render import Unrenderable, ids_needed, prune_aliases, render_value, value_aliases
 from kedit_core.templates import PropertyTemplate, template_for
 from kedit_core.types import EditCase, FactChange, Probe
 
 # (list of entity ids) -> {id: English label}; ids without a label are simply absent.
 LabelLookup = Callable[[list[str]], dict[str, str]]
+# (list of item ids) -> {id: [aliases in the label's language]}; ids without aliases may be
+# absent. Optional: `build_cases` takes one as `aliases=`, or uses the label lookup's own
+# `aliases` method when it has one (`connectors.labels.CachedLabelLookup`, `dict_labels`).
+AliasLookup = Callable[[list[str]], dict[str, list[str]]]
 
 # Wikimedia-internal items: not facts about the world (P31 values).
 META_CLASSES = {
@@ -48,12 +54,19 @@ EXCLUDED_DATATYPES = (
 )
 
 
-def dict_labels(table: Mapping[str, str]) -> LabelLookup:
-    """A `LabelLookup` backed by a dict (tests, and labels already at hand)."""
+def dict_labels(table: Mapping[str, str], aliases: Mapping[str, list[str]] | None = None) -> LabelLookup:
+    """A `LabelLookup` backed by a dict (tests, and labels already at hand); `aliases`
+    (id -> aliases) are served by its `aliases` method."""
 
     def lookup(ids: list[str]) -> dict[str, str]:
         return {i: table[i] for i in ids if i in table}
 
+    alias_table = dict(aliases or {})
+
+    def alias_lookup(ids: list[str]) -> dict[str, list[str]]:
+        return {i: list(alias_table[i]) for i in ids if alias_table.get(i)}
+
+    lookup.aliases = alias_lookup  # type: ignore[attr-defined]
     return lookup
 
 
@@ -106,11 +119,13 @@ class SubjectFacts:
     the labels those entity JSONs carry. Feeds locality and multi-hop probes."""
 
     def __init__(self, facts: Mapping[str, Mapping[str, list[dict[str, Any]]]] | None = None,
-                 labels: Mapping[str, str] | None = None):
+                 labels: Mapping[str, str] | None = None, aliases: Mapping[str, list[str]] | None = None):
         self.facts: dict[str, dict[str, list[dict[str, Any]]]] = {
             s: {p: list(v) for p, v in props.items()} for s, props in (facts or {}).items()
         }
         self.labels: dict[str, str] = dict(labels or {})
+        # English aliases (the label's language) of the entities added from their JSON.
+        self.aliases: dict[str, list[str]] = {k: list(v) for k, v in (aliases or {}).items()}
 
     @classmethod
     def from_entities(cls, entities: Iterable[Any]) -> SubjectFacts:
@@ -137,6 +152,7 @@ class SubjectFacts:
         label = english_label(parsed)
         if label:
             self.labels[eid] = label
+            self.aliases[eid] = _label_language_aliases(parsed, label)
         return eid
 
     def values(self, subject: str, pid: str) -> list[dict[str, Any]]:
@@ -159,6 +175,26 @@ class SubjectFacts:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _label_language_aliases(entity: Mapping[str, Any], label: str) -> list[str]:
+    """The entity's aliases in the language its English label was taken from ("en", else
+    the en-* variant `english_label` chose)."""
+    labels = entity.get("labels") or {}
+    aliases = entity.get("aliases") or {}
+    if not isinstance(labels, dict) or not isinstance(aliases, dict):
+        return []
+    for lang in ["en"] + sorted(k for k in labels if k.startswith("en-")):
+        if (labels.get(lang) or {}).get("value") == label:
+            return [str(a["value"]) for a in aliases.get(lang) or []
+                    if isinstance(a, dict) and isinstance(a.get("value"), str) and a["value"].strip()]
+    return []
+
+
+def _item_ids(values: Iterable[dict[str, Any] | None]) -> set[str]:
+    """Ids of the item values among `values` (whose aliases a reply may use)."""
+    return {i for v in values if v and v.get("type") in ("wikibase-item", "wikibase-entityid")
+            for i in ids_needed(v)}
 
 
 def _mentions(text: str, answer: str) -> bool:
@@ -217,8 +253,13 @@ def build_cases(
     labels: LabelLookup,
     facts: SubjectFacts | None = None,
     config: QAConfig | None = None,
+    aliases: AliasLookup | None = None,
 ) -> CaseBuildReport:
-    """Edit cases for the changes that pass the quality filters; the rest are in `dropped`."""
+    """Edit cases for the changes that pass the quality filters; the rest are in `dropped`.
+
+    Item aliases come from `facts` (entities at hand) and else from `aliases`, or the label
+    lookup's `aliases` method when `aliases` is not given; without either, items get no
+    aliases (numbers and dates still do)."""
     cfg = config or QAConfig()
     report = CaseBuildReport()
 
@@ -235,6 +276,18 @@ def build_cases(
     missing = sorted(i for i in wanted if i not in known)
     if missing:
         known.update({k: v for k, v in (labels(missing) or {}).items() if v})
+
+    # ... and one alias lookup for the item values a case or a multi-hop probe answers with
+    #    (entities in `facts` bring their own aliases).
+    alias_lookup = aliases if aliases is not None else getattr(labels, "aliases", None)
+    alias_ids = _item_ids(v for ch in changes for v in (ch.new_value, ch.old_value))
+    if facts is not None:
+        hop_objects = {(ch.new_value or {}).get("id") for ch in changes} & set(facts.facts)
+        alias_ids |= _item_ids(v for obj in hop_objects for vals in facts.facts[obj].values() for v in vals)
+    known_aliases: dict[str, list[str]] = dict(facts.aliases) if facts is not None else {}
+    alias_missing = sorted(i for i in alias_ids if i not in known_aliases)
+    if alias_missing and callable(alias_lookup):
+        known_aliases.update({k: list(v) for k, v in (alias_lookup(alias_missing) or {}).items() if v})
 
     # A later change of the same fact in the batch supersedes an earlier one. For a
     # multi-valued relation each value is its own fact (five occupations are five facts).
@@ -333,6 +386,11 @@ def build_cases(
         if _mentions(prompt, new_answer) or any(_mentions(q, new_answer) for q in questions):
             drop(ch, "answer_in_question", f"{new_answer!r} occurs in {prompt!r}")
             continue
+        new_aliases, old_aliases = prune_aliases(
+            new_answer, value_aliases(ch.new_value, known, known_aliases),
+            old_answer, value_aliases(ch.old_value, known, known_aliases) if old_answer is not None else [])
+        # An alias the question itself says would be "stated" by a reply that repeats the question.
+        new_aliases = [a for a in new_aliases if not any(_mentions(q, a) for q in [prompt, *questions])]
 
         # 5. Probes.
         probes = [Probe("paraphrase", q, new_answer, {"template": template.pid}) for q in questions]
@@ -341,7 +399,7 @@ def build_cases(
         if facts is not None:
             probes += _locality_other(ch, template, facts, known, changed_facts, cfg)
             probes += _locality_same(ch, facts, known, changed_facts, cfg)
-            probes += _multihop(ch, template, subject, facts, known, cfg)
+            probes += _multihop(ch, template, subject, facts, known, cfg, known_aliases)
 
         report.cases.append(
             EditCase(
@@ -364,6 +422,9 @@ def build_cases(
                     "relation_label": template.label,
                     "new_value": ch.new_value,
                     "old_value": ch.old_value,
+                    # other renderings of the answers a free reply may use (served answers)
+                    "aliases": new_aliases,
+                    "old_aliases": old_aliases,
                 },
             )
         )
@@ -444,7 +505,7 @@ def _locality_same(ch: FactChange, facts: SubjectFacts, known: dict[str, str], c
 
 
 def _multihop(ch: FactChange, t1: PropertyTemplate, subject: str, facts: SubjectFacts, known: dict[str, str],
-              cfg: QAConfig) -> list[Probe]:
+              cfg: QAConfig, known_aliases: Mapping[str, list[str]] | None = None) -> list[Probe]:
     """Two hops through the new object: "Who is the head of government of the capital of X?"."""
     obj = (ch.new_value or {}).get("id")
     if not obj or ch.new_value.get("type") != "wikibase-item" or obj not in facts.facts:
@@ -467,5 +528,8 @@ def _multihop(ch: FactChange, t1: PropertyTemplate, subject: str, facts: Subject
         q = t2.fill(forms[0], via)
         if _mentions(q, ans):
             continue
-        out.append(Probe("multihop", q, ans, {"hops": [ch.property, pid], "via": known.get(obj, obj)}))
+        hop_aliases, _ = prune_aliases(ans, value_aliases(facts.values(obj, pid)[0], known, known_aliases or {}))
+        hop_aliases = [a for a in hop_aliases if not _mentions(q, a)]
+        out.append(Probe("multihop", q, ans, {"hops": [ch.property, pid], "via": known.get(obj, obj),
+                                              "aliases": hop_aliases}))
     return out

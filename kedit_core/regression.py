@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Sequence
 
-from kedit_core.answer import PromptRewriter, generate
+from kedit_core.answer import PromptRewriter, answer_many, generate
 from kedit_core.evaluate import (
     Reference,
     evaluate_cases,
@@ -105,7 +105,8 @@ def fluency(lm: LoadedModel, prompts: Sequence[str] = FLUENCY_PROMPTS, max_new_t
 
 def _reference_to_json(ref: Reference) -> list[dict[str, Any]]:
     return [
-        {"kind": k[0], "prompt": k[1], "answer": k[2], "pred": ref.predictions[k], "ref_answer": ref.answers[k]}
+        {"kind": k[0], "prompt": k[1], "answer": k[2], "pred": ref.predictions[k], "ref_answer": ref.answers[k],
+         **({"reply": ref.replies[k[1]]} if k[1] in ref.replies else {})}
         for k in ref.predictions
     ]
 
@@ -116,6 +117,8 @@ def _reference_from_json(rows: list[dict[str, Any]]) -> Reference:
         key = (r["kind"], r["prompt"], r["answer"])
         ref.predictions[key] = list(r["pred"])
         ref.answers[key] = r["ref_answer"]
+        if "reply" in r:  # suites frozen before served answers have none: no served drift for them
+            ref.replies[r["prompt"]] = r["reply"]
     return ref
 
 
@@ -294,8 +297,25 @@ def general_metrics(
             details["suite_locality"] = [
                 {"kind": k[0], "prompt": k[1], "expected": ref.answers[k], "score": s} for k, s in zip(keys, agree)
             ]
+    if ref.replies:
+        out.update(served_drift(lm, suite, rewriter))
     if full and suite.fluency_prompts:
         out["fluency_ge"], _ = fluency(lm, suite.fluency_prompts, suite.fluency_tokens)
+    return out
+
+
+def served_drift(lm: LoadedModel, suite: RegressionSuite, rewriter: PromptRewriter | None = None) -> dict[str, float]:
+    """`suite_served_locality`: the share of the suite's unrelated questions whose chat reply
+    is still the base model's (`suite_served_locality_same` for edited subjects' other facts)."""
+    kinds = {k[1]: k[0] for k in suite.locality_reference.predictions}
+    questions = [q for q in suite.locality_reference.replies if q in kinds]
+    now = answer_many(lm, questions, rewriter)
+    out: dict[str, float] = {}
+    for name, same in (("suite_served_locality", False), ("suite_served_locality_same", True)):
+        kept = [float(r.strip() == suite.locality_reference.replies[q].strip())
+                for q, r in zip(questions, now) if (kinds[q] == "locality_same") == same]
+        if kept:
+            out[name] = sum(kept) / len(kept)
     return out
 
 
@@ -309,8 +329,9 @@ def fast_check(
     details: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, float]:
     """After every batch: the batch's own efficacy, paraphrase, locality (vs the model
-    before the batch, `batch_reference`) and negation, teacher-forced only; plus known
-    facts, reference perplexity and locality drift. A few batched forward passes."""
+    before the batch, `batch_reference`) and negation, teacher-forced and as served chat
+    replies (what the gate decides on); plus known facts, reference perplexity and
+    locality drift (teacher-forced and served)."""
     out = evaluate_cases(
         lm,
         batch_cases,

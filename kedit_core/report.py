@@ -1,4 +1,5 @@
-"""The drift report: how the served model changed over versions and time.
+"""The drift report: how the served model changed over versions and time, and how the
+methods of the latest `kedit compare` runs did side by side.
 
 Pure rendering: `ReportData` holds rows already read from the ledger (see
 `storage.report_queries`, gathered by `flows/commands/report_cmd.py`); this module turns
@@ -18,8 +19,25 @@ from typing import Any
 
 from kedit_core.gate import LOWER_IS_BETTER
 
+# Served-answer metrics (free chat replies, kedit_core/served_answers.py) come first: they
+# are what users of `kedit serve` see; the teacher-forced ones follow.
+SERVED_METRICS = (
+    "served_efficacy",
+    "served_paraphrase",
+    "served_locality",
+    "served_locality_same",
+    "served_locality_correct",
+    "suite_served_locality",
+    "suite_served_locality_same",
+    "served_negation",
+    "served_negation_pn",
+    "served_retention",
+    "served_retention_paraphrase",
+    "immediate_served_efficacy",
+    "immediate_served_paraphrase",
+)
 # Metrics in the order a reader cares about; anything else measured is listed after them.
-KEY_METRICS = (
+KEY_METRICS = SERVED_METRICS + (
     "efficacy_acc",
     "paraphrase_acc",
     "locality",
@@ -36,6 +54,26 @@ KEY_METRICS = (
 )
 # Bookkeeping recorded beside the metrics: shown in no metric table or plot.
 BOOKKEEPING = frozenset({"edit_seconds", "check_seconds", "delta_norm", "full_check", "accepted"})
+LEGEND = "served_* = free chat replies as `kedit serve` gives them; *_acc = teacher-forced token accuracy"
+
+# `kedit compare` table: (metric, short title for the terminal), served first; a column no
+# method of the run reported is left out.
+COMPARE_COLUMNS = (
+    ("served_efficacy", "srv eff"),
+    ("served_paraphrase", "srv para"),
+    ("served_locality", "srv loc"),
+    ("served_retention", "srv ret"),
+    ("served_negation", "srv neg"),
+    ("efficacy_acc", "eff acc"),
+    ("paraphrase_acc", "para acc"),
+    ("locality", "locality"),
+    ("retention_acc", "ret acc"),
+    ("seconds_per_edit", "s/edit"),
+)
+# Recorded per batch by `kedit compare` beside the figures (timings, editor info, the
+# failure marker): not curves of edit quality.
+COMPARE_NOT_CURVES = BOOKKEEPING | {"seconds", "mean_steps", "failed"}
+COMPARE_RUNS_SHOWN = 3  # most recent compare runs in the HTML; the terminal shows the newest
 
 
 @dataclass
@@ -53,9 +91,82 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Comparison:
+    """One `kedit compare` run as the ledger holds it (flows/commands/compare_cmd.py): per
+    method, one row set per batch (step = batch index) and a final row set after the last
+    batch, the step where `seconds_per_edit` is recorded; a failed method has `failed`."""
+
+    run_id: str
+    started: datetime | None
+    status: str | None
+    methods: list[str] = field(default_factory=list)  # in the order they ran
+    final: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    failed: set[str] = field(default_factory=set)
+    # metric -> method -> [(batch index, value)]
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+
+    def state(self, method: str) -> str:
+        if method in self.failed:
+            return "failed"
+        return "" if method in self.final else "unfinished"  # stopped before its final figures
+
+    def columns(self) -> list[tuple[str, str]]:
+        return [(m, t) for m, t in COMPARE_COLUMNS if any(m in f for f in self.final.values())]
+
+
+def _is_served(name: str) -> bool:
+    # served_*, and the same reply-based figures under a prefix (immediate_served_*, suite_served_*)
+    return name.startswith("served_") or "_served_" in name
+
+
 def _metric_order(names: set[str]) -> list[str]:
     names = {n for n in names if n not in BOOKKEEPING}
-    return [m for m in KEY_METRICS if m in names] + sorted(names - set(KEY_METRICS))
+    rank = {m: i for i, m in enumerate(KEY_METRICS)}
+    # Served before teacher-forced, also for a served metric KEY_METRICS does not name yet.
+    return sorted(names, key=lambda n: (not _is_served(n), rank.get(n, len(rank)), n))
+
+
+def comparisons(data: ReportData, limit: int = COMPARE_RUNS_SHOWN) -> list[Comparison]:
+    """The `limit` most recent compare runs found in `data.series` (so `--since` applies),
+    newest first."""
+    by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in data.series:
+        if r.get("run_kind") == "compare" and r["method"] is not None:
+            by_run[r["run_id"]].append(r)
+    runs = [_comparison(run_id, rows) for run_id, rows in by_run.items()]
+    runs.sort(key=lambda c: c.started or datetime.min, reverse=True)
+    return runs[:limit]
+
+
+def _comparison(run_id: str, rows: list[dict[str, Any]]) -> Comparison:
+    c = Comparison(run_id, rows[0].get("run_started"), rows[0].get("run_status"))
+    final_step = {r["method"]: r["step"] for r in rows if r["metric"] == "seconds_per_edit"}
+    for r in rows:  # series rows come in time order: methods in the order they ran
+        method, metric, value = r["method"], r["metric"], r["value"]
+        if method not in c.methods:
+            c.methods.append(method)
+        if metric == "failed":
+            c.failed.add(method)
+        elif value is None:
+            continue
+        elif method in final_step and r["step"] == final_step[method]:
+            c.final[method][metric] = value
+        elif r["step"] is not None and metric not in COMPARE_NOT_CURVES:
+            c.curves[metric][method].append((r["step"], value))
+    return c
+
+
+def _compare_cells(c: Comparison, method: str, columns: list[tuple[str, str]]) -> list[str]:
+    """A method's row, unescaped: its label (with failed/unfinished) and each column's value."""
+    state = c.state(method)
+    cells = [f"{method} ({state})" if state else method]
+    for metric, _ in columns:
+        v = c.final.get(method, {}).get(metric)
+        timing = metric == "seconds_per_edit" and isinstance(v, float) and math.isfinite(v)
+        cells.append(f"{v:.2f}" if timing else _fmt(v))  # seconds to 2 places, as `kedit compare` prints them
+    return cells
 
 
 def _fmt(v: Any) -> str:
@@ -95,17 +206,23 @@ def terminal_summary(data: ReportData) -> str:
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in data.summary:
         by_method[r["method"] or "-"].append(r)
+    runs = comparisons(data)
+    if by_method or runs:
+        lines.append(LEGEND)
     for method, rows in sorted(by_method.items()):
         rows = {r["metric"]: r for r in rows}
         lines.append("")
         lines.append(f"method {method}:")
-        lines.append(f"  {'metric':<22}{'now':>10}{'base':>10}{'Δ base':>10}{'last week':>11}{'Δ week':>10}")
+        w = max([22] + [len(m) + 2 for m in rows])  # served names run long (suite_served_locality_same)
+        lines.append(f"  {'metric':<{w}}{'now':>10}{'base':>10}{'Δ base':>10}{'last week':>11}{'Δ week':>10}")
         for m in _metric_order(set(rows)):
             r = rows[m]
             lines.append(
-                f"  {m:<22}{_fmt(r['now']):>10}{_fmt(r['base']):>10}{_change(m, r['now'], r['base'])[0]:>10}"
+                f"  {m:<{w}}{_fmt(r['now']):>10}{_fmt(r['base']):>10}{_change(m, r['now'], r['base'])[0]:>10}"
                 f"{_fmt(r['last_week']):>11}{_change(m, r['now'], r['last_week'])[0]:>10}"
             )
+    if runs:
+        lines += _terminal_comparison(runs[0], more=len(runs) - 1)
     rolled = [x for x in data.batches if x["status"] in ("rolled_back", "rejected", "failed")]
     if rolled:
         lines.append("")
@@ -115,6 +232,20 @@ def terminal_summary(data: ReportData) -> str:
     for n in data.notes:
         lines.append(f"note: {n}")
     return "\n".join(lines)
+
+
+def _terminal_comparison(c: Comparison, more: int) -> list[str]:
+    """The newest compare run as a plain table (only its final figures: the curves are in the HTML)."""
+    when = f"{c.started:%Y-%m-%d %H:%M}" if isinstance(c.started, datetime) else "?"
+    lines = ["", f"method comparison {c.run_id} (started {when}, {c.status or '?'})"
+             + (f"; {more} earlier compare run(s) in the HTML report" if more else "") + ":"]
+    columns = c.columns()
+    table = [["method"] + [t for _, t in columns]] + [_compare_cells(c, m, columns) for m in c.methods]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        lines.append("  " + "  ".join(cell.rjust(w) if i else cell.ljust(w)
+                                      for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    return lines
 
 
 def _kv(d: dict[str, int]) -> str:
@@ -209,7 +340,7 @@ def plot_over_time(data: ReportData) -> str | None:
     import matplotlib.dates as mdates
 
     rows = [r for r in data.series if r["metric"] not in BOOKKEEPING and r["batch_id"] is not None]
-    metrics = _metric_order({r["metric"] for r in rows})
+    metrics = over_time_metrics(data)
     if not metrics:
         return None
     fig, axes = _grid(len(metrics))
@@ -239,6 +370,35 @@ def plot_over_time(data: ReportData) -> str | None:
         if bad or len(acc) > 1:
             ax.legend(fontsize=7)
     fig.suptitle("Metrics over time (red x: measured on a batch that was rolled back)", fontsize=11)
+    return _png(fig)
+
+
+def over_time_metrics(data: ReportData) -> list[str]:
+    """The panels of `plot_over_time`, served first: every metric measured on a batch."""
+    return _metric_order({r["metric"] for r in data.series if r["batch_id"] is not None})
+
+
+def plot_comparison_curves(c: Comparison) -> str | None:
+    """One panel per per-batch metric of a compare run (immediate_served_efficacy first):
+    value against batch index, a line per method."""
+    from matplotlib.ticker import MaxNLocator
+
+    metrics = _metric_order(set(c.curves))
+    if not metrics:
+        return None
+    fig, axes = _grid(len(metrics))
+    for ax, m in zip(axes, metrics):
+        for i, method in enumerate(c.methods):  # colour by run order: the same method, the same colour
+            pts = sorted(c.curves[m].get(method, []))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=method, color=f"C{i}")
+        ax.set_title(m, fontsize=10)
+        ax.set_xlabel("batch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{c.run_id}: per-batch figures by batch index", fontsize=11)
     return _png(fig)
 
 
@@ -278,6 +438,26 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozen
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _html_comparisons(runs: list[Comparison]) -> list[str]:
+    parts = ["<h2>Method comparisons</h2>"]
+    if not runs:
+        return parts + ['<p class="empty">no <code>kedit compare</code> runs recorded</p>']
+    parts.append(f"<p class='meta'>The {len(runs)} most recent <code>kedit compare</code> run(s), newest first: "
+                 f"figures after each method's last batch. {html.escape(LEGEND)}</p>")
+    for c in runs:
+        columns = c.columns()
+        when = f"{c.started:%Y-%m-%d %H:%M}" if isinstance(c.started, datetime) else "?"
+        parts.append(f"<h3>{html.escape(c.run_id)}</h3>")
+        parts.append(f"<p class='meta'>started {when} · {html.escape(c.status or '?')}</p>")
+        heads = ["method"] + ["s/edit" if m == "seconds_per_edit" else m for m, _ in columns]
+        rows = [[html.escape(cell) for cell in _compare_cells(c, m, columns)] for m in c.methods]
+        parts.append(_table(heads, rows, numeric=set(range(1, len(heads)))))
+        png = plot_comparison_curves(c)
+        parts.append(f"<img alt='{html.escape(c.run_id)} per batch' src='data:image/png;base64,{png}'>" if png
+                     else '<p class="empty">no per-batch figures</p>')
+    return parts
+
+
 def render_html(data: ReportData) -> str:
     c = data.counts
     cases, changes, versions, batches = (c.get(k, {}) for k in ("cases", "changes", "versions", "batches"))
@@ -303,6 +483,7 @@ def render_html(data: ReportData) -> str:
         + "".join(f"<div class='card'><div class='n'>{n}</div><div class='l'>{html.escape(l)}</div></div>" for l, n in cards)
         + "</div>",
         "<h2>Metrics now vs base vs last week</h2>",
+        f"<p class='meta'>{html.escape(LEGEND)}</p>",
     ]
     by_method: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     for r in data.summary:
@@ -323,6 +504,7 @@ def render_html(data: ReportData) -> str:
     for title, png in (("Over model versions", plot_over_versions(data)), ("Over time", plot_over_time(data))):
         parts.append(f"<h2>{title}</h2>")
         parts.append(f"<img alt='{title}' src='data:image/png;base64,{png}'>" if png else '<p class="empty">no data</p>')
+    parts += _html_comparisons(comparisons(data))
     parts.append("<h2>Batches</h2>")
     parts.append(_table(
         ["batch", "method", "run", "attempt", "cases", "status", "version", "reason"],

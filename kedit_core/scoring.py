@@ -12,13 +12,12 @@ pairs per forward pass, and projects onto the vocabulary only at the answer posi
 from __future__ import annotations
 
 import math
-import re
-import string
 from dataclasses import dataclass
 
 import torch
 
 from kedit_core.model import LoadedModel
+from kedit_core.render import normalise_form as normalise_answer  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -126,14 +125,6 @@ def predicted_tokens(lm: LoadedModel, prompts: list[str], answers: list[str], ba
 def token_agreement(before: list[list[int]], after: list[list[int]]) -> list[float]:
     """Share of positions where two predicted-token lists agree (locality's convention)."""
     return [sum(x == y for x, y in zip(a, b)) / max(len(a), 1) for a, b in zip(before, after)]
-
-
-def normalise_answer(text: str) -> str:
-    """Lower-case, drop punctuation, articles and extra spaces (SQuAD-style normalisation)."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
 
 
 def exact_match(prediction: str, answer: str) -> bool:

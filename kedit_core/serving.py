@@ -36,7 +36,8 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-from kedit_core.answer import PromptRewriter
+from kedit_core.answer import TOKENIZER_LOCK as _TOKENIZER_LOCK
+from kedit_core.answer import PromptRewriter, render_chat
 from kedit_core.editors.base import WeightDelta
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, fingerprint_model
@@ -451,10 +452,6 @@ class Generation:
     finish_reason: str
 
 
-# Hugging Face fast tokenizers are Rust objects that refuse concurrent mutable use
-# ("Already borrowed") when a call changes their padding/truncation state; requests run in
-# parallel threads, so every tokenizer call goes through this lock (each call is ~0.1 ms).
-_TOKENIZER_LOCK = threading.Lock()
 
 
 class TextAssembler:
@@ -561,16 +558,6 @@ def generate_text(
     eos_ids = set(eos) if isinstance(eos, list) else {eos}
     finish = "stop" if asm.stopped or last[0] in eos_ids else "length"
     return Generation(asm.text, int(input_ids.shape[1]), n_new[0], finish)
-
-
-def render_chat(lm: LoadedModel, messages: list[dict[str, str]]) -> str:
-    """The model's chat template around the conversation (plain "role: text" lines without one)."""
-    tok = lm.tokenizer
-    try:
-        with _TOKENIZER_LOCK:
-            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except (ValueError, AttributeError):  # a tokenizer with no chat template
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 # --------------------------------------------------------------------------- request models

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 FINAL_KINDS = ("efficacy", "paraphrase", "locality")
 KEPT_KINDS = ("efficacy", "paraphrase")  # what retention measures on the first batch
+# each batch's own figures right after it is applied (`immediate_*`)
+IMMEDIATE = ("efficacy_acc", "paraphrase_acc", "served_efficacy", "served_paraphrase")
 
 
 def peak_rss_mb() -> float:
@@ -112,9 +114,9 @@ def run_stream(
             results.append(result)
             rec = BatchRecord(index=b, case_ids=[c.case_id for c in batch], seconds=dt)
             now = evaluate_cases(lm, batch, kinds=("efficacy", "paraphrase"), rewriter=rw, greedy=False)
-            rec.metrics["immediate_efficacy_acc"] = now["efficacy_acc"]
-            if "paraphrase_acc" in now:
-                rec.metrics["immediate_paraphrase_acc"] = now["paraphrase_acc"]
+            for key in IMMEDIATE:
+                if key in now:
+                    rec.metrics["immediate_" + key] = now[key]
             steps = [d.steps for d in result.diagnostics]
             rec.info = {"mean_steps": sum(steps) / len(steps) if steps else 0, "delta_norm": result.delta.norm()}
             if eval_each_batch:
@@ -129,12 +131,13 @@ def run_stream(
             if on_batch is not None:
                 on_batch(rec)
             bar.update(len(batch))
-            bar.set_postfix(s_per_edit=f"{editing / (bar.n or 1):.2f}", eff=f"{rec.metrics['immediate_efficacy_acc']:.2f}")
+            bar.set_postfix(s_per_edit=f"{editing / (bar.n or 1):.2f}", eff=f"{rec.metrics['immediate_efficacy_acc']:.2f}",
+                            served=f"{rec.metrics.get('immediate_served_efficacy', float('nan')):.2f}")
         bar.close()
         current = latest_per_fact(cases)
         metrics = evaluate_cases(lm, current, reference=reference, kinds=FINAL_KINDS, rewriter=rw, greedy=greedy)
         metrics.update(retention(lm, batches[0], all_cases_so_far=cases, rewriter=rw, greedy=greedy, kinds=KEPT_KINDS))
-        for key in ("immediate_efficacy_acc", "immediate_paraphrase_acc"):
+        for key in ("immediate_" + k for k in IMMEDIATE):
             vals = [r.metrics[key] for r in records if key in r.metrics]
             if vals:
                 metrics[key] = sum(vals) / len(vals)

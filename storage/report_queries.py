@@ -44,13 +44,18 @@ def live_versions(db: Database) -> list[dict[str, Any]]:
 
 
 def metric_series(db: Database, since: datetime | None = None) -> list[dict[str, Any]]:
-    """Every metric row with its batch's status and attempt (NULL batch = a base measurement)."""
+    """Every metric row with its batch's status and attempt (NULL batch = a base measurement
+    or a `kedit compare` row) and its run's kind, start and status, so the report can tell
+    compare runs (kind 'compare': per method, per-batch steps then a final step) from the
+    gated pipeline's measurements without a second pass over the metrics table."""
     with db.connect(read_only=True) as con:
         return _rows(
             con,
             "SELECT m.run_id, m.method, m.step, m.metric, m.value, m.version_id, m.batch_id, m.created, "
-            "b.status AS batch_status, b.attempt, b.reason AS batch_reason "
+            "b.status AS batch_status, b.attempt, b.reason AS batch_reason, "
+            "r.kind AS run_kind, r.started AS run_started, r.status AS run_status "
             "FROM metrics m LEFT JOIN edit_batches b ON m.batch_id = b.batch_id "
+            "LEFT JOIN runs r ON m.run_id = r.run_id "
             "WHERE m.created >= ? ORDER BY m.created, m.step, m.metric",
             [since or _EPOCH],
         )

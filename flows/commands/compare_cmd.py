@@ -22,7 +22,14 @@ from flows.commands import MODEL_HELP
 
 log = logging.getLogger(__name__)
 
+# Served answers first (free chat replies, as `kedit serve` answers: what users read), then
+# the field's teacher-forced figures beside them.
 TABLE_COLUMNS = [
+    ("served_efficacy", "served eff."),
+    ("served_paraphrase", "served para."),
+    ("served_locality", "replies unchanged"),
+    ("served_retention", "served retention"),
+    ("served_negation", "served neg."),
     ("efficacy_acc", "efficacy"),
     ("paraphrase_acc", "paraphrase"),
     ("locality", "locality"),

@@ -110,11 +110,21 @@ class MemitConfig(EditorConfig):
     # None = off: the plain method, the update acts everywhere.
     update_gate: float | None = None
     update_gate_positions: int = 4096
+    # ... and never below the `update_gate_chat_quantile` of the update's size on this many
+    # served chats (questions the model asks itself, with its replies, in its chat template;
+    # keystats.chat_keys): on chats the prose quantile let ~1% of positions through and
+    # changed half of all unrelated replies (docs/editing.md, "Served answers"). 0 = prose only.
+    update_gate_chats: int = 192
+    update_gate_chat_quantile: float = 0.999
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompt_variants, str):  # `--set prompt_variants=subject_first,chat`
+            self.prompt_variants = tuple(v.strip() for v in self.prompt_variants.split(",") if v.strip())
         check_prompt_variants(self.prompt_variants)  # fail when configured, not mid-edit
         if self.update_gate is not None and not 0.0 < self.update_gate < 1.0:
             raise ValueError(f"update_gate must be between 0 and 1 (or null for no gate), got {self.update_gate}")
+        if not 0.0 < self.update_gate_chat_quantile <= 1.0:
+            raise ValueError(f"update_gate_chat_quantile must be in (0, 1], got {self.update_gate_chat_quantile}")
         if self.keep_facts_per_subject < 0:
             raise ValueError(f"keep_facts_per_subject must be >= 0, got {self.keep_facts_per_subject}")
 
@@ -257,16 +267,30 @@ def _subject_last_token(tok: Any, text: str, subject_end: int) -> int:
     return len(tok.encode(text[:subject_end], add_special_tokens=False)) - 1
 
 
-def subject_first(case: EditCase) -> tuple[str, int]:
+def subject_first(lm: LoadedModel, case: EditCase) -> tuple[str, int, str]:
     """The prompt with the subject moved to the front ("Munich: Who was the head of
     government of it?"), so the answer must be read from the subject across the whole
     question, as in rewordings where the subject is not the question's last word."""
     s0, s1 = case.subject_span
     rest = case.prompt[:s0] + ("It" if s0 == 0 else "it") + case.prompt[s1:]
-    return f"{case.subject}: {rest}", len(case.subject)
+    return f"{case.subject}: {rest}", len(case.subject), " " + case.target_new.strip()
 
 
-PROMPT_VARIANTS = {"subject_first": subject_first}
+def chat(lm: LoadedModel, case: EditCase) -> tuple[str, int, str]:
+    """The case's question as `kedit serve` puts it to the model (its chat template, the
+    assistant's turn opened), answered by the new value as the reply's first words: the
+    served answer is what users read, and the raw prompt's answer position does not carry
+    over to the assistant's turn (docs/editing.md, "Served answers")."""
+    from kedit_core.answer import chat_prompt
+
+    question = case.question if case.question and case.subject in case.question else case.prompt
+    text = chat_prompt(lm, question)
+    at = text.rindex(question)
+    return text, at + question.rindex(case.subject) + len(case.subject), case.target_new.strip()
+
+
+# name -> (lm, case) -> (text, end of the subject in it, answer text as it follows the text)
+PROMPT_VARIANTS = {"subject_first": subject_first, "chat": chat}
 
 
 def subject_groups(cases: list[EditCase]) -> list[int]:
@@ -292,12 +316,13 @@ def encode_rows(lm: LoadedModel, cases: list[EditCase], templates: list[str], va
     n_contexts = len(templates) + len(variants)
     for ci, case in enumerate(cases):
         s0, s1 = case.subject_span
-        a_ids = tok.encode(" " + case.target_new.strip(), add_special_tokens=False)
-        if not a_ids:
+        answer = " " + case.target_new.strip()
+        if not tok.encode(answer, add_special_tokens=False):
             raise ValueError(f"case {case.case_id}: target {case.target_new!r} has no tokens")
-        contexts = [(tmpl.format(case.prompt), tmpl.index("{}") + s1) for tmpl in templates]
-        contexts += [PROMPT_VARIANTS[v](case) for v in variants]
-        for ti, (text, subject_end) in enumerate(contexts):
+        contexts = [(tmpl.format(case.prompt), tmpl.index("{}") + s1, answer) for tmpl in templates]
+        contexts += [PROMPT_VARIANTS[v](lm, case) for v in variants]
+        for ti, (text, subject_end, answer_text) in enumerate(contexts):
+            a_ids = tok.encode(answer_text, add_special_tokens=False)
             p_ids = tok.encode(text, add_special_tokens=False)
             r = len(seqs)
             # position j predicts token j+1; the last answer token is never an input
@@ -774,7 +799,8 @@ class Memit(Editor):
             remove_gate(lm)
         else:
             install_gate(lm, resolve_layers(cfg, lm.model), cfg.update_gate, corpus=cfg.keystats_corpus,
-                         positions=cfg.update_gate_positions, samples=cfg.keystats_samples)
+                         positions=cfg.update_gate_positions, samples=cfg.keystats_samples,
+                         served_chats=cfg.update_gate_chats, served_quantile=cfg.update_gate_chat_quantile)
 
     def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
         """Edit `cases` (with the kept facts of any subject edited before) and remember them."""

@@ -54,6 +54,8 @@ class _LayerGate:
     base: torch.Tensor  # W_base, same layout as the weight
     keys: torch.Tensor  # [n, inter] keys of ordinary text at this layer
     quantile: float
+    served_keys: torch.Tensor | None = None  # [m, inter] keys of served chats (keystats.chat_keys)
+    served_quantile: float = 1.0  # tau >= this quantile of the update's size on them (1.0: their max)
     version: tuple[int, int] | None = None  # (data_ptr, _version) of the weight when tau was computed
     delta: torch.Tensor | None = None  # dW in [out, in] layout, None when the layer is at base
     tau: float = 0.0
@@ -75,6 +77,11 @@ class _LayerGate:
                 self.delta = (d.T if self.transposed else d).contiguous()  # [out, in]
                 norms = (self.keys.to(d.dtype) @ self.delta.T).norm(dim=-1)
                 self.tau = float(torch.quantile(norms.float(), self.quantile))
+                if self.served_keys is not None and self.served_keys.numel():
+                    # never on what ordinary served chats hold (every request has the template)
+                    served = (self.served_keys.to(d.dtype) @ self.delta.T).norm(dim=-1).float()
+                    self.tau = max(self.tau, float(served.max() if self.served_quantile >= 1.0
+                                                   else torch.quantile(served, self.served_quantile)))
         self.version = stamp
 
     def hook(self, _module: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
@@ -150,24 +157,31 @@ def install_gate(
     corpus: str | None = None,
     positions: int = 4096,
     samples: int = 20000,
+    served_chats: int = 192,
+    served_quantile: float = 0.999,
 ) -> EditGate:
-    """Gate the updates of `layers` (idempotent: the same gate is kept, another replaced)."""
+    """Gate the updates of `layers` (idempotent: the same gate is kept, another replaced).
+    With `served_chats` > 0 (and a chat template), tau is never below the `served_quantile`
+    (1.0: the largest) of the update's size on ordinary served chats (`keystats.chat_keys`: the model's own questions and replies in
+    its chat template), so unrelated questions users ask see the unedited layers."""
     from kedit_core.editors.memit import edit_site
-    from kedit_core.keystats import generic_keys
+    from kedit_core.keystats import chat_keys, generic_keys
 
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"gate quantile must be between 0 and 1, got {quantile}")
-    source = (corpus, positions, samples)
+    source = (corpus, positions, samples, served_chats, served_quantile)
     current = installed_gate(lm)
     if current is not None and (current.quantile, current.layers, current.source) == (quantile, sorted(layers), source):
         return current
     remove_gate(lm)
     keys = generic_keys(lm, layers, corpus=corpus, positions=positions, samples=samples)
+    served = chat_keys(lm, layers, served_chats) if served_chats and getattr(lm.tokenizer, "chat_template", None) else {}
     gate = EditGate(quantile=quantile, layers=sorted(layers), source=source)
     for layer in gate.layers:
         site = edit_site(lm.model, layer)
         base = lm.base_tensor(site.param_name).to(site.module.weight.device, site.module.weight.dtype)
-        g = _LayerGate(layer, site.module, site.transposed, base, keys[layer].to(base.device), quantile)
+        g = _LayerGate(layer, site.module, site.transposed, base, keys[layer].to(base.device), quantile,
+                       served[layer].to(base.device) if layer in served else None, served_quantile)
         gate.gates.append(g)
         gate.handles.append(site.module.register_forward_hook(g.hook))
     setattr(lm.model, GATE_ATTR, gate)

@@ -59,7 +59,7 @@ def test_alphaedit_adds_a_later_fact_of_an_edited_subject_and_keeps_the_first(em
     both = [population, mayor]
     scores = {}
     for revisit in (False, True):
-        editor = get_editor("alphaedit", {"keystats_samples": 1500, "revisit_subjects": revisit})
+        editor = get_editor("alphaedit", {"keystats_samples": 1500, "revisit_subjects": revisit, "update_gate_chats": 32})
         results = []
         try:
             results.append(editor.edit(lm, [population]))
@@ -90,7 +90,7 @@ def test_the_update_gate_keeps_unrelated_text_at_the_base_model(embedded_lm):
     before = logits()
     moved = {}
     for gate in (0.999, None):
-        editor = get_editor("alphaedit", {"keystats_samples": 1500, "update_gate": gate})
+        editor = get_editor("alphaedit", {"keystats_samples": 1500, "update_gate": gate, "update_gate_chats": 32})
         result = editor.edit(lm, [case])
         try:
             assert token_accuracy(lm, [case.prompt], [case.target_new])[0] == 1.0

@@ -12,12 +12,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+from typing import Any
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from kedit_core.editors.base import Editor, EditorConfig, EditResult, WeightDelta
+from kedit_core.answer import chat_prompt
+from kedit_core.gate import GateConfig
 from kedit_core.model import LoadedModel, fingerprint_model, tiny_model
 from kedit_core.types import EditCase, Probe
 
@@ -41,6 +44,10 @@ EDITS = [
     ("Elim", "The mayor of Elim is", "Kato"),
     ("Fenn", "The mayor of Fenn is", "Maro"),
 ]
+# The first CHAT_TAUGHT edit facts are also taught as chat replies (the way `kedit serve`
+# asks), so their served answers state them; the others are known only as raw clozes:
+# teacher forcing scores them 1.0 while a user asking in chat does not get them.
+CHAT_TAUGHT = 3
 REFERENCE_TEXT = [
     "The river runs through the valley and the town stands on its banks.",
     "Farmers grow wheat and barley in the fields near the old stone bridge.",
@@ -52,6 +59,7 @@ def _trained() -> LoadedModel:
     lm = tiny_model("llama", seed=0)
     tok = lm.tokenizer
     texts = [f"{p} {a}." for p, a in KNOWN] + [f"{p} {a}." for _, p, a in EDITS] + REFERENCE_TEXT
+    texts += [chat_prompt(lm, question(subj)) + f" {a}." for subj, _, a in EDITS[:CHAT_TAUGHT]]
     seqs = [tok.encode(t) for t in texts]
     width = max(map(len, seqs))
     ids = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -88,10 +96,14 @@ def known_facts() -> list[dict[str, str]]:
     return [{"prompt": p, "answer": a} for p, a in KNOWN + UNKNOWN]
 
 
-def edit_cases(prefix: str = "c", n: int | None = None, take: bool = True) -> list[EditCase]:
-    """Cases on the EDITS facts; `take=False` asks for targets the model never saw."""
+def question(subject: str) -> str:
+    return f"Who is the mayor of {subject}?"
+
+
+def edit_cases(prefix: str = "c", n: int | None = None, take: bool = True, start: int = 0) -> list[EditCase]:
+    """Cases on the EDITS facts (from `start`); `take=False` asks for targets the model never saw."""
     out = []
-    for i, (subj, prompt, ans) in enumerate(EDITS[:n]):
+    for i, (subj, prompt, ans) in enumerate(EDITS[start:][:n], start=start):
         target = ans if take else "Zzqxw"
         out.append(
             EditCase(
@@ -99,6 +111,7 @@ def edit_cases(prefix: str = "c", n: int | None = None, take: bool = True) -> li
                 subject=subj,
                 relation="mayor",
                 prompt=prompt,
+                question=question(subj),
                 target_new=target,
                 probes=[
                     Probe("locality_other", KNOWN[i % len(KNOWN)][0], ""),
@@ -107,6 +120,14 @@ def edit_cases(prefix: str = "c", n: int | None = None, take: bool = True) -> li
             )
         )
     return out
+
+
+def gate_without_served_locality(**kw: Any) -> GateConfig:
+    """The default gate less its served-locality floors. A 64-wide tiny model's chat replies
+    to questions it was never taught are near-ties that a 1e-3 nudge flips: noise, not the
+    harm those floors are for (tests of them set the metrics directly, test_gate.py)."""
+    floors = {k: v for k, v in GateConfig().floors.items() if "served" not in k}
+    return GateConfig(floors=floors, **kw)
 
 
 # --------------------------------------------------------------------------- test editors

@@ -185,3 +185,42 @@ def test_file_level_errors(tmp_path, reader):
         reader(_write(tmp_path, {"a": 1}, "obj.json"))
     with pytest.raises(BenchmarkFormatError, match="record 0"):
         reader(_write(tmp_path, ["just a string"], "str.json"))
+
+
+# ----------------------------------------------------------------------------- aliases
+
+
+def test_mquake_aliases_per_hop_from_the_shipped_file():
+    first = read_mquake(DATA / "mquake_hard_40.json", limit=4)[:4]
+    madonna, modi, australia, arabic = first
+    assert madonna.meta["aliases"] == ["Madonna Ciccone", "Madonna Louise Ciccone", "Madonna Louise Veronica Ciccone"]
+    # the old object of the first edit is the first hop of the original chain
+    assert madonna.meta["old_aliases"] == ["Beatles", "Fab Four", "John, Paul, George, and Ringo", "The Beattles",
+                                           "The Lads from Liverpool"]
+    assert "Modi" in modi.meta["aliases"] and modi.meta["old_aliases"] == []  # Guy Oseary is on neither chain
+    assert {"Oz", "Commonwealth of Australia"} <= set(australia.meta["aliases"])
+    assert (arabic.meta["aliases"], arabic.meta["old_aliases"]) == (
+        ["ar", "Arabian language", "Arabic language"], ["en", "eng", "English language"])
+    hop = arabic.probes_of("multihop")[0]
+    assert hop.meta["aliases"] == ["ar", "Arabian language", "Arabic language"]
+    assert hop.meta["old_answer"] == "English" and hop.meta["old_aliases"] == ["en", "eng", "English language"]
+
+
+def test_zsre_all_true_answers_are_old_aliases():
+    cases = {c.case_id: c for c in read_zsre(DATA / "zsre_mend_train_1k.json", skip_bad=True)}
+    c = cases["zsre-13"]
+    assert (c.target_new, c.target_old) == ("Benedenrecht", "Beneden Merwede")
+    assert c.meta["old_aliases"] == ["Noord"] and c.meta["aliases"] == []
+    # a true answer that is also the new value cannot count as the old one
+    c = cases["zsre-88"]
+    assert (c.target_new, c.target_old) == ("Chicago Bears", "San Diego Chargers")
+    assert c.meta["old_aliases"] == ["Indianapolis Colts"]
+
+
+def test_knowedit_ground_truth_list_gives_old_aliases():
+    cases = read_knowedit(DATA / "knowedit_zsre_test_200.json")
+    c = cases[58]
+    assert (c.target_new, c.target_old) == ("War of 1812", "Torstenson War")
+    assert c.meta["old_aliases"] == ["Second Northern War", "Scanian War"]
+    assert cases[0].meta["old_aliases"] == []  # a single ground truth
+    assert all(p.meta["aliases"] == [] for p in cases[0].probes_of("portability"))  # plain-string answers

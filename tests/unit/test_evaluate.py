@@ -56,7 +56,7 @@ def test_negation_counts_yes_no_by_likelihood(tiny_llama):
     with torch.no_grad():
         head.weight[y_id] += 5 * head.weight[y_id].sign()  # larger logit for 'Y' on positive-aligned states
     m = evaluate_cases(tiny_llama, cases, kinds=("negation",))
-    assert set(m) == {"negation_acc", "negation_pp", "negation_pn"}
+    assert set(m) == {"negation_acc", "negation_pp", "negation_pn", "served_negation", "served_negation_pn"}
     assert m["negation_acc"] == pytest.approx((m["negation_pp"] + m["negation_pn"]) / 2)
     assert m["negation_pp"] != m["negation_pn"]  # the same answer to both polarities is half right
 
@@ -77,13 +77,13 @@ def test_retention_of_paraphrases_scores_the_surviving_cases_paraphrases(tiny_gp
     c = _case("c", subj="Other", new="zz", probes=[Probe("paraphrase", "Other enjoys", "zz")])
     r = retention(tiny_gpt2, [a, c], all_cases_so_far=[a, b, c], kinds=("efficacy", "paraphrase"))
     direct = evaluate_cases(tiny_gpt2, [c], kinds=("efficacy", "paraphrase"), greedy=False)
-    assert set(r) == {"retention_acc", "retention_paraphrase_acc"}
+    assert set(r) == {"retention_acc", "retention_paraphrase_acc", "served_retention", "served_retention_paraphrase"}
     assert r["retention_paraphrase_acc"] == pytest.approx(direct["paraphrase_acc"])
 
 
 def test_absent_probe_kinds_are_not_reported_as_zero(tiny_gpt2):
     m = evaluate_cases(tiny_gpt2, [_case("c1")], greedy=True)
-    assert set(m) == {"efficacy_acc", "efficacy_em"}
+    assert set(m) == {"efficacy_acc", "efficacy_em", "served_efficacy"}
 
 
 def test_same_subject_locality_is_reported_apart_from_unrelated_locality(tiny_llama):

@@ -144,8 +144,8 @@ def test_subject_first_variant_moves_the_subject_to_the_front(tiny):
     from kedit_core.editors.memit import subject_first
 
     case = _cases()[1]
-    text, end = subject_first(case)
-    assert text == "Borvik: What is the capital of it?" and text[:end] == "Borvik"
+    text, end, answer = subject_first(tiny, case)
+    assert text == "Borvik: What is the capital of it?" and text[:end] == "Borvik" and answer == " Oslo"
     templates = context_templates(tiny, 2, 4)
     rows = encode_rows(tiny, [case], templates, variants=("subject_first",))
     assert rows.n_templates == 3
@@ -154,6 +154,23 @@ def test_subject_first_variant_moves_the_subject_to_the_front(tiny):
     assert upto.endswith("Borvik")
     # the answer is still scored after the (reworded) question
     assert int((rows.tgt_row == variant_row).sum()) == len(tiny.tokenizer.encode(" Oslo", add_special_tokens=False))
+
+
+def test_chat_variant_asks_the_question_as_the_server_does(tiny):
+    """The `chat` row is the server's rendering of the case's question; its key is read at
+    the subject inside the user turn and the answer opens the assistant's reply."""
+    from kedit_core.answer import chat_prompt
+    from kedit_core.editors.memit import chat
+
+    case = _cases()[1]
+    text, end, answer = chat(tiny, case)
+    assert text == chat_prompt(tiny, case.question or case.prompt) and text[:end].endswith("Borvik")
+    assert answer == "Oslo"  # no leading space: the reply starts with it
+    rows = encode_rows(tiny, [case], context_templates(tiny, 2, 4), variants=("chat",))
+    row = int((rows.template_of_row == 2).nonzero()[0, 0])
+    assert tiny.tokenizer.decode(rows.input_ids[row, : int(rows.lookup[row]) + 1]).endswith("Borvik")
+    scored = rows.tgt_tok[rows.tgt_row == row].tolist()
+    assert scored == tiny.tokenizer.encode("Oslo", add_special_tokens=False)
 
 
 def test_per_template_keys_fit_every_context_not_only_their_mean(tiny):
@@ -185,6 +202,9 @@ def test_per_template_keys_fit_every_context_not_only_their_mean(tiny):
 def test_unknown_prompt_variant_is_named_when_configured():
     with pytest.raises(ValueError, match="unknown prompt variants \\['reversed'\\].*subject_first"):
         get_editor("memit", {**FAST, "prompt_variants": ["reversed"]})
+    # a comma list from the command line (`--set prompt_variants=subject_first,chat`)
+    assert get_editor("memit", {**FAST, "prompt_variants": "subject_first,chat"}).config.prompt_variants == (
+        "subject_first", "chat")
 
 
 def test_remembers_its_facts_and_keeps_a_revisited_subjects_earlier_ones(tiny):

@@ -71,6 +71,21 @@ def test_harmless_batch_is_accepted_with_a_recorded_delta_whose_sha_matches(db):
     assert eff[-1]["model_fingerprint"] == live.lm.fingerprint
 
 
+def test_a_batch_users_would_not_see_is_rolled_back_although_teacher_forcing_reads_one(db):
+    """The gate decides on served answers: facts the model holds as raw clozes (teacher-forced
+    efficacy 1.0) but does not state when asked in chat did not take."""
+    live, suite = _setup(db)
+    before = _state(live.lm.model)
+    cases = g.edit_cases("s", n=2, start=g.CHAT_TAUGHT)  # known as clozes, never as chat replies
+    rep = apply_gated_batches(live, g.NudgeEditor(), cases, db, GateConfig(full_check_every=2, retry_stronger=False),
+                              2, "run-s", suite)
+    (outcome,) = rep.batches
+    assert outcome.status == "rejected" and "did not take: served_efficacy 0.000" in outcome.reasons[0]
+    assert outcome.metrics["efficacy_acc"] == 1.0 and outcome.metrics["served_efficacy"] == 0.0
+    assert g.weights_equal(live.lm.model, before)
+    assert {s for s, _ in _statuses(db).values()} == {"rejected"}
+
+
 def test_did_not_take_is_retried_stronger_once_then_rejected(db):
     live, suite = _setup(db)
     before = _state(live.lm.model)
@@ -159,7 +174,9 @@ def test_suite_is_frozen_on_base_weights_of_an_edited_live_model_and_reloaded(db
     from flows.pipeline import load_or_freeze_suite, suite_path
 
     live, suite = _setup(db)
-    apply_gated_batches(live, g.NudgeEditor(g.NudgeConfig(scale=1e-2)), g.edit_cases("a", n=2), db, CFG, 1, "r0", suite)
+    rep = apply_gated_batches(live, g.NudgeEditor(g.NudgeConfig(scale=1e-2)), g.edit_cases("a", n=2), db,
+                              g.gate_without_served_locality(full_check_every=2), 1, "r0", suite)
+    assert rep.n_applied == 2
     edited = _state(live.lm.model)
     kw = dict(known_facts=g.known_facts(), reference_text=g.REFERENCE_TEXT)
     frozen = load_or_freeze_suite(live, db, "r1", **kw)

@@ -281,3 +281,96 @@ def test_most_recent_value_by_point_in_time_wins_within_a_revision():
     rep = build([pop("+3700000", 2022), pop("+3755251", 2023), pop("+3600000", 2019)])
     assert [c.target_new for c in rep.cases] == ["3,755,251"]
     assert rep.reasons() == {"superseded": 2}
+
+
+# ----------------------------------------------------------------------------- aliases
+
+
+ALIASES = {"Q1001": ["Wegner", "Kai Peter Wegner"], "Q1002": ["Giffey", "Franziska Süllke"],
+           "Q64": ["Berlin, Germany"], "Q1005": ["Bundesstadt Bonn"]}
+
+
+def test_item_aliases_reach_the_case_from_the_label_lookup(facts):
+    ch = change("Q64", "P6", item("Q1002"), item("Q1001"))
+    case = build_cases([ch], dict_labels(LABELS, ALIASES), facts).cases[0]
+    assert case.target_new == "Kai Wegner" and case.target_old == "Franziska Giffey"  # unchanged
+    assert case.meta["aliases"] == ["Wegner", "Kai Peter Wegner"]
+    assert case.meta["old_aliases"] == ["Giffey", "Franziska Süllke"]
+    # an alias lookup given explicitly wins over the label lookup's own
+    case = build_cases([ch], dict_labels(LABELS, ALIASES), facts, aliases=lambda ids: {"Q1001": ["K. Wegner"]}).cases[0]
+    assert case.meta["aliases"] == ["K. Wegner"] and case.meta["old_aliases"] == []
+    # a plain callable label lookup: no item aliases, but the fields are there
+    case = build([ch], facts).cases[0]
+    assert case.meta["aliases"] == [] and case.meta["old_aliases"] == []
+
+
+def test_item_alias_shared_with_the_old_value_is_left_out(facts):
+    aliases = {"Q1001": ["Wegner", "Berlin mayor"], "Q1002": ["Berlin mayor", "Giffey"]}
+    case = build_cases([change("Q64", "P6", item("Q1002"), item("Q1001"))], dict_labels(LABELS, aliases),
+                       facts).cases[0]
+    assert case.meta["aliases"] == ["Wegner"] and case.meta["old_aliases"] == ["Giffey"]
+
+
+def test_quantity_and_date_cases_get_their_other_renderings():
+    pop = change("Q64", "P1082", {"type": "quantity", "amount": "+3600000", "unit": "1"},
+                 {"type": "quantity", "amount": "+3755251", "unit": "1"})
+    born = change("Q64", "P569", None, {"type": "time", "time": "+1879-03-14T00:00:00Z", "precision": 11})
+    rep = build([pop, born])
+    by = {c.relation: c for c in rep.cases}
+    assert by["P1082"].target_new == "3,755,251" and by["P1082"].meta["aliases"] == ["3755251"]
+    assert by["P1082"].meta["old_aliases"] == ["3600000", "3.6 million"]
+    assert by["P569"].target_new == "14 March 1879"
+    assert by["P569"].meta["aliases"] == ["March 14, 1879", "1879-03-14", "14th March 1879", "March 14th, 1879"]
+    assert by["P569"].meta["old_aliases"] == []
+
+
+def test_multihop_probe_answer_gets_its_aliases(facts):
+    case = build_cases([change("Q183", "P36", item("Q1005"), item("Q64"))], dict_labels(LABELS, ALIASES),
+                       facts).cases[0]
+    assert case.meta["aliases"] == ["Berlin, Germany"] and case.meta["old_aliases"] == ["Bundesstadt Bonn"]
+    hops = {p.answer: p.meta["aliases"] for p in case.probes_of("multihop")}
+    assert hops["Kai Wegner"] == ["Wegner", "Kai Peter Wegner"]
+    assert hops["3,755,251"] == ["3755251"]
+
+
+def test_entities_at_hand_bring_their_own_aliases():
+    berlin = {"id": "Q64", "labels": {"en": {"language": "en", "value": "Berlin"}},
+              "aliases": {"en": [{"language": "en", "value": "Berlin, Germany"}],
+                          "de": [{"language": "de", "value": "Spree-Athen"}]}, "claims": {}}
+    facts = SubjectFacts.from_entities([berlin])
+    assert facts.aliases["Q64"] == ["Berlin, Germany"]  # the label's language only
+    asked = []
+    lookup = dict_labels(LABELS, {"Q64": ["from the lookup"]})
+    inner = lookup.aliases
+    lookup.aliases = lambda ids: asked.append(list(ids)) or inner(ids)
+    case = build_cases([change("Q183", "P36", item("Q1005"), item("Q64"))], lookup, facts).cases[0]
+    assert case.meta["aliases"] == ["Berlin, Germany"]
+    assert asked == [["Q1005"]]  # one alias lookup, only for what the entities do not give
+
+
+def test_cached_label_lookup_serves_aliases_to_build_cases(tmp_path, facts):
+    from connectors.labels import CachedLabelLookup
+    from connectors.wikidata import EntityLabel
+    from storage import wikidata_store
+    from storage.db import open_db
+
+    class Client:
+        def __init__(self):
+            self.asked = []
+
+        def labels(self, ids, lang="en"):
+            self.asked += list(ids)
+            return {i: EntityLabel(i, LABELS[i], None, tuple(ALIASES.get(i, ()))) for i in ids if i in LABELS}
+
+    db = open_db(tmp_path / "labels.duckdb")
+    client = Client()
+    ch = change("Q64", "P6", item("Q1002"), item("Q1001"))
+    case = build_cases([ch], CachedLabelLookup(client, db), facts).cases[0]
+    assert case.meta["aliases"] == ["Wegner", "Kai Peter Wegner"]
+    assert case.meta["old_aliases"] == ["Giffey", "Franziska Süllke"]
+    # a new lookup over the same cache reads labels and aliases from the cache, not the API
+    asked_before = list(client.asked)
+    case = build_cases([ch], CachedLabelLookup(client, db), facts).cases[0]
+    assert client.asked == asked_before and case.meta["aliases"] == ["Wegner", "Kai Peter Wegner"]
+    wikidata_store.put_labels(db, [("Q1001", "Kai Wegner", None, ())])  # cached without aliases
+    assert CachedLabelLookup(None, db).aliases(["Q1001", "Q1002"]) == {"Q1002": ["Giffey", "Franziska Süllke"]}

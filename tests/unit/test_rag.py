@@ -110,7 +110,7 @@ def test_rag_changes_the_answer_and_leaves_weights_untouched(tiny_llama, cases):
     assert all(abs(x - y) > 1e-4 for x, y in zip(before, after))
     # the evaluator scores memory editors through the same hook as serving
     m = evaluate_cases(lm, batch, kinds=("efficacy", "paraphrase"), rewriter=rag, greedy=False)
-    assert set(m) == {"efficacy_acc", "paraphrase_acc"}
+    assert set(m) == {"efficacy_acc", "paraphrase_acc", "served_efficacy", "served_paraphrase"}
     rag.rollback(lm, result)
     assert rag.rewrite_prompts(qs) == qs
     assert answer(lm, qs[0], rewriter=rag, max_new_tokens=4) == answer(lm, qs[0], max_new_tokens=4)

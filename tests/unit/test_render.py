@@ -1,7 +1,18 @@
 """Answers rendered per datatype from the diff's normalised values; never a Q-id in text."""
 import pytest
 
-from kedit_core.render import Unrenderable, format_number, ids_needed, render_value
+from kedit_core.render import (
+    Unrenderable,
+    format_number,
+    ids_needed,
+    item_aliases,
+    normalise_form,
+    prune_aliases,
+    quantity_aliases,
+    render_value,
+    time_aliases,
+    value_aliases,
+)
 
 LABELS = {"Q64": "Berlin", "Q1234": "furlong", "Q99": "Q99"}
 
@@ -119,3 +130,76 @@ def test_unknown_datatype_and_missing_value():
 
 def test_label_lookup_may_be_a_callable():
     assert render_value({"type": "wikibase-item", "id": "Q64"}, lambda i: {"Q64": "Berlin"}.get(i)) == "Berlin"
+
+
+# ----------------------------------------------------------------------------- aliases
+
+
+def q(amount, unit="1"):
+    return {"type": "quantity", "amount": amount, "unit": unit}
+
+
+def t(time, precision):
+    return {"type": "time", "time": time, "precision": precision, "calendar": "Q1985727"}
+
+
+def test_quantity_aliases_are_exact_number_forms_with_and_without_unit():
+    assert r(q("+308707")) == "308,707"
+    assert quantity_aliases(q("+308707"), LABELS) == ["308707"]
+    # a large number: its exact renderings only, never a rounded "1.2 million"
+    assert quantity_aliases(q("+1234567"), LABELS) == ["1234567"]
+    assert value_aliases(q("+2500000"), LABELS) == ["2500000", "2.5 million"]
+    metres = quantity_aliases(q("+8336817", "Q11573"), LABELS)
+    assert metres == ["8336817 metres", "8,336,817", "8336817"]
+    # stated decimals kept, and the same number without its trailing zero
+    assert quantity_aliases(q("+1.80", "Q11573"), LABELS) == ["1.8 metres", "1.80", "1.8"]
+    assert quantity_aliases(q("+12.5", "Q11229"), LABELS) == ["12.5 percent", "12.5"]
+    assert quantity_aliases(q("-3", "Q25267"), LABELS) == ["-3°C", "-3 degrees Celsius", "-3"]
+    # a unit from the label lookup: the label as given and the rendering's plural
+    assert quantity_aliases(q("+3", "Q1234"), LABELS) == ["3 furlong", "3"]
+    assert quantity_aliases(q("+3", "Q777"), LABELS) == []  # unrenderable: nothing to add
+
+
+def test_time_aliases_by_precision():
+    day = t("+1879-03-14T00:00:00Z", 11)
+    assert r(day) == "14 March 1879"
+    assert time_aliases(day) == ["March 14, 1879", "1879-03-14", "14th March 1879", "March 14th, 1879"]
+    assert "1879" not in time_aliases(day)  # a coarser date is not the same answer
+    assert r(t("+1879-03-14T00:00:00Z", 10)) == "March 1879" and time_aliases(t("+1879-03-14T00:00:00Z", 10)) == []
+    assert time_aliases(t("+1879-03-00T00:00:00Z", 11)) == []  # no day: month precision
+    assert r(t("+1879-00-00T00:00:00Z", 9)) == "1879" and value_aliases(t("+1879-00-00T00:00:00Z", 9), LABELS) == []
+    assert time_aliases(t("-0500-00-00T00:00:00Z", 9)) == ["500 BC"]
+    bce_day = time_aliases(t("-0044-03-15T00:00:00Z", 11))
+    assert "March 15, 44 BCE" in bce_day and "15 March 44 BC" in bce_day
+    assert not any("-03-15" in a for a in bce_day)  # no ISO form for BCE
+    assert time_aliases(t("yesterday", 11)) == []
+
+
+def test_item_aliases_from_a_mapping_or_a_callable():
+    berlin = {"type": "wikibase-item", "id": "Q64"}
+    table = {"Q64": ["Berlin, Germany", "Berlin", "", "Q64", "Berlin, Germany", "Berlin (Germany)"]}
+    assert item_aliases(berlin, LABELS, table) == ["Berlin, Germany", "Berlin (Germany)"]
+    assert value_aliases(berlin, LABELS, table.get) == ["Berlin, Germany", "Berlin (Germany)"]
+    assert value_aliases(berlin, LABELS) == []  # no alias source
+    assert value_aliases({"type": "string", "value": "abc"}, LABELS, table) == []
+
+
+def test_prune_aliases_drops_forms_that_do_not_tell_old_from_new():
+    new, old = prune_aliases("Madonna", ["Madonna Ciccone", "Paris", "A", "Madonna"],
+                             "Paris Saint-Germain", ["PSG", "madonna ciccone"])
+    # "Paris" occurs in the old answer; "Madonna Ciccone" is an alias of both; "A" is no word
+    assert new == [] and old == ["PSG"]
+    # an old alias that is the new answer is dropped, and does not veto the new aliases
+    new, old = prune_aliases("Kai Wegner", ["Wegner", "K. Wegner"], "Franziska Giffey", ["Giffey", "kai wegner"])
+    assert (new, old) == (["Wegner", "K. Wegner"], ["Giffey"])
+    assert prune_aliases("Kai Wegner", ["Wegner"], "Wegner Kai")[0] == []  # whole words of the old answer
+
+
+def test_normalise_form_keeps_decimals_and_drops_separators_articles_punctuation():
+    assert normalise_form("The Beatles") == "beatles"
+    assert normalise_form("308,707") == normalise_form("308707") == "308707"
+    assert normalise_form("1.8") == "1 point 8" != normalise_form("18")
+    assert normalise_form("Paris Saint-Germain") == "paris saint germain"
+    assert normalise_form("Quxville.Quxville") == "quxville quxville"
+
+
