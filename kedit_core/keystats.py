@@ -308,17 +308,25 @@ def generic_keys(
     built-in prose and, by default, model samples alike), cached like the second moments.
     The update gate (`kedit_core.editors.update_gate`) takes its threshold from how large an
     update is on these positions."""
-    from safetensors.torch import save_file
-
-    from kedit_core.editors.memit import edit_site
-
     cid, paragraphs = corpus_id(corpus)
     out, missing = _read_cached({l_: _generic_keys_path(lm, l_, cid, samples, positions) for l_ in layers}, "keys")
     if not missing:
         return out
     paragraphs = _topped_up(lm, paragraphs, corpus, samples)  # the same text the key statistics use
     rows = _rows(lm, paragraphs[::7] or paragraphs, positions)
-    got: dict[int, list[torch.Tensor]] = {l_: [] for l_ in missing}
+    paths = {l_: _generic_keys_path(lm, l_, cid, samples, positions) for l_ in missing}
+    return out | _cached_keys_of_rows(lm, rows, paths, batch_size)
+
+
+def _cached_keys_of_rows(lm: LoadedModel, rows: list[list[int]], paths: dict[int, Path],
+                         batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """MLP keys ([n, inter], float32) at every real position of token `rows`, for each layer
+    in `paths`, each written to its path (tmp, then replace)."""
+    from safetensors.torch import save_file
+
+    from kedit_core.editors.memit import edit_site
+
+    got: dict[int, list[torch.Tensor]] = {l_: [] for l_ in paths}
     cur_mask: dict[str, torch.Tensor] = {}
 
     def make_hook(layer: int):
@@ -327,15 +335,15 @@ def generic_keys(
 
         return hook
 
-    handles = [edit_site(lm.model, l_).module.register_forward_pre_hook(make_hook(l_)) for l_ in missing]
+    handles = [edit_site(lm.model, l_).module.register_forward_pre_hook(make_hook(l_)) for l_ in paths]
     try:
-        _forward_rows(lm, rows, max(missing), batch_size, cur_mask)
+        _forward_rows(lm, rows, max(paths), batch_size, cur_mask)
     finally:
         for h in handles:
             h.remove()
-    for layer in missing:
+    out = {}
+    for layer, path in paths.items():
         keys = torch.cat(got[layer])
-        path = _generic_keys_path(lm, layer, cid, samples, positions)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file({"keys": keys.contiguous()}, str(tmp), metadata={"positions": str(len(keys)), "layer": str(layer)})
@@ -386,35 +394,8 @@ def chat_keys(lm: LoadedModel, layers: Sequence[int], n: int = CHAT_SAMPLES) -> 
     """MLP keys ([m, inter], float32) at every position of `served_chats` (the template's own
     tokens, the question, the reply), cached per model. The update gate's threshold is never
     below the update's size on these: what users ask and read must see the unedited layer."""
-    from safetensors.torch import save_file
-
-    from kedit_core.editors.memit import edit_site
-
     out, missing = _read_cached({l_: _chat_keys_path(lm, l_, n) for l_ in layers}, "keys")
     if not missing:
         return out
     rows = [lm.tokenizer.encode(c, add_special_tokens=False)[:SEQ_LEN * 2] for c in served_chats(lm, n)]
-    got: dict[int, list[torch.Tensor]] = {l_: [] for l_ in missing}
-    cur_mask: dict[str, torch.Tensor] = {}
-
-    def make_hook(layer: int):
-        def hook(_m, args):
-            got[layer].append(args[0][cur_mask["m"]].detach().float().cpu())
-
-        return hook
-
-    handles = [edit_site(lm.model, l_).module.register_forward_pre_hook(make_hook(l_)) for l_ in missing]
-    try:
-        _forward_rows(lm, rows, max(missing), 16, cur_mask)
-    finally:
-        for h in handles:
-            h.remove()
-    for layer in missing:
-        keys = torch.cat(got[layer])
-        path = _chat_keys_path(lm, layer, n)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"keys": keys.contiguous()}, str(tmp), metadata={"positions": str(len(keys)), "layer": str(layer)})
-        tmp.replace(path)
-        out[layer] = keys
-    return out
+    return out | _cached_keys_of_rows(lm, rows, {l_: _chat_keys_path(lm, l_, n) for l_ in missing})

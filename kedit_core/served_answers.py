@@ -96,6 +96,10 @@ def probe_forms(probe: Probe, case: EditCase) -> tuple[list[str], list[str]]:
     return new, [f for f in answer_forms(old_answer or "") if f not in new] if old_answer else []
 
 
+def _mentions_subject(question: str, subject: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", question) is not None
+
+
 def _aliases(meta: dict, key: str) -> list[str]:
     vals = meta.get(key) or []
     return [v for v in vals if isinstance(v, str)] if isinstance(vals, list) else []
@@ -169,6 +173,10 @@ def served_metrics(
                  if p.kind in (*UNRELATED_KINDS, SAME_SUBJECT_KIND) and p.prompt in reference_replies]
     if not asks:
         return {}
+    # A locality question about a subject that one of these cases edits is not unrelated to
+    # them (a Wikidata batch often edits several items, and one case's "other subject" probe
+    # can name another case's subject): it counts with the edited subjects' other facts.
+    edited = {c.subject.strip() for c in cases if c.subject.strip()}
     unique = list(dict.fromkeys(q for _, q, _, _ in asks))
     got = dict(zip(unique, answer_many(lm, unique, rewriter)))
 
@@ -194,7 +202,7 @@ def served_metrics(
             if probe.meta.get("polarity") == "old":
                 add("served_negation_pn", right)
         elif kind == "locality":
-            same = probe.kind == SAME_SUBJECT_KIND
+            same = probe.kind == SAME_SUBJECT_KIND or any(_mentions_subject(q, subj) for subj in edited)
             before = reference_replies[q]
             add("served_locality_same" if same else "served_locality", float(reply.strip() == before.strip()))
             if not same and probe.answer.strip():

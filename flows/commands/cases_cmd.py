@@ -56,12 +56,20 @@ class _ChainedLabels:
         self.lookups = [lk for lk in lookups if lk is not None]
 
     def __call__(self, ids: list[str]) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for lookup in self.lookups:
+        return self._chain(ids, self.lookups)
+
+    def aliases(self, ids: list[str]) -> dict[str, list[str]]:
+        """Item aliases from the lookups that know them (`kedit_core.qa.AliasLookup`)."""
+        return self._chain(ids, [lk.aliases for lk in self.lookups if callable(getattr(lk, "aliases", None))])
+
+    @staticmethod
+    def _chain(ids: list[str], lookups: list[Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for lookup in lookups:
             missing = [i for i in ids if i not in out]
             if not missing:
                 break
-            out.update(lookup(missing))
+            out.update(lookup(missing) or {})
         return out
 
 

@@ -130,3 +130,15 @@ def test_a_value_inside_a_mention_of_the_other_value_does_not_count():
     assert states_answer("He was born in 1879.", year, old_date)
     assert not states_answer("The value is 18.", answer_forms("1.8"))  # decimals are kept
     assert states_answer("The value is 1.8 metres.", answer_forms("1.8"))
+
+
+def test_a_locality_question_about_a_subject_edited_in_the_same_batch_is_not_unrelated(tiny_llama):
+    """One case's "other subject" probe that names another case's subject moves with that
+    edit by design: it is scored with the edited subjects' other facts, not as unrelated."""
+    a = EditCase("a", "Ardo", "r", "Who leads Ardo?", "Lina", probes=[Probe("locality_other", "Who leads Bexa?", "")])
+    b = EditCase("b", "Bexa", "r", "Who leads Bexa?", "Tomo", probes=[Probe("locality_other", "Who leads Cirn?", "")])
+    ref = reference_predictions(tiny_llama, [a, b])
+    m = evaluate_cases(tiny_llama, [a, b], reference=ref, kinds=("locality",))
+    assert m["served_locality"] == 1.0 and m["served_locality_same"] == 1.0
+    alone = evaluate_cases(tiny_llama, [a], reference=ref, kinds=("locality",))
+    assert "served_locality_same" not in alone and alone["served_locality"] == 1.0
