@@ -49,3 +49,12 @@ def test_labels_and_table():
     table = format_table([{"label": "x", "metrics": {"efficacy_acc": 0.5}, "seconds_per_edit": 1.0},
                           {"label": "y", "error": "ValueError: broken"}], markdown=True)
     assert "| x | 0.500 | 1.00 |" in table and "failed: ValueError: broken" in table
+
+
+def test_table_puts_served_answers_before_teacher_forced_figures():
+    table = format_table([{"label": "x", "metrics": {"efficacy_acc": 0.9, "served_efficacy": 0.4,
+                                                      "served_locality": 0.8}, "seconds_per_edit": 1.0}],
+                         markdown=True)
+    head = table.splitlines()[0]
+    assert head.index("served eff.") < head.index("replies unchanged") < head.index("efficacy |")
+    assert "| x | 0.400 | 0.800 | 0.900 | 1.00 |" in table
