@@ -37,7 +37,6 @@ from kedit_core.types import EditCase, Probe
 # subject are reported apart (`served_locality_same`), as the teacher-forced figures are.
 UNRELATED_KINDS = ("locality", "locality_other")
 SAME_SUBJECT_KIND = "locality_same"
-ALIAS_KEYS = ("aliases",)  # EditCase.meta / Probe.meta keys holding alternative renderings
 
 
 # --------------------------------------------------------------------------- matching
@@ -93,7 +92,8 @@ def probe_forms(probe: Probe, case: EditCase) -> tuple[list[str], list[str]]:
         return case_forms(case)
     new = answer_forms(probe.answer, _aliases(probe.meta, "aliases"))
     old_answer = probe.meta.get("old_answer")
-    return new, [f for f in answer_forms(old_answer or "") if f not in new] if old_answer else []
+    old = answer_forms(old_answer, _aliases(probe.meta, "old_aliases")) if old_answer else []
+    return new, [f for f in old if f not in new]
 
 
 def _mentions_subject(question: str, subject: str) -> bool:

@@ -142,3 +142,14 @@ def test_a_locality_question_about_a_subject_edited_in_the_same_batch_is_not_unr
     assert m["served_locality"] == 1.0 and m["served_locality_same"] == 1.0
     alone = evaluate_cases(tiny_llama, [a], reference=ref, kinds=("locality",))
     assert "served_locality_same" not in alone and alone["served_locality"] == 1.0
+
+
+def test_multihop_probes_read_their_own_aliases_and_old_aliases():
+    from kedit_core.served_answers import probe_forms
+
+    case = EditCase("c", "Zorbland", "r", "Zorbland is", "x")
+    probe = Probe("multihop", "Who leads the country whose capital is Zorbland?", "Joseph Biden",
+                  {"aliases": ["Joe Biden"], "old_answer": "Donald Trump", "old_aliases": ["Trump"]})
+    new, old = probe_forms(probe, case)
+    assert states_answer("It is Joe Biden.", new, old)
+    assert not states_answer("Joe Biden, after Trump.", new, old)
