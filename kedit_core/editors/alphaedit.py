@@ -90,8 +90,10 @@ class AlphaEditConfig(MemitConfig):
     # prompt and on the question as `kedit serve` asks it (the `chat` variant: chat template,
     # the new value opening the reply), 50 steps. On the 100-edit zsRE stream, answers
     # generated as the server generates them state the new value 0.39 -> 0.85 (paraphrases
-    # 0.37 -> 0.72); the subject_first variant and a second context template bought
-    # teacher-forced paraphrase, not served answers, and cost the time the chat row needs.
+    # 0.37 -> 0.72) with this alone (run a2); with the update gate's served-chat floor and
+    # kl_factor 0.5 below, the defaults reach 0.80 / 0.56 (run a5). The subject_first variant
+    # and a second context template bought teacher-forced paraphrase, not served answers,
+    # and cost the time the chat row needs.
     prompt_variants: tuple[str, ...] = ("chat",)
     n_context_templates: int = 1
     v_steps: int = 50
