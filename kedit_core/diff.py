@@ -16,6 +16,8 @@ Read top to bottom:
 4. `diff_entities` compares the current values per property and pairs them: a statement that
    kept its id but changed value, or a lone removed value with a lone added one, is one
    `updated` change; anything else is `added` / `removed`.
+   Values are compared by `value_key`, which ignores a plain-string value's datatype label:
+   a property relabelled `string` -> `external-id` with its values untouched changes nothing.
 
 Normalised value dicts (other modules rely on exactly these shapes):
     {"type": "wikibase-item", "id": "Q5"}            (also wikibase-property / -lexeme / ...)
@@ -240,6 +242,15 @@ def normalise_snak(snak: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def value_key(value: dict[str, Any] | None) -> str:
+    """The identity of a value: two values with the same key are the same fact.
+
+    A plain-string value's datatype label is left out. Wikidata relabels properties without
+    touching their values (2016: identifier properties went `string` -> `external-id`), so
+    the same string under a new label is no change, nor is it part of one when a revert is
+    matched against the edit it undoes.
+    """
+    if isinstance(value, dict) and value.get("type") in STRING_DATATYPES:
+        value = {**value, "type": "string"}
     return json.dumps(value, sort_keys=True, default=str)
 
 

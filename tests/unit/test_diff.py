@@ -247,3 +247,46 @@ def test_kedit_diff_command_on_the_real_q42_revisions():
     assert text.exit_code == 0 and "Q42: 4 fact changes" in text.output and "Q902712" in text.output
     bad = CliRunner().invoke(app, ["diff", str(WD / "wbgetentities-Q1.json"), str(WD / "error-maxlag.json")])
     assert bad.exit_code != 0 and "not an entity" in str(bad.exception)
+
+
+def _relabel(entity: dict, old_type: str, new_type: str, pids: set[str] | None = None) -> list[str]:
+    """Relabel every `old_type` main snak (of `pids`, else all) to `new_type` in place; the touched P-ids."""
+    touched = []
+    for pid, stmts in entity["claims"].items():
+        for s in stmts:
+            main = s["mainsnak"]
+            if main.get("datatype") == old_type and (pids is None or pid in pids):
+                main["datatype"] = new_type
+                touched.append(pid)
+    return sorted(set(touched))
+
+
+def test_datatype_relabel_with_the_same_value_is_no_change():
+    # Wikidata's 2016 migration relabelled identifier properties `string` -> `external-id` and
+    # left every value as it was: Bielefeld as it would have read before it, and after.
+    after = load("entity-Q2112.json")
+    before = copy.deepcopy(after)
+    relabelled = _relabel(before, "external-id", "string")
+    assert len(relabelled) >= 5  # real identifiers, so the test is not vacuous
+    assert diff_entities(before, after) == []
+    assert diff_entities(after, before) == []  # and a relabel back is no change either
+    # A relabel among other plain-string datatypes (string -> url) is the same value too.
+    again = copy.deepcopy(before)
+    _relabel(again, "string", "url", {relabelled[0]})
+    assert diff_entities(before, again) == []
+
+
+def test_datatype_relabel_with_a_new_value_is_still_an_update():
+    after = load("entity-Q2112.json")
+    before = copy.deepcopy(after)
+    relabelled = _relabel(before, "external-id", "string")
+    pid = relabelled[0]
+    stmt_before = next(s for s in before["claims"][pid] if s["rank"] != "deprecated")
+    old_text = stmt_before["mainsnak"]["datavalue"]["value"]
+    stmt_before["mainsnak"]["datavalue"]["value"] = old_text + "-old"
+    changes = diff_entities(before, after)
+    assert [(c.property, c.kind) for c in changes] == [(pid, "updated")]
+    [c] = changes
+    assert c.old_value == {"type": "string", "value": old_text + "-old"}
+    assert c.new_value == {"type": "external-id", "value": old_text}
+    assert c.datatype == "external-id"

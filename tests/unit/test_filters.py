@@ -133,3 +133,13 @@ def test_content_reverts_without_tags():
     assert "undone within 48h by revision 2" == out[a.change_id]
     late = change(item("Q1443774"), item("Q999"), ts="2024-05-05T10:30:00Z", revid=4)
     assert content_reverts([a, late], CFG) == {}
+
+
+def test_a_revert_is_matched_across_a_datatype_relabel():
+    # The vandal edit was made while P227 still read `string`; the revert after the 2016
+    # relabel reads `external-id`. The same strings, so it is the same fact undone.
+    a = change({"type": "external-id", "value": "vandal"}, {"type": "string", "value": "118651412"},
+               prop="P227", ts="2016-05-01T10:00:00Z", revid=1)
+    b = change({"type": "external-id", "value": "118651412"}, {"type": "external-id", "value": "vandal"},
+               prop="P227", ts="2016-05-01T12:00:00Z", revid=2)
+    assert set(content_reverts([a, b], CFG)) == {a.change_id, b.change_id}
