@@ -154,18 +154,27 @@ def backfill_chunk_task(
 
 
 @flow(name="kedit-compare-methods")
-def compare_methods(stream: str, methods: list[str], limit: int = 100, batch_size: int = 10, model: str = "smollm2") -> dict[str, Any]:
-    """One stream of edits (e.g. "zsre:data/benchmarks/zsre_mend_train_1k.json") through
-    several editors, each from the same base; metrics per batch go to DuckDB."""
-    results = {}
-    for method in methods:
-        results[method] = compare_one_task(stream, method, limit, batch_size, model)
-    return results
+def compare_methods(
+    stream: str,
+    methods: list[str],
+    limit: int = 100,
+    batch_size: int = 10,
+    model: str = "smollm2",
+    settings: list[str] | None = None,
+    greedy: bool = True,
+) -> dict[str, Any]:
+    """`kedit compare` as a flow: one stream of edits (e.g. "zsre:data/benchmarks/zsre_mend_train_1k.json")
+    through several editors, each from the same base, in one ledger run (so the drift report
+    shows them side by side); metrics per batch go to DuckDB. `settings`: METHOD.key=value."""
+    return compare_task(stream, methods, limit, batch_size, model, settings, greedy)
 
 
-@task(name="compare-one-method")
-def compare_one_task(stream: str, method: str, limit: int, batch_size: int, model: str) -> dict[str, Any]:
-    return steps.compare_one(stream, method, limit=limit, batch_size=batch_size, model=model)
+@task(name="compare-methods")
+def compare_task(stream: str, methods: list[str], limit: int, batch_size: int, model: str,
+                 settings: list[str] | None, greedy: bool) -> dict[str, Any]:
+    result = steps.compare(stream, methods, limit, batch_size, model, settings=settings, greedy=greedy)
+    get_run_logger().info("compare run %s: %s", result["run_id"], result["status"])
+    return result
 
 
 @flow(name="kedit-drift-report")

@@ -268,7 +268,17 @@ def write_report(since: datetime | None = None, html: str | None = None) -> dict
     return {"html": str(path), "summary": terminal_summary(data)}
 
 
-def compare_one(stream: str, method: str, limit: int, batch_size: int, model: str) -> dict[str, Any]:
-    from flows.compare import compare_method
+def compare(stream: str, methods: list[str], limit: int | None, batch_size: int, model: str,
+            settings: list[str] | None = None, greedy: bool = True) -> dict[str, Any]:
+    """`kedit compare` as a step: one ledger run, every method from the same base. `methods`
+    entries may be `label=method`, `settings` are `METHOD.key=value`, as on the command line.
+    Returns per method its final metrics (or its error), not the full rows."""
+    from flows.commands.compare_cmd import parse_methods, run_comparison
 
-    return compare_method(stream, method, limit=limit, batch_size=batch_size, model=model, db=db())
+    result = run_comparison(parse_methods(",".join(methods)), settings or [], stream, limit=limit,
+                            batch_size=batch_size, model=model, greedy=greedy)
+    methods_out = {r["label"]: ({"error": r["error"]} if r.get("error") else
+                                {"metrics": r["metrics"], "seconds_per_edit": r["seconds_per_edit"]})
+                   for r in result["rows"]}
+    return {"run_id": result["run_id"], "status": result["status"], "cases": result["cases"],
+            "restored": result["restored"], "methods": methods_out}

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -118,51 +120,75 @@ def register(app: typer.Typer) -> None:
         markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown."),
     ) -> None:
         """Run the same edit stream through several methods and compare them side by side."""
-        from connectors.benchmarks import ReadReport, read_dataset
-        from flows.commands.evaluate_cmd import editor_from_settings
-        from kedit_core.errors import KeditError
-        from kedit_core.model import fingerprint_model, load_model
-        from storage.db import open_db
-        from storage.ledger import finish_run, start_run
+        result = run_comparison(parse_methods(methods), settings, data, limit=limit, batch_size=batch_size,
+                                model=model, per_batch=per_batch, greedy=greedy, output=output)
+        typer.echo(format_table(result["rows"], markdown=markdown))
+        typer.echo(f"run {result['run_id']}: {result['cases']} cases from {data}, batch size {batch_size}, model {model} "
+                   f"({result['fingerprint'][:12]}); base restored after the last method: {result['restored']}; "
+                   f"metrics in {result['ledger']}")
 
-        if batch_size < 1:
-            raise KeditError(f"--batch-size must be >= 1, got {batch_size}")
-        plan = parse_methods(methods)
-        per_method = split_settings(settings, [lbl for lbl, _ in plan])
-        editors = {}
-        for label, method in plan:  # configuration errors stop the run before any work
-            editors[label] = editor_from_settings(method, per_method[label], label)
-        report = ReadReport(path=data)
-        cases = read_dataset(data, limit=limit, report=report)
-        if not cases:
-            raise KeditError(f"{data}: no usable cases")
-        lm = load_model(model)
-        base_fp = lm.fingerprint
-        db = open_db()
-        run_id = f"compare-{uuid.uuid4().hex[:8]}"
-        start_run(db, run_id, "compare", {"methods": methods, "data": data, "limit": limit, "batch_size": batch_size,
-                                          "configs": {lbl: e.config.to_dict() for lbl, e in editors.items()}}, base_fp)
-        rows: list[dict[str, Any]] = []
-        status = "done"
-        # `timeout` and service managers stop with SIGTERM: turn it into an exception so the
-        # run is marked interrupted in the ledger instead of staying "running" forever.
-        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-        try:
-            status, lm = _run_methods(plan, editors, cases, lm, model, base_fp, db, run_id, batch_size, per_batch, greedy,
-                                  output, data, limit, rows)
-        except BaseException:
-            finish_run(db, run_id, "interrupted")
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        finish_run(db, run_id, status)
-        restored = fingerprint_model(lm.model) == base_fp
-        table = format_table(rows, markdown=markdown)
-        typer.echo(table)
-        typer.echo(f"run {run_id}: {len(cases)} cases from {data}, batch size {batch_size}, model {model} "
-                   f"({base_fp[:12]}); base restored after the last method: {restored}; metrics in {db.path}")
-        if output is not None:
-            write_output(output, run_id, data, limit, batch_size, model, base_fp, rows, partial=False)
+
+def run_comparison(plan: list[tuple[str, str]], settings: list[str], data: str, limit: int | None = None,
+                   batch_size: int = 10, model: str = "smollm2", per_batch: bool = False, greedy: bool = True,
+                   output: Path | None = None) -> dict[str, Any]:
+    """The comparison behind `kedit compare` and the kedit-compare-methods flow (one code path,
+    so a scheduled comparison is the one the CLI runs): `plan` as from `parse_methods`,
+    `settings` as `--set METHOD.key=value`. Returns the run id, status, rows (one per method)
+    and whether the base weights were restored after the last method."""
+    from connectors.benchmarks import ReadReport, read_dataset
+    from flows.commands.evaluate_cmd import editor_from_settings
+    from kedit_core.errors import KeditError
+    from kedit_core.model import fingerprint_model, load_model
+    from storage.db import open_db
+    from storage.ledger import finish_run, start_run
+
+    if batch_size < 1:
+        raise KeditError(f"--batch-size must be >= 1, got {batch_size}")
+    per_method = split_settings(list(settings), [lbl for lbl, _ in plan])
+    editors = {}
+    for label, method in plan:  # configuration errors stop the run before any work
+        editors[label] = editor_from_settings(method, per_method[label], label)
+    report = ReadReport(path=data)
+    cases = read_dataset(data, limit=limit, report=report)
+    if not cases:
+        raise KeditError(f"{data}: no usable cases")
+    lm = load_model(model)
+    base_fp = lm.fingerprint
+    db = open_db()
+    run_id = f"compare-{uuid.uuid4().hex[:8]}"
+    methods = ",".join(lbl if lbl == m else f"{lbl}={m}" for lbl, m in plan)
+    start_run(db, run_id, "compare", {"methods": methods, "data": data, "limit": limit, "batch_size": batch_size,
+                                      "configs": {lbl: e.config.to_dict() for lbl, e in editors.items()}}, base_fp)
+    rows: list[dict[str, Any]] = []
+    try:
+        with _sigterm_as_interrupt():
+            status, lm = _run_methods(plan, editors, cases, lm, model, base_fp, db, run_id, batch_size, per_batch,
+                                      greedy, output, data, limit, rows)
+    except BaseException:
+        finish_run(db, run_id, "interrupted")
+        raise
+    finish_run(db, run_id, status)
+    restored = fingerprint_model(lm.model) == base_fp
+    if output is not None:
+        write_output(output, run_id, data, limit, batch_size, model, base_fp, rows, partial=False)
+    return {"run_id": run_id, "status": status, "rows": rows, "cases": len(cases), "fingerprint": base_fp,
+            "restored": restored, "ledger": str(db.path)}
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """`timeout` and service managers stop with SIGTERM: turn it into an exception so the run
+    is marked interrupted in the ledger instead of staying "running" forever. Only the main
+    thread may set a handler: inside a Prefect task (a worker thread) there is none, so a
+    cancelled flow run shows as cancelled in Prefect, not in the ledger."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:

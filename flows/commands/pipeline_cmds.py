@@ -95,17 +95,11 @@ def register(app: typer.Typer) -> None:
         """
         from prefect import serve
 
-        from flows.pipelines import backfill, compare_methods, drift_report, nightly_update
         from flows.settings import PipelineSettings
 
         cron = cron or PipelineSettings.from_env().nightly_cron
         typer.echo(f"serving kedit deployments; nightly at '{cron}' UTC (Ctrl-C to stop)")
-        serve(
-            nightly_update.to_deployment(name="nightly", cron=cron),
-            backfill.to_deployment(name="backfill"),
-            compare_methods.to_deployment(name="compare"),
-            drift_report.to_deployment(name="report"),
-        )
+        serve(*deployments(cron))
 
     @app.command("demo")
     def demo(
@@ -120,6 +114,19 @@ def register(app: typer.Typer) -> None:
         from flows.demo import run_demo
 
         run_demo(model=model, method=method, echo=typer.echo, editor_settings=editor_overrides(method, settings))
+
+
+def deployments(cron: str) -> list:
+    """What `kedit schedule` serves: nightly on `cron`, the others on demand. One list, so the
+    test that starts every deployment's flow sees exactly these."""
+    from flows.pipelines import backfill, compare_methods, drift_report, nightly_update
+
+    return [
+        nightly_update.to_deployment(name="nightly", cron=cron),
+        backfill.to_deployment(name="backfill"),
+        compare_methods.to_deployment(name="compare"),
+        drift_report.to_deployment(name="report"),
+    ]
 
 
 def _print_summary(summary: dict) -> None:

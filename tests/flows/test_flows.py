@@ -14,7 +14,6 @@ import pytest
 
 import tests.flows.flowkit  # noqa: F401  (registers the test editors)
 from connectors.replay import ReplayServer
-from flows import steps
 from flows.runtime import open_live_model
 from kedit_core.model import fingerprint_model
 from storage import ledger
@@ -25,24 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 DAY_END = datetime(2024, 5, 2, tzinfo=timezone.utc)
 # Accept every batch that does not hurt: the tiny test editors do not make facts "take".
 LENIENT = {"take_floor": 0.0}
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture
-def ledger_path(kedit_home, monkeypatch):
-    path = kedit_home / "flows.duckdb"
-    monkeypatch.setenv("KEDIT_DB", str(path))
-    steps.forget_live_models()
-    yield path
-    steps.forget_live_models()
 
 
 @pytest.fixture

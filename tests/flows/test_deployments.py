@@ -1,0 +1,74 @@
+"""Every deployment `kedit schedule` serves resolves, as the Prefect runner would, to a flow
+that imports and takes the parameters we pass; compare and report run once through Prefect
+on a tiny model. (Nightly and backfill run through Prefect on a tiny model in test_flows.py,
+from the same flow functions this test resolves their entrypoints to.)"""
+from __future__ import annotations
+
+import json
+
+from prefect import Flow
+from prefect.flows import load_flow_from_entrypoint
+
+import tests.flows.flowkit  # noqa: F401  (registers the test editors)
+from flows import pipelines
+from flows.commands.pipeline_cmds import deployments
+from storage import ledger
+from storage.db import open_db
+from tests.conftest import DATA
+
+CRON = "0 3 * * *"
+ZSRE = DATA / "benchmarks" / "zsre_mend_train_1k.json"
+EXPECTED = {  # deployment -> (flow function, parameters callers pass by name)
+    "nightly": (pipelines.nightly_update, ["window_end", "window_hours", "settings", "report_html"]),
+    "backfill": (pipelines.backfill, ["start", "end", "chunk_hours", "source", "dump_path", "items", "settings"]),
+    "compare": (pipelines.compare_methods, ["stream", "methods", "limit", "batch_size", "model", "settings", "greedy"]),
+    "report": (pipelines.drift_report, ["since", "html"]),
+}
+
+
+def _served() -> dict:
+    return {d.name: d for d in deployments(CRON)}
+
+
+def _run(deployment, **params):
+    """Start a deployment's flow the way the runner does: load its entrypoint, pass the
+    parameters as stored (JSON)."""
+    flow = load_flow_from_entrypoint(deployment.entrypoint)
+    return flow(**json.loads(json.dumps(params)))
+
+
+def test_every_served_deployment_resolves_to_its_flow_with_the_expected_parameters():
+    served = _served()
+    assert sorted(served) == sorted(EXPECTED)
+    for name, (fn, params) in EXPECTED.items():
+        d = served[name]
+        flow = load_flow_from_entrypoint(d.entrypoint)  # a real import of the entrypoint's file
+        assert isinstance(flow, Flow), name
+        assert flow.name == d.flow_name == fn.name, name
+        # The same code as the flow the other tests import and run.
+        assert flow.fn.__code__.co_filename == fn.fn.__code__.co_filename, name
+        assert flow.fn.__qualname__ == fn.fn.__qualname__, name
+        assert list(flow.parameters.properties) == params, name
+        crons = [s.schedule.cron for s in d.schedules]
+        assert crons == ([CRON] if name == "nightly" else []), name
+
+
+def test_compare_and_report_deployments_run_once_on_a_tiny_model(prefect_api, ledger_path, tmp_path):
+    served = _served()
+    # One case, one method under a label with a setting: the label and --set paths of
+    # `kedit compare` without the cost of a second stream.
+    out = _run(served["compare"], stream=f"zsre:{ZSRE}", methods=["small=nudge"], limit=1, batch_size=1,
+               model="tiny-llama", settings=["small.scale=0.0002"], greedy=False)
+    assert out["status"] == "done" and out["cases"] == 1 and out["restored"]
+    assert list(out["methods"]) == ["small"] and "efficacy_acc" in out["methods"]["small"]["metrics"]
+    db = open_db(ledger_path)
+    [run] = ledger.list_runs(db, kind="compare")
+    assert run["run_id"] == out["run_id"] and run["status"] == "done"
+    assert json.loads(run["config"])["configs"]["small"]["scale"] == 0.0002  # the setting reached the editor
+    rows = ledger.get_metrics(db, run_id=out["run_id"], metric="immediate_efficacy_acc")
+    assert sorted((r["method"], r["step"]) for r in rows) == [("small", 0), ("small", 1)]  # the batch, the final
+
+    html = tmp_path / "drift.html"
+    report = _run(served["report"], html=str(html))
+    assert report["html"] == str(html)
+    assert out["run_id"] in html.read_text(encoding="utf-8")  # the comparison is in the report
