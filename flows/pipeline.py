@@ -29,11 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
-from flows.runtime import LiveModel, delta_dir
-from kedit_core.editors.base import Editor, EditResult, file_sha256
-from kedit_core.errors import KeditError
+from flows.runtime import LiveModel, delta_dir, load_version_state, save_editor_state, state_path
+from kedit_core.editors.base import Editor, EditResult
 from kedit_core.evaluate import reference_predictions
 from kedit_core.gate import GateConfig, GateDecision, decide, is_full_check
 from kedit_core.model import fingerprint_model, kedit_home
@@ -76,84 +73,14 @@ class PipelineReport:
 # --------------------------------------------------------------------------- editor state files
 
 
-def state_path(base_fingerprint: str, batch_id: str) -> Path:
-    """Where an editor's sequential state after `batch_id` is kept (beside the delta)."""
-    return delta_dir(base_fingerprint) / f"{batch_id}.state.safetensors"
-
-
-def save_editor_state(state: dict[str, Any], path: Path, method: str) -> str:
-    """Tensors go into safetensors under their path in the dict; everything else into a
-    JSON skeleton in the metadata, with {"__tensor__": key} where a tensor was. Returns the
-    file's sha256 (recorded in the version's note and checked when the state is restored)."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-
-    def strip(obj: Any, key: str) -> Any:
-        if isinstance(obj, torch.Tensor):
-            tensors[key] = obj.detach().to("cpu").contiguous()
-            return {"__tensor__": key}
-        if isinstance(obj, dict):
-            return {str(k): strip(v, f"{key}/{k}") for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [strip(v, f"{key}/{i}") for i, v in enumerate(obj)]
-        return obj
-
-    skeleton = strip(state, "state")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"method": method, "skeleton": json.dumps(skeleton)})
-    tmp.replace(path)
-    return file_sha256(path)
-
-
-def load_editor_state(path: Path) -> tuple[str, dict[str, Any]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-
-    def fill(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            if set(obj) == {"__tensor__"}:
-                return tensors[obj["__tensor__"]]
-            return {k: fill(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [fill(v) for v in obj]
-        return obj
-
-    return meta.get("method", ""), fill(json.loads(meta.get("skeleton", "{}")))
-
-
 def restore_editor_state(editor: Editor, db: Database, live: LiveModel) -> int | None:
     """Load the editor's state saved with the newest version of its method in the live
     chain (the ledger's truth). Returns that version id, or None if there is none."""
     for row in reversed(ledger.version_chain(db, live.version_id)):
         if row.get("method") != editor.name or not row.get("batch_id"):
             continue
-        path = state_path(live.lm.fingerprint, row["batch_id"])
-        if path.exists():
-            check_state_sha(path, row)
-            method, state = load_editor_state(path)
-            if method == editor.name:
-                editor.load_state_dict(state)
-                return int(row["version_id"])
-        return None
+        return int(row["version_id"]) if load_version_state(editor, row) else None
     return None
-
-
-def check_state_sha(path: Path, row: dict[str, Any]) -> None:
-    """Refuse a state file that is not the one saved with the version: a changed AlphaEdit
-    key store would silently weaken the protection of every earlier edit. (Versions saved
-    before the hash was recorded carry none and are not checked.)"""
-    expected = ledger.version_note(row).get("state_sha256")
-    actual = file_sha256(path) if expected else None
-    if actual != expected:
-        raise KeditError(
-            f"editor state {path} has sha256 {actual}, version {row['version_id']} recorded "
-            f"{expected}: refusing to use it (restore the file, or roll the version back)"
-        )
 
 
 # --------------------------------------------------------------------------- the frozen suite

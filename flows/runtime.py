@@ -8,6 +8,7 @@ weights bit for bit as the model that was live when N was made.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from kedit_core.answer import PromptRewriter, answer, model_summary
-from kedit_core.editors.base import WeightDelta
+from kedit_core.editors.base import WeightDelta, file_sha256
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, load_model
 from storage import ledger
@@ -115,8 +116,23 @@ def weight_editor_attach(chain: list[dict[str, Any]]) -> Callable[[LoadedModel],
         if cls is None or getattr(cls, "is_memory_editor", False) or not row.get("delta_path"):
             continue
         config = ledger.version_note(row).get("config")
-        return get_editor(row["method"], config if isinstance(config, dict) else None).attach
+        editor = get_editor(row["method"], config if isinstance(config, dict) else None)
+        load_version_state(editor, row)  # the facts its edit scope routes by
+        return editor.attach
     return None
+
+
+def load_version_state(editor: Any, row: dict[str, Any]) -> bool:
+    """Load into `editor` the state saved with version `row`'s batch, if one was saved."""
+    path = state_path(row["base_fingerprint"], row["batch_id"]) if row.get("batch_id") else None
+    if path is None or not path.exists():
+        return False
+    check_state_sha(path, row)
+    method, state = load_editor_state(path)
+    if method != row.get("method"):
+        return False
+    editor.load_state_dict(state)
+    return True
 
 
 def attach_for_version(lm: LoadedModel, db: Database, version_id: int) -> None:
@@ -178,3 +194,70 @@ def open_live_model(
     live = LiveModel(lm=lm, db=db, version_id=base_id, base_version_id=base_id)
     live.rebuild_to(version)
     return live
+
+
+# --------------------------------------------------------------------------- editor state files
+# (beside the deltas: the pipeline writes them, the server and `kedit ask` read them)
+
+
+def state_path(base_fingerprint: str, batch_id: str) -> Path:
+    """Where an editor's sequential state after `batch_id` is kept (beside the delta)."""
+    return delta_dir(base_fingerprint) / f"{batch_id}.state.safetensors"
+
+
+def save_editor_state(state: dict[str, Any], path: Path, method: str) -> str:
+    """Tensors go into safetensors under their path in the dict; everything else into a
+    JSON skeleton in the metadata, with {"__tensor__": key} where a tensor was. Returns the
+    file's sha256 (recorded in the version's note and checked when the state is restored)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def strip(obj: Any, key: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensors[key] = obj.detach().to("cpu").contiguous()
+            return {"__tensor__": key}
+        if isinstance(obj, dict):
+            return {str(k): strip(v, f"{key}/{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [strip(v, f"{key}/{i}") for i, v in enumerate(obj)]
+        return obj
+
+    skeleton = strip(state, "state")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"method": method, "skeleton": json.dumps(skeleton)})
+    tmp.replace(path)
+    return file_sha256(path)
+
+
+def load_editor_state(path: Path) -> tuple[str, dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+    def fill(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            if set(obj) == {"__tensor__"}:
+                return tensors[obj["__tensor__"]]
+            return {k: fill(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [fill(v) for v in obj]
+        return obj
+
+    return meta.get("method", ""), fill(json.loads(meta.get("skeleton", "{}")))
+
+
+def check_state_sha(path: Path, row: dict[str, Any]) -> None:
+    """Refuse a state file that is not the one saved with the version: a changed AlphaEdit
+    key store would silently weaken the protection of every earlier edit. (Versions saved
+    before the hash was recorded carry none and are not checked.)"""
+    expected = ledger.version_note(row).get("state_sha256")
+    actual = file_sha256(path) if expected else None
+    if actual != expected:
+        raise KeditError(
+            f"editor state {path} has sha256 {actual}, version {row['version_id']} recorded "
+            f"{expected}: refusing to use it (restore the file, or roll the version back)"
+        )

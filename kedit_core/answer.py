@@ -12,6 +12,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from kedit_core.editors.update_gate import installed_gate, routed
 from kedit_core.model import LoadedModel
 
 
@@ -116,17 +117,37 @@ def answer_many(
     questions = list(questions)
     if not questions:
         return []
-    prompts = [chat_prompt(lm, q, system) for q in rewrite_all(questions, rewriter)]
-    by_len: dict[int, list[int]] = {}
+    prompts = [chat_prompt(lm, q, system) for q in rewrite_all(questions, served_rewriter(lm, rewriter))]
+    routes = edit_routes(lm, questions)  # decided on the user's question, as the server does
+    groups: dict[tuple[int, bool | None], list[int]] = {}
     for i, p in enumerate(prompts):
-        by_len.setdefault(len(lm.tokenizer.encode(p, add_special_tokens=False)), []).append(i)
+        groups.setdefault((len(lm.tokenizer.encode(p, add_special_tokens=False)), routes[i]), []).append(i)
     replies = [""] * len(prompts)
-    for idx in by_len.values():
+    for (_, route), idx in groups.items():
         for s in range(0, len(idx), batch_size):
             chunk = idx[s : s + batch_size]
-            for i, reply in zip(chunk, generate(lm, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens)):
+            with routed(route):
+                got = generate(lm, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens)
+            for i, reply in zip(chunk, got):
                 replies[i] = reply
     return replies
+
+
+def served_rewriter(lm: LoadedModel, rewriter: PromptRewriter | None) -> PromptRewriter | None:
+    """How the served model rewrites a question: the memory editor's rewriter if one is
+    given, else the live weight editor's edit scope when it puts facts in context."""
+    if rewriter is not None:
+        return rewriter
+    gate = installed_gate(lm)
+    scope = gate.scope if gate is not None else None
+    return scope if scope is not None and getattr(scope, "context", None) is not None else None
+
+
+def edit_routes(lm: LoadedModel, questions: list[str]) -> list[bool | None]:
+    """Per user question: in (True) or out of (False) the scope of the live version's edits,
+    None where its weight editor routes nothing (kedit_core/editors/edit_scope.py)."""
+    gate = installed_gate(lm)
+    return gate.in_scope(list(questions)) if gate is not None else [None] * len(questions)
 
 
 def model_summary(lm: LoadedModel) -> dict[str, Any]:

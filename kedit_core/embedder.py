@@ -72,6 +72,9 @@ class Embedder:
         self.max_length = max_length
         self.dim = int(self.model.config.hidden_size)
         self.name = EMBEDDER_NAME
+        # the server embeds questions from parallel request threads (edit scope, retrieval);
+        # a fast tokenizer refuses concurrent calls that set padding/truncation ("Already borrowed")
+        self._encode_lock = threading.Lock()
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -80,10 +83,11 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = []
         for s in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                list(texts[s : s + self.batch_size]), padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
-            ).to(self.device)
+            with self._encode_lock:
+                enc = self.tokenizer(
+                    list(texts[s : s + self.batch_size]), padding=True, truncation=True,
+                    max_length=self.max_length, return_tensors="pt",
+                ).to(self.device)
             hidden = self.model(**enc).last_hidden_state  # [B, T, H]
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # mean over real tokens

@@ -26,10 +26,20 @@ import numpy as np
 from kedit_core.types import EditCase
 
 
+# How a retrieved fact is shown to the model, in front of the question (the retrieval
+# baseline's default and the edit scope's context; the LTE format: on SmolLM2-135M it beat
+# two plainer templates, and a previous chat turn stating the fact did worse,
+# docs/editing.md "Served answers").
+CONTEXT_TEMPLATE = "[Updated Information] {facts}\n[Question] {question}"
+
+
 def render_fact(case: EditCase) -> str:
     """The fact a case states, as one sentence shown to the model: its prompt and new answer."""
-    prompt = case.prompt.strip()
-    answer = case.target_new.strip()
+    return fact_sentence(case.prompt, case.target_new)
+
+
+def fact_sentence(prompt: str, answer: str) -> str:
+    prompt, answer = prompt.strip(), answer.strip()
     return f"{prompt} {answer}" + ("" if answer.endswith((".", "!", "?")) else ".")
 
 

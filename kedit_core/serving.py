@@ -37,8 +37,9 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 from kedit_core.answer import TOKENIZER_LOCK as _TOKENIZER_LOCK
-from kedit_core.answer import PromptRewriter, render_chat
+from kedit_core.answer import PromptRewriter, edit_routes, render_chat, served_rewriter
 from kedit_core.editors.base import WeightDelta
+from kedit_core.editors.update_gate import routed
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, fingerprint_model
 
@@ -442,6 +443,7 @@ class GenParams:
     temperature: float | None = None
     top_p: float | None = None
     stop: list[str] = field(default_factory=list)
+    in_scope: bool | None = None  # the request's edit route (kedit_core.answer.edit_routes)
 
 
 @dataclass
@@ -541,16 +543,17 @@ def generate_text(
     else:  # the model's own sampling defaults would only raise warnings under greedy decoding
         kwargs.update(temperature=None, top_p=None, top_k=None)
     input_ids = input_ids.to(lm.device)
-    lm.model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=params.max_tokens,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        streamer=_QueueStreamer(on_tokens),
-        stopping_criteria=StoppingCriteriaList([_Stop()]),
-        **kwargs,
-    )
+    with routed(params.in_scope):  # set in this thread: a streamed request generates in its own
+        lm.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=params.max_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            streamer=_QueueStreamer(on_tokens),
+            stopping_criteria=StoppingCriteriaList([_Stop()]),
+            **kwargs,
+        )
     tail = asm.flush()
     if tail and on_piece is not None:
         on_piece(tail)
@@ -750,14 +753,18 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
         held = state.acquire()
         try:
             last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-            if held.rewriter is not None and last_user is not None:
-                # Memory editors answer through the same endpoint by rewriting the question.
-                messages[last_user]["content"] = held.rewriter.rewrite_prompt(messages[last_user]["content"])
+            # the edits answer only a question in their scope, judged on what the user asked
+            in_scope = edit_routes(held.lm, [messages[last_user]["content"]])[0] if last_user is not None else None
+            rewriter = served_rewriter(held.lm, held.rewriter)
+            if rewriter is not None and last_user is not None:
+                # Memory editors (and an edit scope's served memory) answer through the same
+                # endpoint by rewriting the question.
+                messages[last_user]["content"] = rewriter.rewrite_prompt(messages[last_user]["content"])
             input_ids = encode_prompt(held.lm, render_chat(held.lm, messages))
             limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             params = GenParams(check_tokens(held, input_ids.shape[1], limit,
                                             "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"),
-                               req.temperature, req.top_p, stops(req.stop))
+                               req.temperature, req.top_p, stops(req.stop), in_scope)
         except BaseException:
             state.release(held)
             raise
@@ -798,11 +805,12 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
         held = state.acquire()
         try:
             encoded = []
-            for p in prompts:
-                asked = held.rewriter.rewrite_prompt(p) if held.rewriter is not None else p
+            rewriter = served_rewriter(held.lm, held.rewriter)
+            for p, in_scope in zip(prompts, edit_routes(held.lm, prompts)):
+                asked = rewriter.rewrite_prompt(p) if rewriter is not None else p
                 ids = encode_prompt(held.lm, asked)
                 encoded.append((p, ids, GenParams(check_tokens(held, ids.shape[1], req.max_tokens, "max_tokens"),
-                                                  req.temperature, req.top_p, stops(req.stop))))
+                                                  req.temperature, req.top_p, stops(req.stop), in_scope)))
         except BaseException:
             state.release(held)
             raise

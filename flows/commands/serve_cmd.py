@@ -52,8 +52,6 @@ def memory_rewriter(db: Database, chain: list[dict[str, Any]]) -> PromptRewriter
     `for_serving(db, version_row)` when it has one. A memory version whose memory cannot
     be restored is refused: serving it without its memory would silently answer wrongly.
     """
-    import json
-
     from kedit_core.editors.base import EDITORS, available_editors, get_editor
 
     available_editors()  # registers the built-in methods
@@ -64,19 +62,16 @@ def memory_rewriter(db: Database, chain: list[dict[str, Any]]) -> PromptRewriter
         factory = getattr(cls, "for_serving", None)
         if factory is not None:
             return factory(db, row)
-        from flows.pipeline import check_state_sha, load_editor_state, state_path
+        from flows.runtime import load_version_state, state_path
 
-        path = state_path(row["base_fingerprint"], row["batch_id"]) if row.get("batch_id") else None
-        if path is None or not path.exists():
+        config = ledger.version_note(row).get("config")
+        editor = get_editor(row["method"], config if isinstance(config, dict) else None)
+        if not load_version_state(editor, row):
+            path = state_path(row["base_fingerprint"], row["batch_id"]) if row.get("batch_id") else None
             raise VersionConflict(
                 f"version {row['version_id']} was made by the memory editor {row['method']!r}, but its saved "
                 f"memory ({path or 'no batch id'}) is missing, so it cannot be served"
             )
-        config = ledger.version_note(row).get("config")
-        editor = get_editor(row["method"], config if isinstance(config, dict) else None)
-        check_state_sha(path, row)
-        _, state = load_editor_state(path)
-        editor.load_state_dict(state)
         return editor
     return None
 

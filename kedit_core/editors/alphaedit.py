@@ -109,6 +109,17 @@ class AlphaEditConfig(MemitConfig):
     # losing locality, at 22 edits per minute (docs/editing.md, "The update gate").
     update_gate: float | None = 0.999
     early_stop_nll: float = 0.01
+    # The edit scope and its served memory (kedit_core/editors/edit_scope.py): a question
+    # that names no edited subject and is not near an edit question (cosine < 0.6) is
+    # answered by the base layers; one about an edited subject also gets that subject's
+    # nearest fact in front when their questions' cosine reaches 0.7 (every zsRE paraphrase
+    # does; a stricter bar than routing, because a wrong fact in front is a wrong answer
+    # about another fact of the subject). On the 100-edit zsRE stream (same weights): unrelated replies
+    # unchanged 0.81 -> 1.00 (1 of 100 unrelated questions routed in), paraphrase
+    # 0.56 -> 0.82, the first batch after ten 0.50 -> 0.90, efficacy 0.80 -> 0.83
+    # (docs/editing.md, "Served answers").
+    edit_scope: float | None = 0.6
+    scope_context: float | None = 0.7
 
 
 @register("alphaedit")

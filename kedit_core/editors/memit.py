@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditResult, WeightDelta, register
+from kedit_core.editors.edit_scope import EditScope
 from kedit_core.model import LoadedModel, kv_cache_kwargs, kv_cache_of
 from kedit_core.types import EditCase
 
@@ -116,6 +117,16 @@ class MemitConfig(EditorConfig):
     # changed half of all unrelated replies (docs/editing.md, "Served answers"). 0 = prose only.
     update_gate_chats: int = 192
     update_gate_chat_quantile: float = 0.999
+    # The edit scope (kedit_core/editors/edit_scope.py, docs/editing.md "Served answers"): a
+    # served question that names no subject this editor wrote a fact about and whose
+    # all-MiniLM-L6-v2 cosine to every one of its edit questions is below `edit_scope` is
+    # answered by the base layers (its reply is the unedited model's). None = no routing, the
+    # update gate alone decides. Needs the update gate (the routing runs in its hooks).
+    edit_scope: float | None = None
+    # ... and a question naming an edited subject is also asked with that subject's fact in
+    # front whose question is nearest to it, if their cosine reaches `scope_context` (the
+    # retrieval baseline's template; the served memory, for what the weights miss). None: never.
+    scope_context: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt_variants, str):  # `--set prompt_variants=subject_first,chat`
@@ -125,6 +136,10 @@ class MemitConfig(EditorConfig):
             raise ValueError(f"update_gate must be between 0 and 1 (or null for no gate), got {self.update_gate}")
         if not 0.0 < self.update_gate_chat_quantile <= 1.0:
             raise ValueError(f"update_gate_chat_quantile must be in (0, 1], got {self.update_gate_chat_quantile}")
+        for name in ("edit_scope", "scope_context"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a cosine similarity in [-1, 1] (or null for none), got {value}")
         if self.keep_facts_per_subject < 0:
             raise ValueError(f"keep_facts_per_subject must be >= 0, got {self.keep_facts_per_subject}")
 
@@ -723,10 +738,11 @@ class Memit(Editor):
         self._cov: dict[tuple[str, int], torch.Tensor] = {}
         # Step 1 as an attribute, so benchmarks can swap in a naive per-case version.
         self.compute_targets = compute_targets
-        # subject label -> relation -> [subject, prompt, answer]: the facts this editor put in
+        # subject label -> relation -> [subject, prompt, answer, question]: the facts this editor put in
         # and that still hold (a later edit of the same relation replaces its entry)
         self.facts: dict[str, dict[str, list[str]]] = {}
         self._batch_facts: dict[str, dict[str, dict[str, list[str]] | None]] = {}  # token -> what it replaced
+        self._scope: EditScope | None = None  # built from `facts` (edit_scope.py)
         self._n_new = 0  # during edit(): the batch's own cases come first, kept facts after them
         self._token = ""  # during edit(): the batch's id in the editor's rollback records
 
@@ -759,7 +775,7 @@ class Memit(Editor):
         return [
             EditCase(case_id=f"kept:{label}:{rel}", subject=subject, relation=rel, prompt=prompt,
                      target_new=answer, source="kept")
-            for rel, (subject, prompt, answer) in self.facts.get(label, {}).items()
+            for rel, (subject, prompt, answer, *_question) in self.facts.get(label, {}).items()
         ]
 
     def remembered_facts(self, cases: list[EditCase]) -> list[EditCase]:
@@ -787,7 +803,7 @@ class Memit(Editor):
                 before[label] = dict(self.facts[label]) if label in self.facts else None
             rels = self.facts.setdefault(label, {})
             rels.pop(c.relation, None)  # re-inserted last: most recent last
-            rels[c.relation] = [c.subject, c.prompt, c.target_new]
+            rels[c.relation] = [c.subject, c.prompt, c.target_new, c.question or ""]
         return before
 
     def attach(self, lm: LoadedModel) -> None:
@@ -801,6 +817,22 @@ class Memit(Editor):
             install_gate(lm, resolve_layers(cfg, lm.model), cfg.update_gate, corpus=cfg.keystats_corpus,
                          positions=cfg.update_gate_positions, samples=cfg.keystats_samples,
                          served_chats=cfg.update_gate_chats, served_quantile=cfg.update_gate_chat_quantile)
+        self.sync_scope(lm)
+
+    def sync_scope(self, lm: LoadedModel) -> None:
+        """Hang the scope of the facts this editor holds now on the installed gate."""
+        from kedit_core.editors.update_gate import installed_gate
+
+        cfg: MemitConfig = self.config  # type: ignore[assignment]
+        gate = installed_gate(lm)
+        if gate is None:
+            return
+        if cfg.edit_scope is None:
+            gate.scope = None
+        else:
+            if self._scope is None or (self._scope.threshold, self._scope.context) != (cfg.edit_scope, cfg.scope_context):
+                self._scope = EditScope(cfg.edit_scope, context=cfg.scope_context)
+            gate.scope = self._scope.sync(self.facts)
 
     def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
         """Edit `cases` (with the kept facts of any subject edited before) and remember them."""
@@ -818,6 +850,7 @@ class Memit(Editor):
             result.info["kept_facts"] = [c.case_id for c in keep]
         result.info["batch_token"] = self._token
         self._batch_facts[self._token] = self._record_facts(cases)
+        self.sync_scope(lm)
         return result
 
     def rollback(self, lm: LoadedModel, result: EditResult) -> None:
@@ -828,6 +861,7 @@ class Memit(Editor):
                 self.facts.pop(label, None)
             else:
                 self.facts[label] = facts
+        self.sync_scope(lm)
 
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.name,

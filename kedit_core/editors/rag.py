@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditResult, WeightDelta, register
-from kedit_core.memory import EditMemory, MemoryStore
+from kedit_core.memory import CONTEXT_TEMPLATE, EditMemory, MemoryStore
 from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
 
@@ -25,8 +25,7 @@ class RAGConfig(EditorConfig):
     method: ClassVar[str] = "rag"
     k: int = 1  # facts shown per question
     threshold: float | None = 0.65  # cosine similarity of question and fact key; None = no threshold
-    # the LTE format: on SmolLM2-135M it also beat two plainer templates for plain retrieval
-    template: str = "[Updated Information] {facts}\n[Question] {question}"
+    template: str = CONTEXT_TEMPLATE
     fact_separator: str = "\n"
     memory_name: str = "rag"
 

@@ -34,8 +34,10 @@ they were built (`LoadedModel.base_tensor`).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -44,6 +46,25 @@ from kedit_core.model import LoadedModel
 log = logging.getLogger(__name__)
 
 GATE_ATTR = "_kedit_update_gate"  # where the installed gate hangs on the torch model
+
+# How the edited layers answer the forward pass running in this thread (edit_scope.py):
+# None = by the gate alone (editing, teacher-forced scoring, a question in the edits' scope);
+# "out" = a question outside the edits' scope: the base layers answer. (A question in scope
+# is still gated: the whole update, ungated, garbled replies: served efficacy 0.80 -> 0.70,
+# docs/editing.md "Served answers".)
+# A context variable, not a flag on the model: the server answers requests in parallel threads.
+_ROUTE: ContextVar[str | None] = ContextVar("kedit_edit_route", default=None)
+
+
+@contextmanager
+def routed(in_scope: bool | None) -> Iterator[None]:
+    """Run forward passes inside as for a question in (True) or out of (False) the edits'
+    scope; None leaves the gate alone."""
+    token = _ROUTE.set("out" if in_scope is False else None)
+    try:
+        yield
+    finally:
+        _ROUTE.reset(token)
 
 
 @dataclass
@@ -90,6 +111,8 @@ class _LayerGate:
             return out
         k = args[0]
         d = k @ self.delta.to(k.dtype).T  # the update's share of this output
+        if _ROUTE.get() == "out":
+            return out - d
         small = (d.detach().norm(dim=-1, keepdim=True) <= self.tau)
         self.passed += int((~small).sum())
         self.seen += small.numel()
@@ -106,6 +129,11 @@ class EditGate:
     source: tuple[Any, ...] = ()  # (corpus, positions, samples): the ordinary text tau comes from
     gates: list[_LayerGate] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
+    scope: Any = None  # edit_scope.EditScope of the editor that installed it; None: no routing
+
+    def in_scope(self, questions: list[str]) -> list[bool | None]:
+        """Per question, how it is routed (None for all when the gate has no scope)."""
+        return list(self.scope.in_scope(questions)) if self.scope is not None else [None] * len(questions)
 
     def remove(self) -> None:
         for h in self.handles:

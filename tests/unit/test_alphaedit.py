@@ -174,8 +174,8 @@ def test_remembers_facts_keeps_earlier_ones_of_a_revisited_subject_and_rolls_bac
              _fact("b", "Borvik", "river", "Borvik lies on the river", "Nile"),
              _fact("c", "Quin", "capital", "Quin has the capital", "Lima")]
     r1 = ed.edit(tiny, first)
-    assert ed.facts["Borvik"] == {"capital": ["Borvik", "Borvik has the capital", "Oslo"],
-                                  "river": ["Borvik", "Borvik lies on the river", "Nile"]}
+    assert ed.facts["Borvik"] == {"capital": ["Borvik", "Borvik has the capital", "Oslo", ""],  # no question form
+                                  "river": ["Borvik", "Borvik lies on the river", "Nile", ""]}
     second = [_fact("d", "Borvik", "capital", "Borvik has the capital", "Rome"), _fact("e", "Pell", "capital", "Pell has the capital", "Bern")]
     keep = ed.facts_to_keep(second)
     assert [(k.subject, k.relation, k.target_new) for k in keep] == [("Borvik", "river", "Nile")]  # the replaced fact is not kept
@@ -185,7 +185,7 @@ def test_remembers_facts_keeps_earlier_ones_of_a_revisited_subject_and_rolls_bac
     assert ed.n_edits == 5  # kept facts are not new edits
     assert ed.facts["Borvik"]["capital"][2] == "Rome" and "Pell" in ed.facts
 
-    from flows.pipeline import load_editor_state, save_editor_state  # how the pipeline persists it
+    from flows.runtime import load_editor_state, save_editor_state  # how the pipeline persists it
 
     save_editor_state(ed.state_dict(), tmp_path / "state.safetensors", ed.name)
     fresh: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]

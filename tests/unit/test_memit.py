@@ -212,7 +212,7 @@ def test_remembers_its_facts_and_keeps_a_revisited_subjects_earlier_ones(tiny):
     second = [EditCase(case_id="b", subject="Borvik", relation="river", prompt="Borvik lies on the river", target_new="Nile")]
     ed = get_editor("memit", FAST)
     r1 = ed.edit(tiny, first)
-    assert ed.state_dict()["facts"] == {"Borvik": {"capital": ["Borvik", "Borvik has the capital", "Oslo"]}}
+    assert ed.state_dict()["facts"] == {"Borvik": {"capital": ["Borvik", "Borvik has the capital", "Oslo", ""]}}
     r2 = ed.edit(tiny, second)  # the capital is optimised alongside (one shared subject delta) ...
     assert r2.info["kept_facts"] == ["kept:Borvik:capital"]
     assert [d.case_id for d in r2.diagnostics] == ["b"]  # ... but it is not this batch's edit
