@@ -34,6 +34,7 @@ def run_demo(
     method: str = "alphaedit",
     echo: Callable[[str], Any] = print,
     editor_settings: dict[str, Any] | None = None,
+    pipeline_settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from connectors.replay import ReplayServer
     from flows import steps
@@ -52,7 +53,7 @@ def run_demo(
             window_end=DAY_END,
             window_hours=24,
             settings={"model": model, "method": method, "endpoint": url, "rate_limit_per_s": 0,
-                      "editor_overrides": editor_settings or {}},
+                      "editor_overrides": editor_settings or {}, **(pipeline_settings or {})},
             report_html=str(html),
         )
     _print(summary, echo)
