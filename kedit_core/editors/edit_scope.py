@@ -30,6 +30,9 @@ from kedit_core.render import normalise_form
 
 
 MAX_LABEL_WORDS = 8  # longer subject labels are matched by embedding only
+# Only a question's first characters are read (the embedder reads 128 tokens anyway): a
+# server's user can send megabytes, and every word-run of them would be a set entry.
+MAX_QUESTION_CHARS = 2000
 
 
 def _word_ngrams(text: str, n_max: int = MAX_LABEL_WORDS) -> set[str]:
@@ -77,7 +80,6 @@ class EditScope:
     def sync(self, facts: dict[str, dict[str, Sequence[str]]]) -> "EditScope":
         """Scope = the facts an editor holds now (label -> relation -> [subject, prompt,
         answer, question]); a fact is keyed by its question and its prompt."""
-
         subjects: set[str] = set()
         fact_of: dict[str, tuple[str, frozenset[str]]] = {}  # key -> (fact sentence, its subject's names)
         for label, rels in facts.items():
@@ -108,7 +110,7 @@ class EditScope:
 
     def in_scope(self, questions: Sequence[str]) -> list[bool]:
         """Per question: do the edits answer it (True) or the base layers (False)?"""
-        questions = list(questions)
+        questions = [q[:MAX_QUESTION_CHARS] for q in questions]
         if not questions or not self.keys:
             return [False] * len(questions)
         named = [not self.subjects.isdisjoint(_word_ngrams(normalise_form(q))) for q in questions]
@@ -128,14 +130,16 @@ class EditScope:
         questions = list(questions)
         if self.context is None or not questions or not self.keys:
             return questions
-        grams = [_word_ngrams(normalise_form(q)) for q in questions]
+        grams = [_word_ngrams(normalise_form(q[:MAX_QUESTION_CHARS])) for q in questions]
         asking = [i for i, g in enumerate(grams) if not self.subjects.isdisjoint(g)]
         out = list(questions)
         if not asking:
             return out
-        sims = self._similarities([questions[i] for i in asking])
+        sims = self._similarities([questions[i][:MAX_QUESTION_CHARS] for i in asking])
         for row, i in zip(sims, asking):
             own = sorted({k for name in grams[i] & self.subjects for k in self._keys_of_name.get(name, ())})
+            if not own:  # a subject whose facts have no question or prompt text
+                continue
             best = own[int(row[own].argmax())]
             if row[best] >= self.context:
                 out[i] = CONTEXT_TEMPLATE.format(facts=self.fact_of_key[best], question=questions[i])

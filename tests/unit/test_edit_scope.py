@@ -131,3 +131,10 @@ def test_an_edit_scope_outside_cosine_range_is_refused():
         get_editor("alphaedit", {"edit_scope": 1.5})
     with pytest.raises(ValueError, match="scope_context"):
         get_editor("alphaedit", {"scope_context": -2})
+
+
+def test_a_huge_question_is_routed_by_its_opening_only():
+    scope = EditScope(threshold=0.6, context=0.6).sync(FACTS)
+    huge = "What is the capital of Tessaly? " + "blah " * 200_000  # ~1 MB, as a hostile client might send
+    assert scope.in_scope([huge]) == [True]
+    assert scope.rewrite_prompts([huge])[0].endswith(huge)  # asked whole (with or without a fact in front)
