@@ -454,8 +454,6 @@ class Generation:
     finish_reason: str
 
 
-
-
 class TextAssembler:
     """Turns a growing list of token ids into text pieces safe to send.
 

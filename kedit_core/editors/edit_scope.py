@@ -93,7 +93,7 @@ class EditScope:
         self.subjects = {s for s in subjects if len(s) >= 2 and len(s.split()) <= MAX_LABEL_WORDS}
         self.keys = list(fact_of)
         self.fact_of_key = [f for f, _ in fact_of.values()]
-        self._keys_of_name: dict[str, list[int]] = {}
+        self._keys_of_name = {}
         for i, (_, names) in enumerate(fact_of.values()):
             for name in names:
                 self._keys_of_name.setdefault(name, []).append(i)
