@@ -111,6 +111,19 @@ def eval_signature(cases: Iterable[EditCase]) -> dict[str, set[str]]:
     }
 
 
+def examples_signature(examples: Sequence[AlignExample], cases: Sequence[EditCase]) -> dict[str, set[str]]:
+    """What the aligned adapter has seen: the cases its examples came from (ids, subjects)
+    and the questions it was shown. Not every text of those cases: a training case's
+    locality question that is also an evaluation question is left out of the examples
+    (zsRE reuses NQ questions), so it must not make that evaluation case "seen"."""
+    ids = {ex.source_case for ex in examples}
+    return {
+        "ids": ids,
+        "subjects": {_norm(c.subject) for c in cases if c.case_id in ids},
+        "texts": {_norm(ex.question) for ex in examples} - {""},
+    }
+
+
 def _leading_question(text: str, texts: set[str]) -> str | None:
     """The evaluation question `text` starts with, if any (a fact is "question answer.")."""
     words = _norm(text).split()
@@ -247,7 +260,7 @@ class LTEEditor(RAGEditor):
         own = self.own_cases + (read_cases_jsonl(cfg.own_cases_path) if cfg.own_cases_path else [])
         eval_cases = reserved + self.extra_eval_cases
         examples = build_alignment_examples(train + own, eval_cases, cfg.seed, cfg.max_distractors, cfg.plain_share)
-        return examples, train + own
+        return examples, [c for c in train + own if c.case_id in {ex.source_case for ex in examples}]
 
     def cache_key(self, lm: LoadedModel, examples: list[AlignExample]) -> str:
         cfg = self.config
@@ -268,7 +281,7 @@ class LTEEditor(RAGEditor):
         examples, used_cases = self.alignment_examples()
         key = self.cache_key(lm, examples)
         folder = kedit_home() / "lte" / f"{lm.fingerprint[:16]}-{key}"
-        self._alignment_signature = eval_signature(used_cases)
+        self._alignment_signature = examples_signature(examples, used_cases)
         if (folder / "adapter_delta.safetensors").exists() and (folder / "alignment.json").exists():
             info = json.loads((folder / "alignment.json").read_text())
             delta = WeightDelta.load(folder / "adapter_delta.safetensors", expected_sha256=info["sha256"])
@@ -352,8 +365,8 @@ class LTEEditor(RAGEditor):
             self.alignment_info = None
 
     def align_signature_only(self) -> None:
-        _, used = self.alignment_examples()
-        self._alignment_signature = eval_signature(used)
+        examples, used = self.alignment_examples()
+        self._alignment_signature = examples_signature(examples, used)
 
     def rollback(self, lm: LoadedModel, result: EditResult) -> None:
         was_applied = result.applied

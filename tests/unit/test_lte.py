@@ -12,6 +12,8 @@ from kedit_core.editors.lte import (
     alignment_split,
     assert_no_leak,
     build_alignment_examples,
+    examples_signature,
+    leaks,
 )
 from kedit_core.memory import render_fact
 from kedit_core.model import fingerprint_model
@@ -62,6 +64,24 @@ def test_builder_drops_a_training_case_that_is_an_evaluation_case():
         assert_no_leak([AlignExample("in_scope", [render_fact(ev)], "Who founded Zed?", "Bob")], [ev])
     with pytest.raises(AlignmentLeakError):
         assert_no_leak([AlignExample("out_scope", [], "what is the product made by unifirst", None)], [ev])
+
+
+def test_seen_cases_are_those_the_examples_show_not_every_training_case():
+    # compare-59eee638: zsre-50 (reserved for evaluation) was refused as "part of the alignment
+    # data" because a training record that the builder had dropped shared its NQ locality question
+    train, reserved = alignment_split(ZSRE, 500)
+    examples = build_alignment_examples(train, reserved)
+    seen = examples_signature(examples, train)
+    assert all(leaks(c, seen) is None for c in reserved)
+    used = [c for c in train if c.case_id in seen["ids"]]
+    dropped = [c for c in train if c.case_id not in seen["ids"]]
+    assert dropped and all(leaks(c, seen) is None for c in dropped if c.subject not in {u.subject for u in used})
+    assert all(leaks(c, seen) for c in used)  # what the adapter was trained on stays refused
+    editor = get_editor("lte", {})  # the editor's own check, on the full default alignment set
+    editor.align_signature_only()
+    editor.check_not_in_alignment(reserved)
+    with pytest.raises(AlignmentLeakError, match=used[0].case_id):
+        editor.check_not_in_alignment(used[:1])
 
 
 def test_lte_aligns_once_caches_and_then_edits_only_memory(tiny_llama):
