@@ -39,6 +39,7 @@ def run_demo(
     from connectors.replay import ReplayServer
     from flows import steps
     from flows.pipelines import nightly_update
+    from storage.lock import ledger_lock
 
     if not RECORDED_DAY.exists():
         raise KeditError(f"the recorded Wikidata day is missing ({RECORDED_DAY}); run the demo from a kedit checkout")
@@ -46,18 +47,20 @@ def run_demo(
     steps.forget_live_models()
     html = demo_db_path().parent / "drift-report.html"
     t0 = time.perf_counter()
-    echo(f"kedit demo: replaying the recorded Wikidata day {DAY_END.date()} (minus one) from 127.0.0.1")
-    echo(f"ledger: {demo_db_path()}")
-    with ReplayServer(RECORDED_DAY) as url:
-        summary = nightly_update(
-            window_end=DAY_END,
-            window_hours=24,
-            settings={"model": model, "method": method, "endpoint": url, "rate_limit_per_s": 0,
-                      "editor_overrides": editor_settings or {}, **(pipeline_settings or {})},
-            report_html=str(html),
-        )
-    _print(summary, echo)
-    _show_answers(model, echo)
+    wait = float((pipeline_settings or {}).get("lock_wait_s") or 0.0)
+    with ledger_lock(demo_db_path(), "demo", wait_s=wait):  # the nightly flow inside takes it again
+        echo(f"kedit demo: replaying the recorded Wikidata day {DAY_END.date()} (minus one) from 127.0.0.1")
+        echo(f"ledger: {demo_db_path()}")
+        with ReplayServer(RECORDED_DAY) as url:
+            summary = nightly_update(
+                window_end=DAY_END,
+                window_hours=24,
+                settings={"model": model, "method": method, "endpoint": url, "rate_limit_per_s": 0,
+                          "editor_overrides": editor_settings or {}, **(pipeline_settings or {})},
+                report_html=str(html),
+            )
+        _print(summary, echo)
+        _show_answers(model, echo)
     echo(f"\ndrift report: {summary['report']['html']}")
     echo(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return summary

@@ -18,12 +18,21 @@ Crash safety: a process killed mid-batch leaves the batch 'applying'. The next r
 at the ledger (the truth): if the batch's version was recorded, the batch is completed;
 otherwise it is marked 'failed' and its cases are retried. The model is brought to the
 ledger's live version before any edit, and cases already applied are never applied again.
+
+One writer: runs hold the ledger's lock (`storage.lock`) and this loop does not rely on it
+alone. A batch claims its cases when it is created (a case in another 'applying' batch is
+never claimed) and records its owner (pid, host, process start), so recovery never touches a
+batch whose process still runs; a version is committed only on top of the live version it
+was built from (compare-and-set): if the live version moved, the edit is undone, the model
+rebuilt at the new live version and the batch made again from there.
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +40,7 @@ from typing import Any, Sequence
 
 from flows.runtime import LiveModel, delta_dir, load_version_state, save_editor_state, state_path
 from kedit_core.editors.base import Editor, EditResult
+from kedit_core.errors import KeditError
 from kedit_core.evaluate import reference_predictions
 from kedit_core.gate import GateConfig, GateDecision, decide, is_full_check
 from kedit_core.model import fingerprint_model, kedit_home
@@ -38,6 +48,7 @@ from kedit_core.regression import RegressionSuite, fast_check, freeze_suite, ful
 from kedit_core.types import EditCase
 from storage import ledger, pipeline_store
 from storage.db import Database
+from storage.lock import process_alive, this_process
 
 log = logging.getLogger("kedit.pipeline")
 
@@ -45,7 +56,7 @@ log = logging.getLogger("kedit.pipeline")
 @dataclass
 class BatchOutcome:
     batch_id: str
-    status: str  # applied | rejected | failed
+    status: str  # applied | rejected | failed (| conflict: not committed, made again by the loop)
     n_cases: int
     attempts: int
     version_id: int | None
@@ -62,6 +73,7 @@ class PipelineReport:
     n_rejected: int = 0
     n_skipped: int = 0  # already applied / rejected / filtered before this run
     recovered_batches: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)  # batches made again: the live version had moved
     start_version: int | None = None
     final_version: int | None = None
     seconds: float = 0.0
@@ -115,10 +127,17 @@ def load_or_freeze_suite(live: LiveModel, db: Database, run_id: str, **freeze_kw
 
 
 def recover_interrupted(db: Database, base_fingerprint: str) -> tuple[list[str], list[EditCase]]:
-    """Settle batches a killed process left 'applying'. Returns (batch ids, cases to retry)."""
+    """Settle batches a killed process left 'applying'. Returns (batch ids, cases to retry).
+
+    A batch whose owner process is still alive (another run, which should not be writing
+    without the ledger's lock) is left alone and logged, never recovered from under it."""
     recovered, retry = [], []
     for b in pipeline_store.batches_in_status(db, "applying"):
         bid = b["batch_id"]
+        if _owned_by_another_live_process(b):
+            log.warning("batch %s is 'applying' in run %s, whose process (pid %s on %s) is still running: left alone",
+                        bid, b.get("run_id"), b.get("owner_pid"), b.get("owner_host"))
+            continue
         cases = pipeline_store.cases_of_batch(db, bid)
         version = pipeline_store.version_of_batch(db, bid)
         if version is not None and version["base_fingerprint"] == base_fingerprint and version["status"] in (
@@ -129,12 +148,26 @@ def recover_interrupted(db: Database, base_fingerprint: str) -> tuple[list[str],
             ledger.set_case_status(db, [c.case_id for c in cases], "applied", None, bid)
             ledger.finish_batch(db, bid, "applied", "completed on recovery", version_id=int(version["version_id"]))
         else:
-            ledger.finish_batch(db, bid, "failed", "interrupted while applying; cases retried")
+            owner = f" (run {b.get('run_id')}, pid {b.get('owner_pid')})" if b.get("owner_pid") else ""
+            ledger.finish_batch(db, bid, "failed", f"interrupted while applying{owner}; cases retried")
             ledger.set_case_status(db, [c.case_id for c in cases], "pending", f"retry after interrupted batch {bid}")
             retry.extend(cases)
         recovered.append(bid)
-        log.warning("recovered interrupted batch %s (%d cases)", bid, len(cases))
+        log.warning("recovered interrupted batch %s of run %s (pid %s, %d cases)", bid, b.get("run_id"),
+                    b.get("owner_pid"), len(cases))
     return recovered, retry
+
+
+def _owned_by_another_live_process(batch: dict[str, Any]) -> bool:
+    pid = batch.get("owner_pid")
+    if pid is None or (int(pid) == os.getpid() and batch.get("owner_host") == socket.gethostname()):
+        return False  # no owner recorded (older ledger), or this process: its earlier run died here
+    return process_alive(int(pid), batch.get("owner_host"), batch.get("owner_start")) is True
+
+
+def _owner() -> dict[str, Any]:
+    me = this_process()
+    return {"pid": me.pid, "host": me.host, "start": me.proc_start}
 
 
 def sync_with_ledger(live: LiveModel, db: Database) -> None:
@@ -145,6 +178,14 @@ def sync_with_ledger(live: LiveModel, db: Database) -> None:
         return
     log.warning("model is at version %s but the ledger's live version is %s: rebuilding", live.version_id, target)
     live.rebuild_to(target)  # exact: base weights, then the ledger's deltas
+
+
+def resync_after_conflict(live: LiveModel, editor: Editor, db: Database) -> None:
+    """After another writer moved the live version: the model at the new live version, the
+    editor's state as saved with it, and the editor serving the weights again."""
+    sync_with_ledger(live, db)
+    restore_editor_state(editor, db, live)
+    editor.attach(live.lm)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -188,7 +229,7 @@ def apply_gated_batches(
             ordered.append(c)
     ledger.upsert_cases(db, ordered)
     statuses = pipeline_store.case_statuses(db, [c.case_id for c in ordered])
-    runnable = {"pending"} | ({"rejected"} if retry_rejected else set())
+    runnable = ("pending", "rejected") if retry_rejected else ("pending",)
     todo = [c for c in ordered if statuses.get(c.case_id) in runnable]
     report.n_skipped = len(ordered) - len(todo)
 
@@ -202,12 +243,17 @@ def apply_gated_batches(
     )
     for i in range(n_batches):
         batch = todo[i * batch_size : (i + 1) * batch_size]
-        outcome, step = _gated_batch(live, editor, batch, db, gate_config, run_id, suite, step, report)
+        outcome, step = _batch_until_committed(live, editor, batch, db, gate_config, run_id, suite, step, report,
+                                               runnable)
+        if outcome is None:  # every case was taken by another run meanwhile
+            report.n_skipped += len(batch)
+            continue
         report.batches.append(outcome)
+        report.n_skipped += len(batch) - outcome.n_cases
         if outcome.status == "applied":
-            report.n_applied += len(batch)
+            report.n_applied += outcome.n_cases
         else:
-            report.n_rejected += len(batch)
+            report.n_rejected += outcome.n_cases
         elapsed = time.perf_counter() - t0
         done = sum(b.n_cases for b in report.batches)
         log.info(
@@ -221,6 +267,39 @@ def apply_gated_batches(
     return report
 
 
+MAX_CONFLICTS = 3  # live version moved under a batch this often: someone writes without the lock
+
+
+class LiveVersionKeepsMoving(KeditError):
+    """Batches keep losing the compare-and-set: another process writes the ledger without its lock."""
+
+
+def _batch_until_committed(
+    live: LiveModel,
+    editor: Editor,
+    batch: list[EditCase],
+    db: Database,
+    cfg: GateConfig,
+    run_id: str | None,
+    suite: RegressionSuite,
+    step: int,
+    report: PipelineReport,
+    claimable: tuple[str, ...],
+) -> tuple[BatchOutcome | None, int]:
+    """One batch through the gate; made again on top of the new live version each time
+    another writer moved it (compare-and-set lost)."""
+    for _ in range(MAX_CONFLICTS + 1):
+        outcome, step = _gated_batch(live, editor, batch, db, cfg, run_id, suite, step, report, claimable)
+        if outcome is None or outcome.status != "conflict":
+            return outcome, step
+        report.conflicts.append(outcome.batch_id)
+        resync_after_conflict(live, editor, db)
+    raise LiveVersionKeepsMoving(
+        f"the live version moved under {MAX_CONFLICTS + 1} batches in a row ({', '.join(report.conflicts[-3:])}): "
+        "another process is writing the ledger without holding its lock"
+    )
+
+
 def _gated_batch(
     live: LiveModel,
     editor: Editor,
@@ -231,11 +310,18 @@ def _gated_batch(
     suite: RegressionSuite,
     step: int,
     report: PipelineReport,
-) -> tuple[BatchOutcome, int]:
+    claimable: tuple[str, ...] = ("pending",),
+) -> tuple[BatchOutcome | None, int]:
     lm, method = live.lm, editor.name
-    ids = [c.case_id for c in batch]
     batch_no = pipeline_store.count_batches(db, run_id) + 1
     base_id = f"{run_id or 'run'}-b{batch_no:05d}"
+    owner = _owner()
+    # Claim first: cases another run is applying, or applied since we read them, are not ours.
+    ids = ledger.create_batch(db, base_id, run_id, method, [c.case_id for c in batch], 1, owner, claimable)
+    if not ids:
+        log.warning("batch %s: all %d cases were taken by another run; skipped", base_id, len(batch))
+        return None, step
+    batch = [c for c in batch if c.case_id in set(ids)]
     full = is_full_check(batch_no, cfg)  # the run's batch count, so the schedule survives restarts
     rewriter = editor if editor.is_memory_editor else live.rewriter
     # What the model says on the batch's locality probes before the edit (locality reference).
@@ -245,7 +331,10 @@ def _gated_batch(
     try:
         for attempt in range(1, cfg.max_attempts + 1):
             batch_id = base_id if attempt == 1 else f"{base_id}-a{attempt}"
-            ledger.create_batch(db, batch_id, run_id, method, ids, attempt)
+            if attempt > 1 and ledger.create_batch(db, batch_id, run_id, method, ids, attempt, owner,
+                                                   claimable) != ids:
+                ledger.release_batch(db, batch_id, "cases taken by another run between attempts")
+                return BatchOutcome(batch_id, "conflict", len(batch), attempt, None, ["cases taken"]), step
             step += 1
             state_before = copy.deepcopy(editor.state_dict())
             t_edit = time.perf_counter()
@@ -273,7 +362,17 @@ def _gated_batch(
                       "full_check": float(full), "accepted": float(decision.accept)}
 
             if decision.accept:
-                vid = _commit(live, editor, result, batch, batch_id, db, metrics)
+                try:
+                    vid = _commit(live, editor, result, batch, batch_id, db, metrics)
+                except ledger.VersionConflict as exc:
+                    # Another writer moved the live version: this edit sits on a stale parent.
+                    editor.rollback(lm, result)
+                    editor.load_state_dict(state_before)
+                    _forget_files(lm.fingerprint, batch_id)
+                    why = f"not committed: {exc}; made again on top of version {exc.live_id}"
+                    ledger.release_batch(db, batch_id, why)
+                    log.warning("batch %s: %s", batch_id, why)
+                    return BatchOutcome(batch_id, "conflict", len(batch), attempt, None, [why]), step
                 _record(db, metrics | timing, details, run_id, method, step, vid, batch_id, lm.fingerprint)
                 suite.add_applied(batch, seen_before=report.n_applied)
                 return BatchOutcome(batch_id, "applied", len(batch), attempt, vid, [], metrics), step
@@ -311,8 +410,9 @@ def _commit(
 ) -> int:
     """Persist an accepted batch: delta file, editor state, version row, case and batch status.
 
-    Order matters for crash recovery: files first, then the version row (the commit
-    point: from here the ledger's live model includes this batch), then the statuses.
+    Order matters for crash recovery: files first, then one transaction (the commit point:
+    version row, cases and batch 'applied', only if the version we built on is still live;
+    `ledger.VersionConflict` otherwise, with nothing written).
     """
     lm = live.lm
     fp = lm.fingerprint
@@ -325,17 +425,22 @@ def _commit(
     state_sha = save_editor_state(state, state_path(fp, batch_id), editor.name) if state else None
     note = json.dumps({"n_cases": len(batch), "efficacy_acc": metrics.get("efficacy_acc"),
                        "config": editor.config.to_dict(), "state_sha256": state_sha}, default=str)
-    vid = ledger.add_version(
-        db, live.version_id, fp, lm.spec, editor.name, batch_id, delta_path, sha,
-        weights_fingerprint=fingerprint_model(lm.model), status="live", note=note,
+    # The commit point, one transaction, compare-and-set on the live version we built on.
+    vid = ledger.commit_batch(
+        db, batch_id, live.version_id, fp, lm.spec, editor.name, [c.case_id for c in batch], delta_path, sha,
+        weights_fingerprint=fingerprint_model(lm.model), note=note,
     )
-    ledger.set_case_status(db, [c.case_id for c in batch], "applied", None, batch_id)
-    ledger.finish_batch(db, batch_id, "applied", version_id=vid)
     live.record_applied(result.delta)
     live.version_id = vid
     if editor.is_memory_editor:
         live.rewriter = editor
     return vid
+
+
+def _forget_files(base_fingerprint: str, batch_id: str) -> None:
+    """A batch that was not committed leaves no delta or state file behind."""
+    for path in (delta_dir(base_fingerprint) / f"{batch_id}.safetensors", state_path(base_fingerprint, batch_id)):
+        path.unlink(missing_ok=True)
 
 
 def _record(

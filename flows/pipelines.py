@@ -91,6 +91,12 @@ def nightly_update(
 ) -> dict[str, Any]:
     """Ingest one settled window of Wikidata edits and apply it to the live model."""
     cfg = _settings(settings)
+    with steps.hold_ledger("nightly", cfg):  # one writer per ledger, for the whole run
+        return _nightly(cfg, window_end, window_hours, report_html)
+
+
+def _nightly(cfg: PipelineSettings, window_end: datetime | None, window_hours: float,
+             report_html: str | None) -> dict[str, Any]:
     start, end = _window(window_end, window_hours, cfg.settle_hours)
     run_id = steps.begin_run("nightly", cfg, {"start": start.isoformat(), "end": end.isoformat()})
     summary: dict[str, Any] = {"run_id": run_id, "window": [start.isoformat(), end.isoformat()]}
@@ -130,18 +136,29 @@ def backfill(
     """Historical edits by day over [start, end): resumable through a stored cursor, so a
     re-run after a crash continues where it stopped and applies nothing twice."""
     cfg = _settings(settings)
+    with steps.hold_ledger("backfill", cfg):
+        return _backfill(cfg, start, end, chunk_hours, source, dump_path, items)
+
+
+def _backfill(cfg: PipelineSettings, start: datetime, end: datetime, chunk_hours: float, source: str,
+              dump_path: str | None, items: list[str] | None) -> dict[str, Any]:
     run_id = steps.begin_run("backfill", cfg, {"start": str(start), "end": str(end), "source": source})
     logger = get_run_logger()
     chunks = steps.pending_chunks("backfill", start, end, timedelta(hours=chunk_hours))
     logger.info("backfill %s .. %s: %d chunks to do", start, end, len(chunks))
     done: list[dict[str, Any]] = []
-    for i, (a, b) in enumerate(chunks, 1):
-        counts = _with_retries(backfill_chunk_task, cfg)(cfg, a, b, source, dump_path, items)
-        cases = _with_retries(cases_task, cfg)(cfg)
-        edits = edit_task(cfg, run_id)
-        steps.mark_chunk_done("backfill", start, end, b)
-        done.append({"chunk": a.isoformat(), **counts, "cases": cases.get("new_cases", 0), "applied": edits.get("applied_cases", 0)})
-        logger.info("backfill chunk %d/%d (%s) done", i, len(chunks), a.date())
+    try:
+        for i, (a, b) in enumerate(chunks, 1):
+            counts = _with_retries(backfill_chunk_task, cfg)(cfg, a, b, source, dump_path, items)
+            cases = _with_retries(cases_task, cfg)(cfg)
+            edits = edit_task(cfg, run_id)
+            steps.mark_chunk_done("backfill", start, end, b)
+            done.append({"chunk": a.isoformat(), **counts, "cases": cases.get("new_cases", 0),
+                         "applied": edits.get("applied_cases", 0)})
+            logger.info("backfill chunk %d/%d (%s) done", i, len(chunks), a.date())
+    except BaseException:
+        steps.end_run(run_id, "failed")
+        raise
     steps.end_run(run_id, "completed")
     return {"run_id": run_id, "chunks": done}
 

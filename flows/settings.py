@@ -28,6 +28,9 @@ class PipelineSettings:
     network_retry_delays_s: list[float] = field(default_factory=lambda: [10.0, 60.0, 300.0])
     # Regression gate
     full_check_every: int = 5
+    # One writer per ledger: how long a run waits for another that holds the ledger's lock
+    # (0: fail at once, naming the other run)
+    lock_wait_s: float = 0.0
     # Schedules
     nightly_cron: str = "0 2 * * *"
     editor_overrides: dict[str, Any] = field(default_factory=dict)  # EditorConfig fields

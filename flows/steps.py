@@ -43,6 +43,14 @@ def forget_live_models() -> None:
     _LIVE.clear()
 
 
+def hold_ledger(kind: str, settings: PipelineSettings):
+    """The ledger's writer lock for a run of `kind` (a context manager; re-entrant, so the
+    CLI can take it before the flow starts and the flow takes it again)."""
+    from storage.lock import ledger_lock
+
+    return ledger_lock(db().path, kind, wait_s=settings.lock_wait_s)
+
+
 # --------------------------------------------------------------------------- runs
 
 

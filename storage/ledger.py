@@ -3,6 +3,8 @@ flow cursors and runs. Each function is one transaction."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
@@ -41,6 +43,15 @@ def ensure_base_version(db: Database, base_fingerprint: str, base_spec: str) -> 
         return int(vid)
 
 
+class VersionConflict(StorageError):
+    """A version was to be recorded on top of a version that is no longer live: another
+    writer moved the live version while the batch was being made."""
+
+    def __init__(self, parent_id: int, live_id: int | None):
+        super().__init__(f"version built on {parent_id} but the live version is now {live_id}")
+        self.parent_id, self.live_id = parent_id, live_id
+
+
 def add_version(
     db: Database,
     parent_id: int,
@@ -53,20 +64,70 @@ def add_version(
     weights_fingerprint: str | None = None,
     status: str = "live",
     note: str | None = None,
+    expected_live: int | None = None,
 ) -> int:
+    """Record a version. With `expected_live`, compare-and-set: only if that version is
+    still the base's live one (else `VersionConflict`, nothing written)."""
     with db.connect() as con:
-        vid = con.execute("SELECT coalesce(max(version_id), -1) + 1 FROM model_versions").fetchone()[0]
-        if status == "live":
-            con.execute(
-                "UPDATE model_versions SET status = 'superseded' WHERE base_fingerprint = ? AND status = 'live'",
-                [base_fingerprint],
-            )
+        if expected_live is not None:
+            _check_live(con, base_fingerprint, expected_live)
+        return _insert_version(con, parent_id, base_fingerprint, base_spec, method, batch_id, delta_path,
+                               delta_sha256, weights_fingerprint, status, note)
+
+
+def _check_live(con, base_fingerprint: str, expected: int) -> None:
+    live = _live_row(con, base_fingerprint)
+    live_id = int(live["version_id"]) if live else None
+    if live_id != expected:
+        raise VersionConflict(expected, live_id)
+
+
+def _insert_version(con, parent_id, base_fingerprint, base_spec, method, batch_id, delta_path, delta_sha256,
+                    weights_fingerprint, status, note) -> int:
+    vid = con.execute("SELECT coalesce(max(version_id), -1) + 1 FROM model_versions").fetchone()[0]
+    if status == "live":
         con.execute(
-            "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [vid, parent_id, base_fingerprint, base_spec, utcnow(), status, method, batch_id, delta_path,
-             delta_sha256, weights_fingerprint, note],
+            "UPDATE model_versions SET status = 'superseded' WHERE base_fingerprint = ? AND status = 'live'",
+            [base_fingerprint],
         )
-        return int(vid)
+    con.execute(
+        "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [vid, parent_id, base_fingerprint, base_spec, utcnow(), status, method, batch_id, delta_path,
+         delta_sha256, weights_fingerprint, note],
+    )
+    return int(vid)
+
+
+def commit_batch(
+    db: Database,
+    batch_id: str,
+    parent_id: int,
+    base_fingerprint: str,
+    base_spec: str,
+    method: str,
+    case_ids: list[str],
+    delta_path: str | None,
+    delta_sha256: str | None,
+    weights_fingerprint: str | None,
+    note: str | None = None,
+) -> int:
+    """An accepted batch's commit point, in one transaction: its version becomes live on top
+    of `parent_id` only if `parent_id` is still live (compare-and-set, else `VersionConflict`
+    and nothing is written), its cases become 'applied' and the batch 'applied'."""
+    now = utcnow()
+    with db.connect() as con:
+        _check_live(con, base_fingerprint, parent_id)
+        vid = _insert_version(con, parent_id, base_fingerprint, base_spec, method, batch_id, delta_path,
+                              delta_sha256, weights_fingerprint, "live", note)
+        con.executemany(
+            "UPDATE edit_cases SET status = 'applied', reason = NULL, batch_id = ?, updated = ? WHERE case_id = ?",
+            [[batch_id, now, cid] for cid in case_ids],
+        )
+        con.execute(
+            "UPDATE edit_batches SET status = 'applied', reason = NULL, version_id = ?, finished = ? WHERE batch_id = ?",
+            [vid, now, batch_id],
+        )
+        return vid
 
 
 def set_version_status(db: Database, version_id: int, status: str, note: str | None = None) -> None:
@@ -264,16 +325,54 @@ def count_cases_by_status(db: Database) -> dict[str, int]:
 # --------------------------------------------------------------------------- batches
 
 
-def create_batch(db: Database, batch_id: str, run_id: str | None, method: str, case_ids: list[str], attempt: int = 1) -> None:
+def create_batch(
+    db: Database,
+    batch_id: str,
+    run_id: str | None,
+    method: str,
+    case_ids: list[str],
+    attempt: int = 1,
+    owner: dict[str, Any] | None = None,
+    claimable: tuple[str, ...] | None = None,
+) -> list[str]:
+    """Create a batch ('applying') and claim its cases, in one transaction. Returns the ids
+    claimed: a case in another batch still 'applying' is never claimed (two runs cannot edit
+    the same case), nor, with `claimable`, a case whose status is not one of those (it was
+    applied or rejected since the caller read it). No batch row when nothing is claimed.
+    `owner`: {"pid", "host", "start"} of the process making the batch."""
+    owner = owner or {}
     with db.connect() as con:
+        rows = con.execute(
+            "SELECT c.case_id, c.status, b.status FROM edit_cases c LEFT JOIN edit_batches b "
+            "ON c.batch_id = b.batch_id WHERE list_contains(?, c.case_id)",
+            [list(case_ids)],
+        ).fetchall()
+        free = {cid for cid, status, batch_status in rows
+                if batch_status != "applying" and (claimable is None or status in claimable)}
+        claimed = [cid for cid in case_ids if cid in free]
+        if not claimed:
+            return []
+        now = utcnow()
         con.execute(
-            "INSERT INTO edit_batches (batch_id, run_id, method, status, n_cases, attempt, created) "
-            "VALUES (?, ?, ?, 'applying', ?, ?, ?)",
-            [batch_id, run_id, method, len(case_ids), attempt, utcnow()],
+            "INSERT INTO edit_batches (batch_id, run_id, method, status, n_cases, attempt, created, owner_pid, "
+            "owner_host, owner_start) VALUES (?, ?, ?, 'applying', ?, ?, ?, ?, ?, ?)",
+            [batch_id, run_id, method, len(claimed), attempt, now, owner.get("pid"), owner.get("host"),
+             owner.get("start")],
         )
         con.executemany(
             "UPDATE edit_cases SET batch_id = ?, updated = ? WHERE case_id = ?",
-            [[batch_id, utcnow(), cid] for cid in case_ids],
+            [[batch_id, now, cid] for cid in claimed],
+        )
+    return claimed
+
+
+def release_batch(db: Database, batch_id: str, reason: str) -> None:
+    """A batch that will not be committed and whose cases stay pending (e.g. the live version
+    moved under it): the batch 'failed' with `reason`, its cases free to be claimed again."""
+    with db.connect() as con:
+        con.execute(
+            "UPDATE edit_batches SET status = 'failed', reason = ?, finished = ? WHERE batch_id = ?",
+            [reason, utcnow(), batch_id],
         )
 
 
@@ -356,8 +455,10 @@ def set_cursor(db: Database, name: str, value: str) -> None:
 def start_run(db: Database, run_id: str, kind: str, config: dict[str, Any], model_fingerprint: str | None) -> None:
     with db.connect() as con:
         con.execute(
-            "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, NULL, 'running', ?, ?)",
-            [run_id, kind, utcnow(), json.dumps(config, default=str), model_fingerprint],
+            "INSERT OR REPLACE INTO runs (run_id, kind, started, finished, status, config, model_fingerprint, pid, "
+            "host) VALUES (?, ?, ?, NULL, 'running', ?, ?, ?, ?)",
+            [run_id, kind, utcnow(), json.dumps(config, default=str), model_fingerprint, os.getpid(),
+             socket.gethostname()],
         )
 
 

@@ -144,6 +144,16 @@ MIGRATIONS: dict[int, list[str]] = {
             created TIMESTAMP NOT NULL
         )""",
     ],
+    4: [
+        # Which process owns a batch while it is 'applying' (pid, host, the OS's start time of
+        # that process), so start-up recovery leaves a live run's batch alone and an operator
+        # can tell whose it was; runs record the same of the process that ran them.
+        "ALTER TABLE edit_batches ADD COLUMN owner_pid BIGINT",
+        "ALTER TABLE edit_batches ADD COLUMN owner_host TEXT",
+        "ALTER TABLE edit_batches ADD COLUMN owner_start TEXT",
+        "ALTER TABLE runs ADD COLUMN pid BIGINT",
+        "ALTER TABLE runs ADD COLUMN host TEXT",
+    ],
 }
 
 SCHEMA_VERSION: int = max(MIGRATIONS)

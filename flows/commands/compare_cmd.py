@@ -20,7 +20,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from flows.commands import MODEL_HELP
+from flows.commands import MODEL_HELP, WAIT_HELP
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,11 @@ def register(app: typer.Typer) -> None:
         greedy: bool = typer.Option(True, "--greedy/--no-greedy", help="Also report greedy exact match."),
         output: Optional[Path] = typer.Option(None, "--output", help="Also write all results as JSON here."),
         markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown."),
+        wait: float = typer.Option(0.0, "--wait", help=WAIT_HELP),
     ) -> None:
         """Run the same edit stream through several methods and compare them side by side."""
         result = run_comparison(parse_methods(methods), settings, data, limit=limit, batch_size=batch_size,
-                                model=model, per_batch=per_batch, greedy=greedy, output=output)
+                                model=model, per_batch=per_batch, greedy=greedy, output=output, lock_wait_s=wait)
         typer.echo(format_table(result["rows"], markdown=markdown))
         typer.echo(f"run {result['run_id']}: {result['cases']} cases from {data}, batch size {batch_size}, model {model} "
                    f"({result['fingerprint'][:12]}); base restored after the last method: {result['restored']}; "
@@ -130,17 +131,17 @@ def register(app: typer.Typer) -> None:
 
 def run_comparison(plan: list[tuple[str, str]], settings: list[str], data: str, limit: int | None = None,
                    batch_size: int = 10, model: str = "smollm2", per_batch: bool = False, greedy: bool = True,
-                   output: Path | None = None) -> dict[str, Any]:
+                   output: Path | None = None, lock_wait_s: float | None = None) -> dict[str, Any]:
     """The comparison behind `kedit compare` and the kedit-compare-methods flow (one code path,
     so a scheduled comparison is the one the CLI runs): `plan` as from `parse_methods`,
     `settings` as `--set METHOD.key=value`. Returns the run id, status, rows (one per method)
-    and whether the base weights were restored after the last method."""
-    from connectors.benchmarks import ReadReport, read_dataset
+    and whether the base weights were restored after the last method. Holds the ledger's
+    writer lock throughout (waiting `lock_wait_s`, default KEDIT_LOCK_WAIT_S or 0)."""
     from flows.commands.evaluate_cmd import editor_from_settings
+    from flows.settings import PipelineSettings
     from kedit_core.errors import KeditError
-    from kedit_core.model import fingerprint_model, load_model
     from storage.db import open_db
-    from storage.ledger import finish_run, start_run
+    from storage.lock import ledger_lock
 
     if batch_size < 1:
         raise KeditError(f"--batch-size must be >= 1, got {batch_size}")
@@ -148,13 +149,24 @@ def run_comparison(plan: list[tuple[str, str]], settings: list[str], data: str, 
     editors = {}
     for label, method in plan:  # configuration errors stop the run before any work
         editors[label] = editor_from_settings(method, per_method[label], label)
+    db = open_db()
+    wait = PipelineSettings.from_env().lock_wait_s if lock_wait_s is None else lock_wait_s
+    with ledger_lock(db.path, "compare", wait_s=wait):
+        return _compare_locked(plan, editors, db, data, limit, batch_size, model, per_batch, greedy, output)
+
+
+def _compare_locked(plan, editors, db, data, limit, batch_size, model, per_batch, greedy, output) -> dict[str, Any]:
+    from connectors.benchmarks import ReadReport, read_dataset
+    from kedit_core.errors import KeditError
+    from kedit_core.model import fingerprint_model, load_model
+    from storage.ledger import finish_run, start_run
+
     report = ReadReport(path=data)
     cases = read_dataset(data, limit=limit, report=report)
     if not cases:
         raise KeditError(f"{data}: no usable cases")
     lm = load_model(model)
     base_fp = lm.fingerprint
-    db = open_db()
     run_id = f"compare-{uuid.uuid4().hex[:8]}"
     methods = ",".join(lbl if lbl == m else f"{lbl}={m}" for lbl, m in plan)
     start_run(db, run_id, "compare", {"methods": methods, "data": data, "limit": limit, "batch_size": batch_size,

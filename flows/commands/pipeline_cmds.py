@@ -7,6 +7,8 @@ from typing import Any, List, Optional
 
 import typer
 
+from flows.commands import WAIT_HELP
+
 SET_HELP = "Editor setting KEY=VALUE (repeatable), as for `kedit evaluate`, e.g. --set v_steps=50."
 
 
@@ -43,18 +45,17 @@ def register(app: typer.Typer) -> None:
         server: Optional[str] = typer.Option(None, "--server", help="Publish new versions to this `kedit serve` URL."),
         html: Optional[str] = typer.Option(None, help="Where to write the HTML drift report."),
         settings: List[str] = typer.Option([], "--set", help=SET_HELP),
+        wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
     ) -> None:
         """Run the nightly update once: ingest, build cases, edit in gated batches, report."""
         from flows.pipelines import nightly_update
 
         overrides = editor_overrides(method, settings)
-        summary = nightly_update(
-            window_end=_utc(window_end),
-            window_hours=window_hours,
-            settings=_settings_overrides(model=model, method=method, endpoint=endpoint, server_url=server,
-                                         editor_overrides=overrides),
-            report_html=html,
-        )
+        pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, server_url=server,
+                                       editor_overrides=overrides, lock_wait_s=wait)
+        with _ledger_held("nightly", pipeline):  # refused here, in one line, before Prefect starts a run
+            summary = nightly_update(window_end=_utc(window_end), window_hours=window_hours, settings=pipeline,
+                                     report_html=html)
         _print_summary(summary)
 
     @app.command("backfill")
@@ -69,20 +70,24 @@ def register(app: typer.Typer) -> None:
         method: Optional[str] = typer.Option(None),
         endpoint: Optional[str] = typer.Option(None),
         settings: List[str] = typer.Option([], "--set", help=SET_HELP),
+        wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
     ) -> None:
         """Backfill historical Wikidata edits by date range (resumable)."""
         from flows.pipelines import backfill
 
         overrides = editor_overrides(method, settings)
-        summary = backfill(
-            start=_utc(start),
-            end=_utc(end),
-            chunk_hours=chunk_hours,
-            source=source,
-            dump_path=dump,
-            items=[i.strip() for i in items.split(",")] if items else None,
-            settings=_settings_overrides(model=model, method=method, endpoint=endpoint, editor_overrides=overrides),
-        )
+        pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, editor_overrides=overrides,
+                                       lock_wait_s=wait)
+        with _ledger_held("backfill", pipeline):
+            summary = backfill(
+                start=_utc(start),
+                end=_utc(end),
+                chunk_hours=chunk_hours,
+                source=source,
+                dump_path=dump,
+                items=[i.strip() for i in items.split(",")] if items else None,
+                settings=pipeline,
+            )
         _print_summary(summary)
 
     @app.command("schedule")
@@ -106,6 +111,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2", help="Model spec (default: the embedded model)."),
         method: str = typer.Option("alphaedit", help="Editing method."),
         settings: List[str] = typer.Option([], "--set", help=SET_HELP),
+        wait: float = typer.Option(0.0, "--wait", help=WAIT_HELP),
     ) -> None:
         """The main job: the nightly flow on a recorded Wikidata day, on the embedded model.
 
@@ -113,7 +119,8 @@ def register(app: typer.Typer) -> None:
         """
         from flows.demo import run_demo
 
-        run_demo(model=model, method=method, echo=typer.echo, editor_settings=editor_overrides(method, settings))
+        run_demo(model=model, method=method, echo=typer.echo, editor_settings=editor_overrides(method, settings),
+                 pipeline_settings={"lock_wait_s": wait})
 
 
 def deployments(cron: str) -> list:
@@ -121,12 +128,23 @@ def deployments(cron: str) -> list:
     test that starts every deployment's flow sees exactly these."""
     from flows.pipelines import backfill, compare_methods, drift_report, nightly_update
 
+    # One run at a time per writing deployment (Prefect queues the next); across deployments
+    # the ledger's lock decides (a run that finds it held fails, naming the holder).
     return [
-        nightly_update.to_deployment(name="nightly", cron=cron),
-        backfill.to_deployment(name="backfill"),
-        compare_methods.to_deployment(name="compare"),
+        nightly_update.to_deployment(name="nightly", cron=cron, concurrency_limit=1),
+        backfill.to_deployment(name="backfill", concurrency_limit=1),
+        compare_methods.to_deployment(name="compare", concurrency_limit=1),
         drift_report.to_deployment(name="report"),
     ]
+
+
+def _ledger_held(kind: str, pipeline: dict[str, Any]):
+    """The ledger's writer lock, taken by the command before it starts the flow, so a held
+    ledger is one line from the CLI (the flow takes the same lock again, re-entrantly)."""
+    from flows import steps
+    from flows.settings import PipelineSettings
+
+    return steps.hold_ledger(kind, PipelineSettings.from_env(**pipeline))
 
 
 def _print_summary(summary: dict) -> None:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from flows.commands import DB_HELP
+from flows.commands import DB_HELP, WAIT_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -29,12 +29,16 @@ def register(app: typer.Typer) -> None:
         version: int = typer.Argument(..., help="The version to make live again (an ancestor of the live one)."),
         reason: str = typer.Option(..., "--reason", help="Why: recorded on every batch and case it undoes."),
         db_path: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
+        wait: float = typer.Option(0.0, "--wait", help=WAIT_HELP),
     ) -> None:
         """Make an earlier version live again; later versions' cases are rejected and never re-applied."""
         from storage import ledger
         from storage.db import open_db
+        from storage.lock import ledger_lock
 
-        undone = ledger.roll_back_to(open_db(db_path), version, reason)
+        db = open_db(db_path)
+        with ledger_lock(db.path, "rollback", wait_s=wait):  # not under a running pipeline's batches
+            undone = ledger.roll_back_to(db, version, reason)
         if not undone:
             typer.echo(f"version {version} is already live: nothing rolled back")
             return

@@ -7,7 +7,8 @@
 - `harmful`: a huge random update (what a covariance-free MEMIT step can do): the gate must
   roll it back.
 - `nudge` sleeps inside `edit` when KEDIT_TEST_PAUSE_FILE is set, after writing that file,
-  so a test can kill the process mid-batch.
+  so a test can kill the process mid-batch; with KEDIT_TEST_RESUME_FILE also set it goes on
+  once that file exists (a run held mid-batch while a test starts another).
 """
 from __future__ import annotations
 
@@ -46,9 +47,15 @@ class NudgeEditor(Editor):
         pause = os.environ.get("KEDIT_TEST_PAUSE_FILE")
         if pause and not Path(pause).exists():
             Path(pause).write_text(str(os.getpid()))
-            time.sleep(600)  # the test kills us here, mid-batch
+            _hold_until(os.environ.get("KEDIT_TEST_RESUME_FILE"))  # the test kills us here, or resumes us
         delta.apply(lm.model)
         return EditResult(method="nudge", delta=delta, applied=True)
+
+
+def _hold_until(resume: str | None, limit_s: float = 600.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and not (resume and Path(resume).exists()):
+        time.sleep(0.1)
 
 
 @dataclass

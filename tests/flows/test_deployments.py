@@ -51,6 +51,8 @@ def test_every_served_deployment_resolves_to_its_flow_with_the_expected_paramete
         assert list(flow.parameters.properties) == params, name
         crons = [s.schedule.cron for s in d.schedules]
         assert crons == ([CRON] if name == "nightly" else []), name
+        # Writers run one at a time per deployment (the ledger's lock covers the rest).
+        assert d.concurrency_limit == (None if name == "report" else 1), name
 
 
 def test_compare_and_report_deployments_run_once_on_a_tiny_model(prefect_api, ledger_path, tmp_path):

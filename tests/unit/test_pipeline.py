@@ -8,6 +8,7 @@ import torch
 import gatekit as g
 from gatekit import single_thread  # noqa: F401  (autouse fixture)
 from flows.pipeline import apply_gated_batches, state_path
+from flows.runtime import delta_dir
 from flows.runtime import open_live_model, rebuild_version
 from kedit_core.editors.base import file_sha256
 from kedit_core.errors import KeditError
@@ -142,6 +143,85 @@ def test_crash_after_the_version_was_recorded_completes_the_batch_without_reappl
     assert rep.recovered_batches == [batch["batch_id"]] and editor.calls == 0 and rep.n_skipped == 2
     assert ledger.list_batches(db, run_id="run-v")[0]["status"] == "applied"
     assert g.weights_equal(live2.lm.model, _state(live.lm.model))
+
+
+class _Interloper(g.NudgeEditor):
+    """While making its first batch, another writer (one that ignores the ledger's lock)
+    records a version of its own on top of the live one: a real delta file, a real row."""
+
+    def __init__(self, db, folder) -> None:
+        super().__init__()
+        self.db, self.folder, self.other_version = db, folder, None
+
+    def edit(self, lm, cases):
+        if self.other_version is None:
+            from kedit_core.editors.base import WeightDelta
+
+            name = [n for n, p in lm.model.named_parameters() if "mlp" in n and p.dim() == 2][-1]
+            shape = dict(lm.model.named_parameters())[name].shape
+            delta = WeightDelta({name: torch.randn(shape, generator=torch.Generator().manual_seed(7)) * 1e-6})
+            path = self.folder / "other-writer.safetensors"
+            sha = delta.save(path)
+            live_row = ledger.live_version(self.db, lm.fingerprint)
+            self.other_version = ledger.add_version(self.db, int(live_row["version_id"]), lm.fingerprint, lm.spec,
+                                                    "other-writer", None, str(path), sha)
+        return super().edit(lm, cases)
+
+
+def test_a_batch_whose_live_version_moved_is_undone_and_made_again_on_the_new_one(db, tmp_path):
+    live, suite = _setup(db)
+    apply_gated_batches(live, g.NudgeEditor(), g.edit_cases("a", n=2), db, CFG, 2, "run-a", suite)
+    first = live.version_id
+    editor = _Interloper(db, tmp_path)
+    rep = apply_gated_batches(live, editor, g.edit_cases("b", n=2, start=2), db, CFG, 2, "run-b", suite)
+    other = editor.other_version
+    # The first try lost the compare-and-set and left nothing behind; the retry was built on `other`.
+    assert len(rep.conflicts) == 1 and editor.calls == 2
+    lost = {b["batch_id"]: b for b in ledger.list_batches(db, run_id="run-b")}[rep.conflicts[0]]
+    assert lost["status"] == "failed" and lost["version_id"] is None
+    assert f"built on {first} but the live version is now {other}" in lost["reason"]
+    assert not (delta_dir(live.lm.fingerprint) / f"{rep.conflicts[0]}.safetensors").exists()
+    [kept] = rep.batches
+    assert kept.status == "applied" and rep.n_applied == 2
+    # One linear chain: base -> first -> the other writer's -> ours, every case applied once.
+    chain = [v["version_id"] for v in ledger.version_chain(db, live.version_id)]
+    assert chain == [live.base_version_id, first, other, kept.version_id]
+    assert [v["status"] for v in ledger.list_versions(db)] == ["base", "superseded", "superseded", "live"]
+    assert {s for s, _ in _statuses(db).values()} == {"applied"} and len(_statuses(db)) == 4
+    applied = [b for b in ledger.list_batches(db) if b["status"] == "applied"]
+    assert sum(b["n_cases"] for b in applied) == 4
+    # The live weights are the ledger's rebuild, the other writer's delta included.
+    fresh = g.knowing_tiny_llama()
+    rebuild_version(fresh, db, live.version_id)
+    assert g.weights_equal(fresh.model, _state(live.lm.model))
+
+
+def test_recovery_leaves_a_batch_of_a_live_run_alone_and_takes_it_once_that_run_died(db):
+    import socket
+    import subprocess
+    import sys
+
+    from storage.lock import process_start
+
+    live, suite = _setup(db)
+    cases = g.edit_cases("o", n=2)
+    ledger.upsert_cases(db, cases)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        owner = {"pid": other.pid, "host": socket.gethostname(), "start": process_start(other.pid)}
+        ledger.create_batch(db, "other-b00001", "other", "test_nudge", [c.case_id for c in cases], owner=owner)
+        editor = g.NudgeEditor()
+        rep = apply_gated_batches(live, editor, cases, db, CFG, 2, "run-o", suite)
+        assert rep.recovered_batches == [] and rep.n_applied == 0 and rep.n_skipped == 2 and editor.calls == 0
+        assert ledger.list_batches(db, run_id="other")[0]["status"] == "applying"  # untouched
+    finally:
+        other.kill()
+        other.wait()
+    rep = apply_gated_batches(live, editor, [], db, CFG, 2, "run-o", suite)
+    assert rep.recovered_batches == ["other-b00001"] and rep.n_applied == 2
+    dead = ledger.list_batches(db, run_id="other")[0]
+    assert dead["status"] == "failed" and f"run other, pid {other.pid}" in dead["reason"]
+    assert {s for s, _ in _statuses(db).values()} == {"applied"}
 
 
 def test_rebuild_from_base_and_deltas_equals_live_weights_and_editor_state_resumes(db):
