@@ -2,21 +2,23 @@
 `flows.steps` (which wires the rooms) and returns a small dict of counts; Prefect decides
 what runs when, retries network steps with backoff, and logs through the run logger.
 
-- nightly_update: ingest the settled window, build cases, edit in gated batches, publish,
-  run the periodic full regression check, write the drift report.
+- nightly_update: ingest the settled windows since the last run (a cursor in the ledger,
+  flows/windows.py), build cases, edit in gated batches, publish, run the periodic full
+  regression check, write the drift report.
 - backfill: the same per day over a historical range, resumable through a cursor.
 - compare_methods: one stream through several editors from the same base.
 - drift_report: the report alone.
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 
 from flows import steps
 from flows.settings import PipelineSettings
+from flows.windows import WindowPlan, over_change_budget
 
 NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=[10, 60, 300], retry_jitter_factor=0.5)
 
@@ -73,15 +75,6 @@ def report_task(since: datetime | None, html: str | None) -> dict[str, Any]:
     return result
 
 
-def _window(window_end: datetime | None, window_hours: float, settle_hours: float) -> tuple[datetime, datetime]:
-    """The nightly window ends `settle_hours` before now, so reverts inside the settle
-    window have been seen and filtered before a change reaches the model."""
-    end = window_end or (datetime.now(timezone.utc) - timedelta(hours=settle_hours))
-    if end.tzinfo is None:
-        end = end.replace(tzinfo=timezone.utc)
-    return end - timedelta(hours=window_hours), end
-
-
 @flow(name="kedit-nightly-update", log_prints=False)
 def nightly_update(
     window_end: datetime | None = None,
@@ -89,7 +82,11 @@ def nightly_update(
     settings: dict[str, Any] | None = None,
     report_html: str | None = None,
 ) -> dict[str, Any]:
-    """Ingest one settled window of Wikidata edits and apply it to the live model."""
+    """Ingest the settled Wikidata edits since the last run and apply them to the live model.
+
+    The windows continue from the ledger's cursor (flows/windows.py) up to `window_end`
+    (default: now minus the settle time), `window_hours` at a time; the first run ever
+    reads one window back from `window_end`."""
     cfg = _settings(settings)
     with steps.hold_ledger("nightly", cfg):  # one writer per ledger, for the whole run
         return _nightly(cfg, window_end, window_hours, report_html)
@@ -97,12 +94,12 @@ def nightly_update(
 
 def _nightly(cfg: PipelineSettings, window_end: datetime | None, window_hours: float,
              report_html: str | None) -> dict[str, Any]:
-    start, end = _window(window_end, window_hours, cfg.settle_hours)
-    run_id = steps.begin_run("nightly", cfg, {"start": start.isoformat(), "end": end.isoformat()})
-    summary: dict[str, Any] = {"run_id": run_id, "window": [start.isoformat(), end.isoformat()]}
+    plan = steps.window_plan(cfg, window_end, window_hours)
+    run_id = steps.begin_run("nightly", cfg, {"planned_windows": [[a.isoformat(), b.isoformat()] for a, b in plan.chunks],
+                                              "target_end": plan.target_end.isoformat()})
+    summary: dict[str, Any] = {"run_id": run_id}
     try:
-        summary["ingest"] = _with_retries(ingest_task, cfg)(cfg, start, end)
-        summary["cases"] = _with_retries(cases_task, cfg)(cfg)
+        _ingest_windows(cfg, plan, summary)
         summary["edits"] = edit_task(cfg, run_id)
         if cfg.server_url:
             # Every run publishes the live version (idempotent on the server), so a server
@@ -121,6 +118,34 @@ def _nightly(cfg: PipelineSettings, window_end: datetime | None, window_hours: f
         raise
     steps.end_run(run_id, "completed")
     return summary
+
+
+def _ingest_windows(cfg: PipelineSettings, plan: WindowPlan, summary: dict[str, Any]) -> None:
+    """Ingest and case the planned windows in order, moving the cursor after each, until the
+    run's change budget is spent; the summary gets the windows done, summed counts and the
+    hours left for the next run."""
+    logger = get_run_logger()
+    summary.update(windows=[], ingest=steps.empty_ingest_counts(), cases={})
+    done_until: datetime | None = None
+    for start, end in plan.chunks:
+        if over_change_budget(summary["ingest"]["changes_accepted"], cfg.max_changes_per_run):
+            break
+        steps.add_counts(summary["ingest"], _with_retries(ingest_task, cfg)(cfg, start, end))
+        steps.add_counts(summary["cases"], _with_retries(cases_task, cfg)(cfg))
+        steps.advance_window_cursor(end)
+        summary["windows"].append([start.isoformat(), end.isoformat()])
+        done_until = end
+    if done_until is None:  # nothing new to read: still case changes an earlier run left accepted
+        summary["cases"] = _with_retries(cases_task, cfg)(cfg)
+    summary["window"] = [summary["windows"][0][0], summary["windows"][-1][1]] if summary["windows"] else None
+    left = plan.left_after(done_until)
+    summary["backlog_hours"] = round(left.total_seconds() / 3600, 2)
+    if left.total_seconds() > 0:
+        logger.warning("%.1f h of Wikidata edits (up to %s) left for the next run (max_span_hours=%s, "
+                       "max_changes_per_run=%s)", summary["backlog_hours"], plan.target_end.isoformat(),
+                       cfg.max_span_hours, cfg.max_changes_per_run)
+    elif not plan.chunks:
+        logger.info("no new window: the cursor is already at %s", plan.target_end.isoformat())
 
 
 @flow(name="kedit-backfill")

@@ -19,6 +19,11 @@ class PipelineSettings:
     user_agent_contact: str = "kedit-operator@example.org"
     rate_limit_per_s: float = 5.0
     settle_hours: float = 48.0  # only take changes that survived this long (reverts filtered)
+    # Nightly windows continue from a cursor in the ledger (flows/windows.py); one run reads
+    # at most this many hours of edits and starts no new day once this many fact changes
+    # were accepted (None: no bound); the rest waits for the next run.
+    max_span_hours: float | None = 72.0
+    max_changes_per_run: int | None = None
     allow_bots: bool = True
     allow_anonymous: bool = False
     # Serving

@@ -89,6 +89,50 @@ def _counts(report: Any) -> dict[str, Any]:
     return d
 
 
+def window_plan(settings: PipelineSettings, window_end: datetime | None, window_hours: float,
+                now: datetime | None = None):
+    """The nightly run's windows: from the ledger's cursor to `window_end` (default: now minus
+    the settle time), in chunks of `window_hours`, bounded by `max_span_hours`."""
+    from flows.windows import CURSOR, plan_windows, target_end
+
+    stored = ledger.get_cursor(db(), CURSOR)
+    cursor = datetime.fromisoformat(stored) if stored else None
+    end = target_end(now or datetime.now(timezone.utc), settings.settle_hours, window_end)
+    return plan_windows(cursor, end, window_hours, settings.max_span_hours)
+
+
+def advance_window_cursor(end: datetime) -> None:
+    """Record that every window up to `end` is ingested and cased (never moves backwards)."""
+    from flows.windows import CURSOR, utc
+
+    database = db()
+    stored = ledger.get_cursor(database, CURSOR)
+    if stored and datetime.fromisoformat(stored) >= utc(end):
+        return
+    ledger.set_cursor(database, CURSOR, utc(end).isoformat())
+
+
+def empty_ingest_counts() -> dict[str, Any]:
+    from connectors.ingest import IngestReport
+
+    return IngestReport().to_dict()
+
+
+def add_counts(total: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
+    """Sum one step's counts into a run's: numbers add up, dicts of reasons merge."""
+    for key, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+            total[key] = value
+        elif isinstance(value, dict):
+            merged = dict(total.get(key) or {})
+            for k, v in value.items():
+                merged[k] = merged.get(k, 0) + v
+            total[key] = merged
+        else:
+            total[key] = (total.get(key) or 0) + value
+    return total
+
+
 def ingest_window(settings: PipelineSettings, start: datetime, end: datetime) -> dict[str, Any]:
     from connectors.ingest import ingest_window as ingest
 

@@ -37,8 +37,11 @@ def editor_overrides(method: Optional[str], pairs: List[str]) -> Optional[dict[s
 def register(app: typer.Typer) -> None:
     @app.command("nightly")
     def nightly(
-        window_end: Optional[datetime] = typer.Option(None, help="End of the window (UTC). Default: now minus the settle delay."),
-        window_hours: float = typer.Option(24.0, help="Window length in hours."),
+        window_end: Optional[datetime] = typer.Option(
+            None, help="Read edits up to this time (UTC). Default: now minus the settle delay. Windows start where "
+                       "the last run ended (a cursor in the ledger)."),
+        window_hours: float = typer.Option(24.0, help="Hours per window (a missed night is caught up one window at "
+                                                      "a time); the first run ever reads one window."),
         model: Optional[str] = typer.Option(None, help="Model spec (default: smollm2, the embedded model)."),
         method: Optional[str] = typer.Option(None, help="Editing method (default: alphaedit)."),
         endpoint: Optional[str] = typer.Option(None, help="Wikidata API endpoint (default: the real one)."),
