@@ -34,6 +34,7 @@ from kedit_core.filters import (
     Verdict,
     candidate_mass_users,
     change_verdict,
+    follow_verdict,
     mass_change_users,
     reverted_revisions,
     revision_verdict,
@@ -162,6 +163,8 @@ class _Processor:
                 outcomes.append(RevisionOutcome(r, "filtered", rv.reason))
                 continue
             changes, parts = diffs[r.revid]
+            if rv.accepted:  # the sitelink floor needs the revision's entity, so it is judged here
+                rv = follow_verdict(batch.entities.get(r.revid) or batch.entities.get(r.old_revid), self.config)
             if rv.accepted:
                 rv = scope_verdict(changes, parts)
             judged = []

@@ -116,7 +116,11 @@ class WikidataClient:
         sleep: Callable[[float], None] = time.sleep,
         seed: int | None = None,
     ):
-        contact = contact or os.environ.get("KEDIT_CONTACT") or DEFAULT_CONTACT
+        contact = contact or os.environ.get("KEDIT_CONTACT")
+        if not contact:
+            if endpoint == DEFAULT_ENDPOINT:  # Wikimedia's User-Agent policy asks for a way to reach the operator
+                log.warning("no contact for the Wikidata User-Agent: set KEDIT_CONTACT to your e-mail or URL")
+            contact = DEFAULT_CONTACT
         self.endpoint = endpoint
         self.user_agent = user_agent or f"kedit/0.1 ({contact}) python-requests/{requests.__version__}"
         self.min_interval_s = 1.0 / rate_limit_per_s if rate_limit_per_s else 0.0

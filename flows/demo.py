@@ -81,6 +81,7 @@ def _print(summary: dict[str, Any], echo: Callable[[str], Any]) -> None:
     echo(
         f"edits  : {edits.get('applied_cases', 0)} applied, {edits.get('rejected_cases', 0)} rejected, "
         f"{edits.get('applied_batches', 0)} batches kept, {edits.get('rolled_back_batches', 0)} rolled back; "
+        + (f"{edits['waiting']} wait for the next run (edit budget {edits.get('budget')}); " if edits.get("waiting") else "")
         + (f"live version {edits['live_version']}" if "live_version" in edits else "nothing pending, live version unchanged")
     )
     report = summary.get("report", {})

@@ -16,16 +16,23 @@ class PipelineSettings:
     batch_size: int = 10
     # Wikidata
     endpoint: str = WIKIDATA_API
-    user_agent_contact: str = "kedit-operator@example.org"
+    # Wikimedia asks API clients for a contact in the User-Agent: KEDIT_CONTACT (an e-mail
+    # or URL); None here lets the client read it (connectors/wikidata.py).
+    user_agent_contact: str | None = None
     rate_limit_per_s: float = 5.0
     settle_hours: float = 48.0  # only take changes that survived this long (reverts filtered)
+    # What this deployment follows: "all", item ids ("Q42,Q64" or a list) or "sitelinks>=N"
+    follow: str | list[str] = "all"
     # Nightly windows continue from a cursor in the ledger (flows/windows.py); one run reads
     # at most this many hours of edits and starts no new day once this many fact changes
     # were accepted (None: no bound); the rest waits for the next run.
     max_span_hours: float | None = 72.0
     max_changes_per_run: int | None = None
-    allow_bots: bool = True
+    allow_bots: bool = False  # the filter's own default too: one default everywhere
     allow_anonymous: bool = False
+    # Edits applied per run at most (None or 0: no cap), oldest change first (then subject,
+    # relation, case id); the rest stays pending for the next run and is in the report.
+    max_edits_per_run: int | None = 500
     # Serving
     server_url: str | None = None
     admin_token: str | None = None
@@ -49,8 +56,15 @@ class PipelineSettings:
             if env is None or f.name.endswith("_overrides") or f.name == "network_retry_delays_s":
                 continue
             values[f.name] = _coerce(env, f.type)
+        if "user_agent_contact" not in values and os.environ.get("KEDIT_CONTACT"):
+            values["user_agent_contact"] = os.environ["KEDIT_CONTACT"]  # the documented name
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        from kedit_core.filters import parse_follow
+
+        parse_follow(self.follow)  # a bad scope fails here, in one line, before anything runs
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

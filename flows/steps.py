@@ -76,10 +76,12 @@ def wikidata_client(settings: PipelineSettings):
 
 
 def filter_config(settings: PipelineSettings):
-    from kedit_core.filters import FilterConfig
+    from kedit_core.filters import FilterConfig, parse_follow
 
+    items, min_sitelinks = parse_follow(settings.follow)
     return FilterConfig(
-        settle_window_h=settings.settle_hours, allow_bots=settings.allow_bots, allow_anon=settings.allow_anonymous
+        settle_window_h=settings.settle_hours, allow_bots=settings.allow_bots, allow_anon=settings.allow_anonymous,
+        follow_items=items, min_sitelinks=min_sitelinks,
     )
 
 
@@ -243,24 +245,41 @@ def build_pending_cases(settings: PipelineSettings) -> dict[str, Any]:
 # --------------------------------------------------------------------------- editing
 
 
+def split_budget(pending: list, budget: int | None) -> tuple[list, list]:
+    """(what this run edits, what waits): the first `budget` of cases already in priority order."""
+    if not budget or budget < 0 or len(pending) <= budget:
+        return list(pending), []
+    return list(pending[:budget]), list(pending[budget:])
+
+
 def edit_pending(settings: PipelineSettings, run_id: str, log: Callable[[str], Any] = log.info) -> dict[str, Any]:
-    """Apply every pending case to the live model in gated batches."""
+    """Apply pending cases to the live model in gated batches: at most `max_edits_per_run`,
+    oldest change first (then subject, relation, case id); the others stay pending with a
+    reason saying they wait for the next run."""
     from flows.pipeline import apply_gated_batches, load_or_freeze_suite
     from kedit_core.editors import get_editor
     from kedit_core.gate import GateConfig
+    from storage import pipeline_store
 
     database = db()
-    pending = ledger.get_cases(database, status="pending")
+    pending = pipeline_store.pending_cases_by_priority(database)
     if not pending:
-        return {"pending": 0, "applied_cases": 0, "rejected_cases": 0, "applied_batches": 0}
+        return {"pending": 0, "waiting": 0, "applied_cases": 0, "rejected_cases": 0, "applied_batches": 0}
+    todo, waiting = split_budget(pending, settings.max_edits_per_run)
+    if waiting:
+        ledger.set_case_status(database, [c.case_id for c in waiting], "pending",
+                               f"waiting: over run {run_id}'s edit budget of {settings.max_edits_per_run}")
+        log(f"edit budget {settings.max_edits_per_run}: {len(waiting)} pending cases wait for the next run")
     live = live_model(settings)
     editor = get_editor(settings.method, settings.editor_overrides or None)
     suite = load_or_freeze_suite(live, database, run_id)
     gate = GateConfig.from_dict({"full_check_every": settings.full_check_every, **settings.gate_overrides})
-    log(f"editing {len(pending)} pending cases with {settings.method} in batches of {settings.batch_size}")
-    report = apply_gated_batches(live, editor, pending, database, gate, settings.batch_size, run_id, suite)
+    log(f"editing {len(todo)} pending cases with {settings.method} in batches of {settings.batch_size}")
+    report = apply_gated_batches(live, editor, todo, database, gate, settings.batch_size, run_id, suite)
     return {
         "pending": len(pending),
+        "waiting": len(waiting),
+        "budget": settings.max_edits_per_run,
         "applied_cases": report.n_applied,
         "rejected_cases": report.n_rejected,
         "applied_batches": sum(1 for b in report.batches if b.status == "applied"),

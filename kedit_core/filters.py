@@ -3,6 +3,8 @@
 Every decision is a `Verdict` with a status and, unless accepted, a reason that is stored
 next to the change, so a dropped change can always be explained:
 
+- scope (`revision_verdict`, `follow_verdict`): an item the deployment does not follow
+  (not in its item list, or fewer sitelinks than its floor; `parse_follow`);
 - revision level (`revision_verdict`): reverted within the settle window (the `mw-reverted`
   tag, or undone / rolled back by a later edit), a revert itself, bot or anonymous edits
   (policy), edits that only touch labels, descriptions, aliases or sitelinks;
@@ -23,6 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from kedit_core.diff import value_key
+from kedit_core.errors import KeditError
 from kedit_core.revision import RevisionRef
 from kedit_core.types import FactChange
 
@@ -51,7 +54,38 @@ class FilterConfig:
     mass_change_min_revisions: int = 20  # one new account editing this many revisions in a window
     new_account_max_edits: int = 100
     new_account_max_age_days: float = 30.0
+    # What a deployment follows (`parse_follow`): only these items (None: every item), and
+    # only items with at least this many sitelinks in the edited revision (a popularity floor).
+    follow_items: frozenset[str] | None = None
+    min_sitelinks: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # room for flows to record their own knobs
+
+
+class FollowSpecError(KeditError):
+    """A `follow` setting kedit cannot read; the message says what it accepts."""
+
+
+_ITEM_ID = re.compile(r"^Q[1-9][0-9]*$")
+_SITELINKS = re.compile(r"^sitelinks\s*>=\s*([0-9]+)$")
+
+
+def parse_follow(spec: str | Iterable[str] | None) -> tuple[frozenset[str] | None, int]:
+    """`follow` as (items or None, min sitelinks): "all" (or empty), a list of item ids
+    ("Q42,Q64" or a list), or "sitelinks>=N" (items with at least N sitelinks)."""
+    if spec is None:
+        return None, 0
+    parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p and p.strip()]
+    if not parts or parts == ["all"]:
+        return None, 0
+    if len(parts) == 1 and _SITELINKS.match(parts[0]):
+        return None, int(_SITELINKS.match(parts[0]).group(1))
+    bad = [p for p in parts if not _ITEM_ID.match(p)]
+    if bad:
+        raise FollowSpecError(
+            f"follow {', '.join(parts)!r}: {bad[0]!r} is not an item id; use 'all', a comma-separated list of "
+            "item ids (Q42,Q64) or 'sitelinks>=N'"
+        )
+    return frozenset(parts), 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +153,8 @@ def reverted_revisions(refs: Iterable[RevisionRef], config: FilterConfig) -> dic
 
 def revision_verdict(ref: RevisionRef, config: FilterConfig, reverted: Mapping[int, str]) -> Verdict:
     """Whether a revision's changes may be used at all, before looking at them."""
+    if config.follow_items is not None and ref.item not in config.follow_items:
+        return _filtered(f"not followed: {ref.item} is not in the followed items")
     if ref.revid in reverted:
         return _filtered(reverted[ref.revid])
     if any(t in ref.tags for t in REVERT_TAGS) or _UNDO_RE.search(ref.comment) or _ROLLBACK_RE.search(ref.comment):
@@ -127,6 +163,16 @@ def revision_verdict(ref: RevisionRef, config: FilterConfig, reverted: Mapping[i
         return _filtered("bot edit (policy: allow_bots=False)")
     if ref.is_anon and not config.allow_anon:
         return _filtered("anonymous edit (policy: allow_anon=False)")
+    return ACCEPT
+
+
+def follow_verdict(entity: Mapping[str, Any] | None, config: FilterConfig) -> Verdict:
+    """The sitelink floor of what a deployment follows, on the edited revision's entity."""
+    if config.min_sitelinks <= 0:
+        return ACCEPT
+    n = len((entity or {}).get("sitelinks") or {})
+    if n < config.min_sitelinks:
+        return _filtered(f"not followed: {n} sitelink{'s' if n != 1 else ''} (follow: sitelinks>={config.min_sitelinks})")
     return ACCEPT
 
 

@@ -89,6 +89,7 @@ class ReportData:
     worst_probes: list[dict[str, Any]]
     filtered: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    backlog: dict[str, Any] = field(default_factory=dict)  # pending, over_budget, oldest_change
 
 
 @dataclass
@@ -191,6 +192,13 @@ def _change(metric: str, now: float | None, ref: float | None) -> tuple[str, str
 # --------------------------------------------------------------------------- terminal
 
 
+def backlog_line(backlog: dict[str, Any]) -> str:
+    """What waits for the next run, in one line."""
+    oldest = backlog.get("oldest_change")
+    return (f"waiting for the next run: {backlog['pending']} pending edit cases, {backlog.get('over_budget', 0)} "
+            f"of them over a run's edit budget" + (f"; oldest change {oldest:%Y-%m-%d %H:%M} UTC" if oldest else ""))
+
+
 def terminal_summary(data: ReportData) -> str:
     c = data.counts
     lines = [f"kedit drift report  ({data.generated:%Y-%m-%d %H:%M} UTC, ledger {data.ledger})"]
@@ -200,6 +208,8 @@ def terminal_summary(data: ReportData) -> str:
     live = ", ".join(f"v{r['version_id']} ({r['status']}, {r.get('base_spec') or '?'})" for r in data.live) or "none"
     lines.append(f"versions: {sum(v.values())} ({_kv(v)}); live: {live}")
     lines.append(f"edit cases: {_kv(c.get('cases', {})) or 'none'}")
+    if data.backlog.get("pending"):
+        lines.append(backlog_line(data.backlog))
     lines.append(f"fact changes: {_kv(c.get('changes', {})) or 'none'}")
     b = c.get("batches", {})
     lines.append(f"batches: {sum(b.values())} ({_kv(b)})")
@@ -469,6 +479,7 @@ def render_html(data: ReportData) -> str:
         ("changes quarantined", changes.get("quarantined", 0)),
         ("batches rolled back", batches.get("rolled_back", 0)),
         ("edits pending", cases.get("pending", 0)),
+        ("pending over the edit budget", data.backlog.get("over_budget", 0)),
     ]
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>kedit drift report</title>",

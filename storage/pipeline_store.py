@@ -22,6 +22,19 @@ def case_statuses(db: Database, case_ids: Iterable[str]) -> dict[str, str]:
     return {cid: status for cid, status in rows}
 
 
+def pending_cases_by_priority(db: Database) -> list[EditCase]:
+    """Pending cases in the order a budgeted run edits them: the oldest fact change first (its
+    revision's time; a case without a change, e.g. a benchmark's, by its creation), then by
+    subject, relation and case id, so the order is the same on every run."""
+    with db.connect(read_only=True) as con:
+        rows = con.execute(
+            "SELECT c.body FROM edit_cases c LEFT JOIN fact_changes f ON c.change_id = f.change_id "
+            "WHERE c.status = 'pending' "
+            "ORDER BY coalesce(f.timestamp, c.created), c.subject, c.relation, c.case_id"
+        ).fetchall()
+    return [EditCase.from_json(r[0]) for r in rows]
+
+
 def cases_of_batch(db: Database, batch_id: str) -> list[EditCase]:
     with db.connect(read_only=True) as con:
         rows = con.execute(

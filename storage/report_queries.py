@@ -32,6 +32,17 @@ def counts_by_status(db: Database) -> dict[str, dict[str, int]]:
     return out
 
 
+def pending_backlog(db: Database) -> dict[str, Any]:
+    """What waits for the next run: pending edit cases, those a run's edit budget left
+    ('waiting: ...' reason), and the revision time of the oldest pending change."""
+    with db.connect(read_only=True) as con:
+        pending, waiting, oldest = con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE c.reason LIKE 'waiting:%'), min(f.timestamp) "
+            "FROM edit_cases c LEFT JOIN fact_changes f ON c.change_id = f.change_id WHERE c.status = 'pending'"
+        ).fetchone()
+    return {"pending": int(pending), "over_budget": int(waiting), "oldest_change": oldest}
+
+
 def live_versions(db: Database) -> list[dict[str, Any]]:
     """The live (or, with nothing applied, base) version of every base model."""
     with db.connect(read_only=True) as con:

@@ -45,6 +45,7 @@ def collect_report(db, since: datetime | None = None, now: datetime | None = Non
         batches=q.batch_rows(db, since),
         worst_probes=q.worst_hit_probes(db, since),
         filtered=q.filtered_edits(db, since),
+        backlog=q.pending_backlog(db),
     )
 
 
