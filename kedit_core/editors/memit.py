@@ -565,9 +565,13 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
     prefix_cache = None
     with torch.no_grad():
         if S > 0:
-            prefix_cache = kv_cache_of(body(
-                input_ids=ids_all[:, :S], attention_mask=att_all[:, :S], position_ids=pos_all[:, :S], use_cache=True
-            ))
+            # Under the steps' autocast the cache comes out in bfloat16, like the keys and
+            # values each step appends to it: a float32 cache was promoted (copied) in every
+            # layer of every step, and copied whole per step at twice the size.
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                prefix_cache = kv_cache_of(body(
+                    input_ids=ids_all[:, :S], attention_mask=att_all[:, :S], position_ids=pos_all[:, :S], use_cache=True
+                ))
         captured: dict[str, Any] = {}
 
         def grab(_m, _i, out):
