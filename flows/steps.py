@@ -252,19 +252,40 @@ def split_budget(pending: list, budget: int | None) -> tuple[list, list]:
     return list(pending[:budget]), list(pending[budget:])
 
 
+def reconcile_pending(run_id: str | None, log: Callable[[str], Any] = log.info) -> dict[str, int]:
+    """Before editing: per fact, pending cases older than the applied value or than a later
+    pending one are superseded, and a late revert becomes an edit only if it undoes what the
+    model holds (`kedit_core.corrections`); every decision goes to the ledger with its reason."""
+    from kedit_core.corrections import reconcile
+    from storage import correction_store
+
+    database = db()
+    decisions = reconcile(correction_store.pending_fact_edits(database), correction_store.applied_fact_edits(database))
+    correction_store.record_decisions(database, decisions, run_id)
+    counts = {"superseded": sum(d.status == "superseded" for d in decisions),
+              "reverts_applied": sum(d.status == "pending" for d in decisions),
+              "reverts_filtered": sum(d.status == "filtered" for d in decisions)}
+    for d in decisions:
+        log(f"case {d.case_id}: {d.status}: {d.reason}")
+    return counts
+
+
 def edit_pending(settings: PipelineSettings, run_id: str, log: Callable[[str], Any] = log.info) -> dict[str, Any]:
-    """Apply pending cases to the live model in gated batches: at most `max_edits_per_run`,
-    oldest change first (then subject, relation, case id); the others stay pending with a
-    reason saying they wait for the next run."""
+    """Apply pending cases to the live model in gated batches: first the corrections'
+    decisions (`reconcile_pending`), then at most `max_edits_per_run`, oldest change first
+    (then subject, relation, case id); the others stay pending with a reason saying they
+    wait for the next run."""
     from flows.pipeline import apply_gated_batches, load_or_freeze_suite
     from kedit_core.editors import get_editor
     from kedit_core.gate import GateConfig
     from storage import pipeline_store
 
     database = db()
+    corrections = reconcile_pending(run_id, log)
     pending = pipeline_store.pending_cases_by_priority(database)
     if not pending:
-        return {"pending": 0, "waiting": 0, "applied_cases": 0, "rejected_cases": 0, "applied_batches": 0}
+        return {"pending": 0, "waiting": 0, "applied_cases": 0, "rejected_cases": 0, "applied_batches": 0,
+                "corrections": corrections}
     todo, waiting = split_budget(pending, settings.max_edits_per_run)
     if waiting:
         ledger.set_case_status(database, [c.case_id for c in waiting], "pending",
@@ -286,6 +307,7 @@ def edit_pending(settings: PipelineSettings, run_id: str, log: Callable[[str], A
         "rolled_back_batches": sum(1 for b in report.batches if b.status != "applied"),
         "live_version": report.final_version,
         "seconds": round(report.seconds, 1),
+        "corrections": corrections,
     }
 
 

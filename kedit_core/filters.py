@@ -6,8 +6,11 @@ next to the change, so a dropped change can always be explained:
 - scope (`revision_verdict`, `follow_verdict`): an item the deployment does not follow
   (not in its item list, or fewer sitelinks than its floor; `parse_follow`);
 - revision level (`revision_verdict`): reverted within the settle window (the `mw-reverted`
-  tag, or undone / rolled back by a later edit), a revert itself, bot or anonymous edits
-  (policy), edits that only touch labels, descriptions, aliases or sitelinks;
+  tag, or undone / rolled back by a later edit), a revert of such an edit (it restores what
+  the model never got), bot or anonymous edits (policy), edits that only touch labels,
+  descriptions, aliases or sitelinks. A *late* revert (its target is older than the settle
+  window, so it may have been applied) is diffed like any edit: `kedit_core.corrections`
+  decides against the ledger whether it undoes an applied value;
 - change level (`change_verdict`): unsupported or malformed values, monolingual text not in
   English, subject or value without an English label, values too long for a QA answer;
 - suspicious changes are *quarantined* (kept for a human, never applied): a value replaced by
@@ -115,8 +118,20 @@ _UNDO_RE = re.compile(r"/\*\s*undo:\d+\|\|(\d+)\|")
 _ROLLBACK_RE = re.compile(r"Reverted edits by \[\[Special:Contributions/([^|\]]+)")
 
 
+REVERT_REASON = "a revert: restores an earlier state, not a new fact"
+
+
+def is_revert(tags: Iterable[str], comment: str | None) -> bool:
+    """Whether a revision says it is a revert (undo, rollback or a manual revert tag)."""
+    comment = comment or ""
+    return any(t in REVERT_TAGS for t in tags) or bool(_UNDO_RE.search(comment) or _ROLLBACK_RE.search(comment))
+
+
 def reverted_revisions(refs: Iterable[RevisionRef], config: FilterConfig) -> dict[int, str]:
-    """{revid: reason} for revisions reverted within the settle window, from tags and summaries.
+    """{revid: reason} for revisions reverted within the settle window, from tags and summaries,
+    and for the reverts that undid them (filtered too: they restore what the model never got).
+    A revert whose target is not found within the window is left out: it is a late revert,
+    judged by content against what the ledger applied (`kedit_core.corrections`).
 
     `refs` should reach `settle_window_h` past the window being ingested, so reverts of its last
     edits are seen."""
@@ -148,6 +163,8 @@ def reverted_revisions(refs: Iterable[RevisionRef], config: FilterConfig) -> dic
                 targets = earlier[-1:]
             for p in targets:
                 out.setdefault(p.revid, f"reverted within {config.settle_window_h:g}h by revision {r.revid}")
+            if targets:
+                out.setdefault(r.revid, REVERT_REASON)
     return out
 
 
@@ -155,10 +172,9 @@ def revision_verdict(ref: RevisionRef, config: FilterConfig, reverted: Mapping[i
     """Whether a revision's changes may be used at all, before looking at them."""
     if config.follow_items is not None and ref.item not in config.follow_items:
         return _filtered(f"not followed: {ref.item} is not in the followed items")
-    if ref.revid in reverted:
+    if ref.revid in reverted:  # reverted within the window, or a revert of such an edit
         return _filtered(reverted[ref.revid])
-    if any(t in ref.tags for t in REVERT_TAGS) or _UNDO_RE.search(ref.comment) or _ROLLBACK_RE.search(ref.comment):
-        return _filtered("a revert: restores an earlier state, not a new fact")
+    # A revert not in `reverted` is a late one: diffed, and judged against the ledger later.
     if ref.is_bot and not config.allow_bots:
         return _filtered("bot edit (policy: allow_bots=False)")
     if ref.is_anon and not config.allow_anon:

@@ -248,6 +248,16 @@ def _fits(answer: str, cfg: QAConfig) -> bool:
 # ---------------------------------------------------------------------------- the build
 
 
+def fact_key(subject_id: str, pid: str, new_value: dict[str, Any] | None) -> tuple[str, ...]:
+    """Which fact a change (or the case made from it) sets: a later one with the same key
+    replaces it. For a multi-valued relation each value is its own fact (five occupations
+    are five facts), so only a single-valued relation is keyed by (subject, property)."""
+    t = template_for(pid)
+    if t is not None and t.single_valued:
+        return (subject_id, pid)
+    return (subject_id, pid, json.dumps(new_value, sort_keys=True, default=str))
+
+
 def build_cases(
     changes: list[FactChange],
     labels: LabelLookup,
@@ -289,13 +299,9 @@ def build_cases(
     if alias_missing and callable(alias_lookup):
         known_aliases.update({k: list(v) for k, v in (alias_lookup(alias_missing) or {}).items() if v})
 
-    # A later change of the same fact in the batch supersedes an earlier one. For a
-    # multi-valued relation each value is its own fact (five occupations are five facts).
+    # A later change of the same fact in the batch supersedes an earlier one.
     def fact_of(ch: FactChange) -> tuple[str, ...]:
-        t = template_for(ch.property)
-        if t is not None and t.single_valued:
-            return (ch.subject, ch.property)
-        return (ch.subject, ch.property, json.dumps(ch.new_value, sort_keys=True, default=str))
+        return fact_key(ch.subject, ch.property, ch.new_value)
 
     # Among values of one single-valued fact in the same revision (e.g. populations with
     # different "point in time" qualifiers), the most recent one by qualifier wins.

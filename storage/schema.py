@@ -154,6 +154,19 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE runs ADD COLUMN pid BIGINT",
         "ALTER TABLE runs ADD COLUMN host TEXT",
     ],
+    5: [
+        # Why a pending case was superseded, filtered or kept as a correction before editing
+        # (kedit_core.corrections): the case row's own reason is cleared once it is applied,
+        # so the decision that made it an edit (e.g. "reverts revision R applied in version V")
+        # is kept here.
+        """CREATE TABLE case_decisions (
+            case_id TEXT NOT NULL,
+            run_id TEXT,
+            status TEXT NOT NULL,          -- superseded | filtered | pending
+            reason TEXT NOT NULL,
+            created TIMESTAMP NOT NULL
+        )""",
+    ],
 }
 
 SCHEMA_VERSION: int = max(MIGRATIONS)

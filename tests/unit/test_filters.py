@@ -62,6 +62,10 @@ def test_reverted_by_tag_undo_and_rollback_within_the_settle_window():
     assert v.status == "filtered" and "reverted within 48h" in v.reason
     assert "a revert" in revision_verdict(refs[2], CFG, rev).reason
     assert revision_verdict(refs[6], CFG, rev).accepted
+    # The undo within the window is filtered with its target; the late one (72 h) is diffed,
+    # and kedit_core.corrections decides against the ledger whether it undoes an applied value.
+    assert rev[12] == rev[22] == "a revert: restores an earlier state, not a new fact"
+    assert 31 not in rev and revision_verdict(refs[7], CFG, rev).accepted
 
 
 def test_bot_and_anonymous_policy_is_configurable():
