@@ -130,7 +130,8 @@ def worst_hit_probes(db: Database, since: datetime | None = None, limit: int = 1
 
 
 def filtered_edits(db: Database, since: datetime | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """Fact changes filtered or quarantined, and edit cases rejected or filtered, with reasons."""
+    """Fact changes filtered or quarantined, and edit cases rejected, filtered or superseded
+    (a later or applied value of the same fact, `kedit_core.corrections`), with reasons."""
     with db.connect(read_only=True) as con:
         return _rows(
             con,
@@ -141,7 +142,7 @@ def filtered_edits(db: Database, since: datetime | None = None, limit: int = 50)
                 FROM fact_changes WHERE status IN ('filtered', 'quarantined') AND created >= ?
                 UNION ALL
                 SELECT 'edit case', case_id, subject, relation, status, reason, coalesce(updated, created) AS happened
-                FROM edit_cases WHERE status IN ('rejected', 'filtered') AND coalesce(updated, created) >= ?
+                FROM edit_cases WHERE status IN ('rejected', 'filtered', 'superseded') AND coalesce(updated, created) >= ?
             ) ORDER BY happened DESC, id LIMIT ?
             """,
             [since or _EPOCH, since or _EPOCH, int(limit)],

@@ -8,6 +8,7 @@ from kedit_core.diff import value_key
 from kedit_core.types import EditCase
 from storage import correction_store, ledger
 from storage.db import open_db
+from storage.report_queries import filtered_edits
 
 P6 = ("Q1040", "P6")  # head of government: single-valued
 
@@ -107,6 +108,9 @@ def test_decisions_are_stored_with_their_reasons_once(kedit_home):
     again = reconcile(correction_store.pending_fact_edits(db), correction_store.applied_fact_edits(db))
     assert correction_store.record_decisions(db, again, "run-2") == 0
     assert len(correction_store.decision_rows(db)) == 1
+    # The drift report lists the superseded case with its reason.
+    listed = {r["id"]: (r["status"], r["reason"]) for r in filtered_edits(db)}
+    assert listed["a"] == ("superseded", rows["a"]["reason"])
 
 
 def test_a_revert_waiting_over_several_runs_is_logged_once(kedit_home):
