@@ -170,7 +170,7 @@ def backfill_chunk(
             report = ingest.backfill_items(client, db(), items, start, end, filter_config(settings), progress=False)
         else:
             report = ingest.ingest_window(
-                client, db(), start, end, filter_config(settings), cursor_name=f"wikidata:backfill-window"
+                client, db(), start, end, filter_config(settings), cursor_name="wikidata:backfill-window"
             )
         return _counts(report)
     finally:
