@@ -613,7 +613,7 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
 
     # Attention on its plain math kernel: for these few short rows the CPU flash-attention
     # backward cost 15x its forward, a quarter of each step (math: ~20% faster steps on the
-    # embedded model, docs/editing.md "Speed").
+    # embedded model, docs/editing.md, eighth round).
     with _frozen_weights(model), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         for step in range(cfg.v_steps + 1):
             done = done_g[group]
