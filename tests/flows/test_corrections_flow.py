@@ -29,6 +29,7 @@ from flows import steps
 from storage import correction_store, ledger, wikidata_store
 from storage.db import open_db
 from tests.conftest import WIKIDATA_DAY
+from tests.flows.conftest import flow_settings
 
 VANDAL, REVERT = 2150000201, 2150000202
 MAYOR_UPDATE = 2150000103  # the recorded day's Mentrup -> Hartmann, 2024-05-01 09:02:40
@@ -80,8 +81,7 @@ def replay(tmp_path):
 
 
 def _settings(url: str) -> dict:
-    return {"model": "tiny-llama", "method": "nudge", "endpoint": url, "rate_limit_per_s": 0, "batch_size": 4,
-            "gate_overrides": {"take_floor": 0.0}, "max_span_hours": None}
+    return flow_settings(url, batch_size=4, max_span_hours=None)
 
 
 def _night(url: str, end: datetime, hours: float = 24) -> dict:

@@ -10,31 +10,19 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pytest
 
 import tests.flows.flowkit  # noqa: F401  (registers the test editors)
-from connectors.replay import ReplayServer
 from flows.runtime import open_live_model
 from kedit_core.model import fingerprint_model
 from storage import ledger
 from storage.db import open_db
-from tests.conftest import WIKIDATA_DAY as DAY
+from tests.flows.conftest import flow_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DAY_END = datetime(2024, 5, 2, tzinfo=timezone.utc)
 # Accept every batch that does not hurt: the tiny test editors do not make facts "take".
-LENIENT = {"take_floor": 0.0}
-
-
-@pytest.fixture
-def replay():
-    with ReplayServer(DAY) as url:
-        yield url
-
-
-def _settings(url: str, method: str = "nudge", **extra) -> dict:
-    return {"model": "tiny-llama", "method": method, "endpoint": url, "rate_limit_per_s": 0,
-            "batch_size": 3, "gate_overrides": LENIENT, **extra}
+def _settings(url: str, batch_size: int = 3, **extra) -> dict:
+    return flow_settings(url, batch_size, **extra)
 
 
 def _live_weights_match_ledger(db) -> None:

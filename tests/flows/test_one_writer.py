@@ -12,16 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 import tests.flows.flowkit  # noqa: F401  (registers the test editors)
-from connectors.replay import ReplayServer
 from flows.runtime import open_live_model
 from kedit_core.model import fingerprint_model
 from storage import ledger
 from storage.db import open_db
 from storage.lock import lock_path, read_holder
-from tests.conftest import WIKIDATA_DAY as DAY
+from tests.flows.conftest import flow_settings
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = """
@@ -41,15 +39,8 @@ print("RESULT " + json.dumps({"run_id": out["run_id"], "applied": out["edits"].g
 """
 
 
-@pytest.fixture
-def replay():
-    with ReplayServer(DAY) as url:
-        yield url
-
-
 def _settings(url: str, **extra) -> dict:
-    return {"model": "tiny-llama", "method": "nudge", "endpoint": url, "rate_limit_per_s": 0, "batch_size": 2,
-            "gate_overrides": {"take_floor": 0.0}, **extra}
+    return flow_settings(url, batch_size=2, **extra)
 
 
 def _env(ledger_path: Path, prefect_api: str, **extra: str) -> dict[str, str]:

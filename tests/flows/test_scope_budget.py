@@ -7,29 +7,19 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import pytest
 
 import tests.flows.flowkit  # noqa: F401  (registers the test editors)
-from connectors.replay import ReplayServer
 from storage import ledger, wikidata_store
 from storage.db import open_db
-from tests.conftest import WIKIDATA_DAY as DAY
+from tests.flows.conftest import flow_settings
 
 DAY_END = datetime(2024, 5, 2, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def replay():
-    with ReplayServer(DAY) as url:
-        yield url
 
 
 def _night(url: str, **extra) -> dict:
     from flows.pipelines import nightly_update
 
-    settings = {"model": "tiny-llama", "method": "nudge", "endpoint": url, "rate_limit_per_s": 0, "batch_size": 3,
-                "gate_overrides": {"take_floor": 0.0}, **extra}
-    return nightly_update(window_end=DAY_END, window_hours=24, settings=settings)
+    return nightly_update(window_end=DAY_END, window_hours=24, settings=flow_settings(url, batch_size=3, **extra))
 
 
 def _change_times(db) -> dict[str, datetime]:

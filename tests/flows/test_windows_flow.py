@@ -8,32 +8,23 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import pytest
 
 import tests.flows.flowkit  # noqa: F401  (registers the test editors)
 from connectors.ingest import ingest_window
-from connectors.replay import ReplayServer
 from connectors.wikidata import WikidataClient
 from flows.settings import PipelineSettings
 from flows.steps import filter_config
 from storage import ledger, wikidata_store
 from storage.db import open_db
-from tests.conftest import WIKIDATA_DAY as DAY
+from tests.flows.conftest import flow_settings
 
 
 def at(day: int, hour: int) -> datetime:
     return datetime(2024, 5, day, hour, tzinfo=timezone.utc)
 
 
-@pytest.fixture
-def replay():
-    with ReplayServer(DAY) as url:
-        yield url
-
-
 def _settings(url: str, **bounds) -> dict:
-    return {"model": "tiny-llama", "method": "nudge", "endpoint": url, "rate_limit_per_s": 0, "batch_size": 4,
-            "gate_overrides": {"take_floor": 0.0}, "max_span_hours": None, **bounds}
+    return flow_settings(url, batch_size=4, **{"max_span_hours": None, **bounds})
 
 
 def _night(url: str, end: datetime, **bounds) -> dict:
