@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from kedit_core.editors.update_gate import installed_gate, routed
+from kedit_core.matching import answer_forms, states_answer
 from kedit_core.model import LoadedModel
 
 
@@ -106,6 +107,7 @@ def answer_many(
     max_new_tokens: int = SERVED_MAX_NEW_TOKENS,
     system: str | None = None,
     batch_size: int = 16,
+    checks: dict[str, int] | None = None,
 ) -> list[str]:
     """Greedy chat replies to one-message chats, as `kedit serve` gives them.
 
@@ -113,12 +115,34 @@ def answer_many(
     and each reply is the one the server (one request at a time, no padding) produces:
     padding changes float rounding, and a greedy reply of 48 tokens can flip on it, which
     would show up as a changed answer that no user would ever see.
+
+    A reply the served memory checks (`served_asks`) and finds without its fact's value is
+    asked again on the base layers, as the server does (`keep_checked`). `checks` receives
+    how many replies were checked, asked again, and replaced by the second reply.
     """
     questions = list(questions)
     if not questions:
         return []
-    prompts = [chat_prompt(lm, q, system) for q in rewrite_all(questions, served_rewriter(lm, rewriter))]
+    asks = served_asks(lm, questions, rewriter)
+    prompts = [chat_prompt(lm, asked, system) for asked, _ in asks]
     routes = edit_routes(lm, questions)  # decided on the user's question, as the server does
+    replies = _generate_unpadded(lm, prompts, routes, max_new_tokens, batch_size)
+    missed = [i for i, (_, value) in enumerate(asks) if value is not None and not states_value(replies[i], value)]
+    again = _generate_unpadded(lm, [prompts[i] for i in missed], [False] * len(missed), max_new_tokens, batch_size)
+    replaced = 0
+    for i, second in zip(missed, again):
+        replies[i], took = keep_checked(replies[i], second, asks[i][1])
+        replaced += took
+    if checks is not None:
+        for key, n in (("checked", sum(v is not None for _, v in asks)), ("asked_again", len(missed)),
+                       ("replaced", replaced)):
+            checks[key] = checks.get(key, 0) + n
+    return replies
+
+
+def _generate_unpadded(lm: LoadedModel, prompts: list[str], routes: list[bool | None], max_new_tokens: int,
+                       batch_size: int) -> list[str]:
+    """Greedy replies, batching only prompts of one token length and one route."""
     groups: dict[tuple[int, bool | None], list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault((len(lm.tokenizer.encode(p, add_special_tokens=False)), routes[i]), []).append(i)
@@ -133,14 +157,38 @@ def answer_many(
     return replies
 
 
-def served_rewriter(lm: LoadedModel, rewriter: PromptRewriter | None) -> PromptRewriter | None:
-    """How the served model rewrites a question: the memory editor's rewriter if one is
-    given, else the live weight editor's edit scope when it puts facts in context."""
+def served_asks(lm: LoadedModel, questions: list[str], rewriter: PromptRewriter | None) -> list[tuple[str, str | None]]:
+    """Per question, (the text the served model is asked, the value its reply is checked
+    for or None). A memory editor's rewriter, if given, rewrites and nothing is checked;
+    else the live weight editor's edit scope, when it puts facts in context, puts a fact
+    in front of a question about an edited subject and (its `check`) names that fact's
+    value (kedit_core/editors/edit_scope.py)."""
     if rewriter is not None:
-        return rewriter
+        return [(q, None) for q in rewrite_all(list(questions), rewriter)]
     gate = installed_gate(lm)
     scope = gate.scope if gate is not None else None
-    return scope if scope is not None and getattr(scope, "context", None) is not None else None
+    if scope is None or getattr(scope, "context", None) is None:
+        return [(q, None) for q in questions]
+    return scope.served(list(questions))
+
+
+def states_value(reply: str, value: str) -> bool:
+    """Does the reply state `value` (the served-answer protocol's whole-word match)?"""
+    return states_answer(reply, answer_forms(value))
+
+
+def keep_checked(first: str, second: str, value: str) -> tuple[str, bool]:
+    """The reply the server gives when its first reply to a question with a fact in front
+    missed the fact's value and it asked again on the base layers: the second reply if it
+    states the value, else the first (a question about another fact of the subject keeps
+    the edited model's own reply). (reply, True when the second was taken.)
+
+    Why a second try: where the edit rewrote the subject's last token, the edited layers
+    garble the name the reply copies from the prompt (docs/editing.md, eighth round); the
+    base layers read the same fact in front without that damage."""
+    if states_value(second, value):
+        return second, True
+    return first, False
 
 
 def edit_routes(lm: LoadedModel, questions: list[str]) -> list[bool | None]:

@@ -29,51 +29,17 @@ import re
 from typing import Sequence
 
 from kedit_core.answer import PromptRewriter, answer_many
+from kedit_core.matching import answer_forms, states_answer
 from kedit_core.model import LoadedModel
 from kedit_core.render import normalise_form as normalise
+
+__all__ = ["answer_forms", "states_answer"]  # the matching rules live in kedit_core/matching.py
 from kedit_core.types import EditCase, Probe
 
 # Locality probe kinds: unrelated knowledge is `served_locality`; other facts of an edited
 # subject are reported apart (`served_locality_same`), as the teacher-forced figures are.
 UNRELATED_KINDS = ("locality", "locality_other")
 SAME_SUBJECT_KIND = "locality_same"
-
-
-# --------------------------------------------------------------------------- matching
-
-
-def _spans(text: str, form: str) -> list[tuple[int, int]]:
-    """Character spans of whole-word occurrences of `form` in `text` (both normalised)."""
-    padded, needle = f" {text} ", f" {form} "
-    out, at = [], padded.find(needle)
-    while form and at >= 0:
-        out.append((at, at + len(needle)))
-        at = padded.find(needle, at + 1)
-    return out
-
-
-def answer_forms(answer: str, aliases: Sequence[str] = ()) -> list[str]:
-    """The normalised renderings that count as stating `answer` (empty ones dropped)."""
-    forms = []
-    for a in [answer, *aliases]:
-        n = normalise(a or "")
-        if n and n not in forms:
-            forms.append(n)
-    return forms
-
-
-def states_answer(reply: str, new_forms: Sequence[str], old_forms: Sequence[str] = ()) -> bool:
-    """True when the reply mentions a new form and no old form, where a mention inside a
-    mention of the other value does not count: "Paris Saint-Germain" is no mention of an
-    old "Paris", and "14 March 1879" (old) is no mention of a new "1879"."""
-    text = normalise(reply)
-    new = [sp for f in new_forms for sp in _spans(text, f)]
-    old = [sp for f in old_forms if f not in new_forms for sp in _spans(text, f)]
-
-    def inside(sp: tuple[int, int], others: list[tuple[int, int]]) -> bool:
-        return any(o[0] <= sp[0] and sp[1] <= o[1] and o != sp for o in others)
-
-    return any(not inside(sp, old) for sp in new) and all(inside(sp, new) for sp in old)
 
 
 def case_forms(case: EditCase) -> tuple[list[str], list[str]]:
@@ -178,7 +144,8 @@ def served_metrics(
     # can name another case's subject): it counts with the edited subjects' other facts.
     edited = {c.subject.strip() for c in cases if c.subject.strip()}
     unique = list(dict.fromkeys(q for _, q, _, _ in asks))
-    got = dict(zip(unique, answer_many(lm, unique, rewriter)))
+    checks: dict[str, int] = {}
+    got = dict(zip(unique, answer_many(lm, unique, rewriter, checks=checks)))
 
     scores: dict[str, list[float]] = {}
 
@@ -209,4 +176,7 @@ def served_metrics(
                 forms = answer_forms(probe.answer)
                 if states_answer(before, forms):
                     add("served_locality_correct", float(states_answer(reply, forms)))
-    return {k: v for k, v in ((k, _mean(v)) for k, v in scores.items()) if v is not None}
+    out = {k: v for k, v in ((k, _mean(v)) for k, v in scores.items()) if v is not None}
+    if checks.get("checked"):  # the served memory's second tries: how much of what users read they wrote
+        out["served_second_try"] = checks["replaced"] / len(unique)
+    return out

@@ -31,13 +31,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Optional, Union
 
 import torch
 
 from kedit_core.answer import TOKENIZER_LOCK as _TOKENIZER_LOCK
-from kedit_core.answer import PromptRewriter, edit_routes, render_chat, served_rewriter
+from kedit_core.answer import PromptRewriter, edit_routes, keep_checked, render_chat, served_asks, states_value
 from kedit_core.editors.base import WeightDelta
 from kedit_core.editors.update_gate import routed
 from kedit_core.errors import KeditError
@@ -444,6 +444,7 @@ class GenParams:
     top_p: float | None = None
     stop: list[str] = field(default_factory=list)
     in_scope: bool | None = None  # the request's edit route (kedit_core.answer.edit_routes)
+    check: str | None = None  # the value the served memory checks the reply for (answer.served_asks)
 
 
 @dataclass
@@ -559,6 +560,29 @@ def generate_text(
     eos_ids = set(eos) if isinstance(eos, list) else {eos}
     finish = "stop" if asm.stopped or last[0] in eos_ids else "length"
     return Generation(asm.text, int(input_ids.shape[1]), n_new[0], finish)
+
+
+def generate_served(
+    lm: LoadedModel,
+    input_ids: torch.Tensor,
+    params: GenParams,
+    on_piece: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> Generation:
+    """`generate_text` with the served memory's check (kedit_core.answer.keep_checked): a
+    reply to a question with a fact in front (`params.check`) is held back until checked,
+    and one that misses the fact's value is generated again on the base layers; the reply
+    kept is then sent as one piece. Every other request streams token by token."""
+    if params.check is None:
+        return generate_text(lm, input_ids, params, on_piece=on_piece, cancel=cancel)
+    gen = generate_text(lm, input_ids, params, cancel=cancel)
+    if not states_value(gen.text, params.check) and not (cancel is not None and cancel.is_set()):
+        second = generate_text(lm, input_ids, replace(params, in_scope=False), cancel=cancel)
+        if keep_checked(gen.text, second.text, params.check)[1]:
+            gen = second
+    if gen.text and on_piece is not None:
+        on_piece(gen.text)
+    return gen
 
 
 # --------------------------------------------------------------------------- request models
@@ -753,16 +777,17 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
             last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
             # the edits answer only a question in their scope, judged on what the user asked
             in_scope = edit_routes(held.lm, [messages[last_user]["content"]])[0] if last_user is not None else None
-            rewriter = served_rewriter(held.lm, held.rewriter)
-            if rewriter is not None and last_user is not None:
+            check = None
+            if last_user is not None:
                 # Memory editors (and an edit scope's served memory) answer through the same
                 # endpoint by rewriting the question.
-                messages[last_user]["content"] = rewriter.rewrite_prompt(messages[last_user]["content"])
+                messages[last_user]["content"], check = served_asks(
+                    held.lm, [messages[last_user]["content"]], held.rewriter)[0]
             input_ids = encode_prompt(held.lm, render_chat(held.lm, messages))
             limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             params = GenParams(check_tokens(held, input_ids.shape[1], limit,
                                             "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"),
-                               req.temperature, req.top_p, stops(req.stop), in_scope)
+                               req.temperature, req.top_p, stops(req.stop), in_scope, check)
         except BaseException:
             state.release(held)
             raise
@@ -782,7 +807,7 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
                                                "usage": _usage(g)}) if include_usage else None)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers_for(held))
         try:
-            gen = generate_text(held.lm, input_ids, params)
+            gen = generate_served(held.lm, input_ids, params)
         finally:
             state.release(held)
         body = {**base, "object": "chat.completion",
@@ -803,12 +828,11 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
         held = state.acquire()
         try:
             encoded = []
-            rewriter = served_rewriter(held.lm, held.rewriter)
-            for p, in_scope in zip(prompts, edit_routes(held.lm, prompts)):
-                asked = rewriter.rewrite_prompt(p) if rewriter is not None else p
+            asks = served_asks(held.lm, prompts, held.rewriter)
+            for p, in_scope, (asked, check) in zip(prompts, edit_routes(held.lm, prompts), asks):
                 ids = encode_prompt(held.lm, asked)
                 encoded.append((p, ids, GenParams(check_tokens(held, ids.shape[1], req.max_tokens, "max_tokens"),
-                                                  req.temperature, req.top_p, stops(req.stop), in_scope)))
+                                                  req.temperature, req.top_p, stops(req.stop), in_scope, check)))
         except BaseException:
             state.release(held)
             raise
@@ -828,7 +852,7 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
                                                "usage": _usage(g)}) if include_usage else None)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers_for(held))
         try:
-            gens = [(p, generate_text(held.lm, ids, params)) for p, ids, params in encoded]
+            gens = [(p, generate_served(held.lm, ids, params)) for p, ids, params in encoded]
         finally:
             state.release(held)
         body = {**base, "object": "text_completion",
@@ -910,7 +934,7 @@ def _stream(
 
     def work() -> None:
         try:
-            result["gen"] = generate_text(held.lm, input_ids, params, on_piece=events.put, cancel=cancel)
+            result["gen"] = generate_served(held.lm, input_ids, params, on_piece=events.put, cancel=cancel)
         except Exception as exc:  # reported to the client as an error event
             log.exception("generation failed")
             result["error"] = exc

@@ -49,13 +49,18 @@ class EditScope:
     nearest fact in front (`rewrite_prompts`, the retrieval baseline's template): the served
     memory, for what the weights miss."""
 
-    def __init__(self, threshold: float = 0.6, context: float | None = None, embedder: Any = None) -> None:
+    def __init__(self, threshold: float = 0.6, context: float | None = None, embedder: Any = None,
+                 check: bool = False) -> None:
         self.threshold = threshold
         self.context = context  # cosine a named subject's fact needs to be put in front; None: never
+        # Check the reply to a question with a fact in front for that fact's value, and ask
+        # again on the base layers where it is missing (`checked_answer`, answer.py).
+        self.check = check
         self._embedder = embedder
         self.subjects: set[str] = set()  # normalised subject labels
         self.keys: list[str] = []  # the edit questions (and prompts) a question is compared with
         self.fact_of_key: list[str] = []  # the fact sentence each key stands for
+        self.answer_of_key: list[str] = []  # the value that fact states
         self._keys_of_name: dict[str, list[int]] = {}  # normalised subject name -> its facts' keys
         self._vectors = np.zeros((0, 0), dtype=np.float32)
         self._cache: dict[str, np.ndarray] = {}  # key -> vector: a sync embeds only new facts
@@ -81,7 +86,7 @@ class EditScope:
         """Scope = the facts an editor holds now (label -> relation -> [subject, prompt,
         answer, question]); a fact is keyed by its question and its prompt."""
         subjects: set[str] = set()
-        fact_of: dict[str, tuple[str, frozenset[str]]] = {}  # key -> (fact sentence, its subject's names)
+        fact_of: dict[str, tuple[str, frozenset[str], str]] = {}  # key -> (fact sentence, subject's names, value)
         for label, rels in facts.items():
             for fact in rels.values():
                 subject, prompt, answer = (str(x).strip() for x in fact[:3])
@@ -89,12 +94,13 @@ class EditScope:
                 names = frozenset(normalise_form(s) for s in (label, subject))
                 subjects.update(names)
                 for key in dict.fromkeys(k for k in (question, prompt) if k):
-                    fact_of[key] = (fact_sentence(prompt, answer), names)
+                    fact_of[key] = (fact_sentence(prompt, answer), names, answer)
         self.subjects = {s for s in subjects if len(s) >= 2 and len(s.split()) <= MAX_LABEL_WORDS}
         self.keys = list(fact_of)
-        self.fact_of_key = [f for f, _ in fact_of.values()]
+        self.fact_of_key = [f for f, _, _ in fact_of.values()]
+        self.answer_of_key = [a for _, _, a in fact_of.values()]
         self._keys_of_name = {}
-        for i, (_, names) in enumerate(fact_of.values()):
+        for i, (_, names, _) in enumerate(fact_of.values()):
             for name in names:
                 self._keys_of_name.setdefault(name, []).append(i)
         self._vectors = self._embed_keys(self.keys)
@@ -121,18 +127,18 @@ class EditScope:
                 named[i] = bool(b >= self.threshold)
         return named
 
-    def rewrite_prompts(self, questions: Sequence[str]) -> list[str]:
-        """The questions as the served model is asked them: with `context`, a question that
-        names an edited subject gets, in front, that subject's fact whose question is
-        nearest to it, if the cosine reaches `context`; every other question is asked as it is. (Only a
-        named subject's facts: "What is the capital of France?" is near an edited "What is
-        the capital of Tessaly?", and Tessaly's capital in front of it would be a wrong answer.)"""
+    def context_facts(self, questions: Sequence[str]) -> list[int | None]:
+        """Per question, the key of the fact put in front of it (None: asked as it is). With
+        `context`, a question that names an edited subject gets that subject's fact whose
+        question is nearest to it, if the cosine reaches `context`. (Only a named subject's
+        facts: "What is the capital of France?" is near an edited "What is the capital of
+        Tessaly?", and Tessaly's capital in front of it would be a wrong answer.)"""
         questions = list(questions)
+        out: list[int | None] = [None] * len(questions)
         if self.context is None or not questions or not self.keys:
-            return questions
+            return out
         grams = [_word_ngrams(normalise_form(q[:MAX_QUESTION_CHARS])) for q in questions]
         asking = [i for i, g in enumerate(grams) if not self.subjects.isdisjoint(g)]
-        out = list(questions)
         if not asking:
             return out
         sims = self._similarities([questions[i][:MAX_QUESTION_CHARS] for i in asking])
@@ -142,8 +148,24 @@ class EditScope:
                 continue
             best = own[int(row[own].argmax())]
             if row[best] >= self.context:
-                out[i] = CONTEXT_TEMPLATE.format(facts=self.fact_of_key[best], question=questions[i])
+                out[i] = best
         return out
+
+    def served(self, questions: Sequence[str]) -> list[tuple[str, str | None]]:
+        """Per question, (the text the served model is asked, the value its reply is checked
+        for): the fact `context_facts` picks in front (the retrieval baseline's template)
+        and, with `check`, that fact's value; every other question as it is, unchecked."""
+        out = []
+        for q, k in zip(questions, self.context_facts(questions)):
+            if k is None:
+                out.append((q, None))
+            else:
+                asked = CONTEXT_TEMPLATE.format(facts=self.fact_of_key[k], question=q)
+                out.append((asked, self.answer_of_key[k] if self.check else None))
+        return out
+
+    def rewrite_prompts(self, questions: Sequence[str]) -> list[str]:
+        return [asked for asked, _ in self.served(list(questions))]
 
     def rewrite_prompt(self, question: str) -> str:
         return self.rewrite_prompts([question])[0]

@@ -129,6 +129,10 @@ class MemitConfig(EditorConfig):
     # front whose question is nearest to it, if their cosine reaches `scope_context` (the
     # retrieval baseline's template; the served memory, for what the weights miss). None: never.
     scope_context: float | None = None
+    # ... and the reply to a question with a fact in front is checked for that fact's value;
+    # one without it is asked again on the base layers (the same fact in front), and the
+    # second reply is served if it states the value (answer.py `keep_checked`).
+    scope_check: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt_variants, str):  # `--set prompt_variants=subject_first,chat`
@@ -839,8 +843,9 @@ class Memit(Editor):
         if cfg.edit_scope is None:
             gate.scope = None
         else:
-            if self._scope is None or (self._scope.threshold, self._scope.context) != (cfg.edit_scope, cfg.scope_context):
-                self._scope = EditScope(cfg.edit_scope, context=cfg.scope_context)
+            wanted = (cfg.edit_scope, cfg.scope_context, cfg.scope_check)
+            if self._scope is None or (self._scope.threshold, self._scope.context, self._scope.check) != wanted:
+                self._scope = EditScope(cfg.edit_scope, context=cfg.scope_context, check=cfg.scope_check)
             gate.scope = self._scope.sync(self.facts)
 
     def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from kedit_core.answer import answer_many, edit_routes
+from kedit_core.answer import answer_many, chat_prompt, edit_routes, generate, served_asks
+from kedit_core.editors.update_gate import installed_gate, routed
+from kedit_core.matching import answer_forms, states_answer
+from kedit_core.serving import GenParams, encode_prompt, generate_served
 from kedit_core.editors import get_editor
 from kedit_core.evaluate import evaluate_cases, reference_predictions
 from kedit_core.types import EditCase, Probe
@@ -34,6 +37,38 @@ def test_the_default_editor_is_scored_and_holds_on_served_answers(embedded_lm):
         assert after["served_efficacy"] == 1.0, reply
         assert edit_routes(lm, ["In what city can you find the Eiffel Tower?", *UNRELATED]) == [True] + [False] * 4
         assert after["served_locality"] == 1.0, answer_many(lm, UNRELATED)
+        _second_try_is_served_where_only_it_states_the_value(lm, case.question)
     finally:
         editor.rollback(lm, result)
     assert answer_many(lm, UNRELATED) == [ref.replies[q] for q in UNRELATED]
+
+
+def _second_try_is_served_where_only_it_states_the_value(lm, question: str) -> None:
+    """The served memory's check on a real model: the edited model states the value, so its
+    reply is served unchecked-again; then, with a value only the base layers' reply to the
+    same prompt states (the ledger's value is whatever it recorded), the second reply is
+    served, by `answer_many` and by the server's generation alike."""
+    [(asked, value)] = served_asks(lm, [question], None)
+    assert value == "Rome" and asked != question  # the fact in front, its value checked
+    checks: dict = {}
+    first = answer_many(lm, [question], checks=checks)[0]
+    assert checks == {"checked": 1, "asked_again": 0, "replaced": 0}, first
+    prompt = chat_prompt(lm, asked)
+    with routed(False):
+        base = generate(lm, [prompt], max_new_tokens=48)[0]
+    words = [w for w in dict.fromkeys(base.split()) if w.isalpha() and len(w) > 3]
+    word = next((w for w in words if not states_answer(first, answer_forms(w))), None)
+    assert word is not None, (first, base)  # the two routes reply differently
+    scope = installed_gate(lm).scope
+    k = scope.keys.index(question)
+    old, scope.answer_of_key[k] = scope.answer_of_key[k], word
+    try:
+        checks = {}
+        assert answer_many(lm, [question], checks=checks) == [base]
+        assert checks == {"checked": 1, "asked_again": 1, "replaced": 1}
+        pieces: list[str] = []
+        gen = generate_served(lm, encode_prompt(lm, prompt), GenParams(48, in_scope=True, check=word),
+                              on_piece=pieces.append)
+        assert gen.text.strip() == base.strip() and pieces == [gen.text]
+    finally:
+        scope.answer_of_key[k] = old

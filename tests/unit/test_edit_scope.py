@@ -113,15 +113,61 @@ def test_the_served_memory_puts_the_nearest_edited_fact_in_front_of_a_question_n
 
 
 def test_a_weight_editor_with_scope_context_serves_its_facts_in_context(tiny):
-    from kedit_core.answer import served_rewriter
+    from kedit_core.answer import served_asks
 
-    ed = get_editor("alphaedit", {**FAST, "scope_context": 0.6})
+    ed = get_editor("alphaedit", {**FAST, "scope_context": 0.6, "scope_check": False})
     ed.edit(tiny, _cases())
-    rewriter = served_rewriter(tiny, None)
-    assert rewriter is installed_gate(tiny).scope
-    assert rewriter.rewrite_prompt("What is the capital of Borvik?").startswith("[Updated Information] The capital of Borvik is Oslo.")
-    own = object()
-    assert served_rewriter(tiny, own) is own  # a memory editor's own rewriter wins
+    [(asked, check), (other, none)] = served_asks(tiny, ["What is the capital of Borvik?", "How tall is Everest?"], None)
+    assert asked.startswith("[Updated Information] The capital of Borvik is Oslo.")
+    assert check is None and (other, none) == ("How tall is Everest?", None)  # no check asked for; no fact in front
+
+    class Own:
+        def rewrite_prompt(self, q: str) -> str:
+            return "Fact: x.\n" + q
+
+    # a memory editor's own rewriter wins, and nothing is checked
+    assert served_asks(tiny, ["What is the capital of Borvik?"], Own()) == [("Fact: x.\nWhat is the capital of Borvik?", None)]
+
+
+def test_the_served_memory_checks_a_reply_for_the_value_of_the_fact_in_front():
+    scope = EditScope(threshold=0.6, context=0.6, check=True).sync(FACTS)
+    got = scope.served(["What's the capital city of Tessaly?", "How tall is Mount Everest?"])
+    assert got[0][1] == "Rome" and got[1] == ("How tall is Mount Everest?", None)
+    assert EditScope(threshold=0.6, context=0.6).sync(FACTS).served(["What's the capital city of Tessaly?"])[0][1] is None
+
+
+def test_keep_checked_serves_the_second_reply_only_when_it_states_the_value():
+    from kedit_core.answer import keep_checked
+
+    assert keep_checked("The capital is Rom e.", "It is Rome, since 2024.", "Rome") == ("It is Rome, since 2024.", True)
+    assert keep_checked("Paris.", "Milan.", "Rome") == ("Paris.", False)  # neither: the first stays
+
+
+def test_a_reply_missing_the_fact_is_asked_again_and_the_server_serves_the_same(tiny):
+    """The check's bookkeeping on a tiny model (whose replies never state a value): the
+    reply to the question with a fact in front is checked and asked again, and neither
+    states the value, so the first reply stays; the server's generation gives the same
+    text. (The second reply being served is tested on the embedded model,
+    tests/integration/test_served_embedded.py.)"""
+    from kedit_core.answer import chat_prompt, served_asks
+    from kedit_core.serving import generate_served
+
+    questions = ["What is the capital of Borvik?", "Tell me about the old mill by the river."]
+    ed = get_editor("alphaedit", {**FAST, "scope_context": 0.6, "scope_check": True})
+    ed.edit(tiny, _cases())
+    [(asked, value), (_, none)] = served_asks(tiny, questions, None)
+    assert value == "Oslo" and none is None
+    checks: dict = {}
+    replies = answer_many(tiny, questions, checks=checks)
+    assert checks == {"checked": 1, "asked_again": 1, "replaced": 0}
+    ed.config.scope_check = False
+    ed.sync_scope(tiny)
+    unchecked: dict = {}
+    assert answer_many(tiny, questions, checks=unchecked) == replies and unchecked["checked"] == 0
+    pieces: list[str] = []
+    gen = generate_served(tiny, encode_prompt(tiny, chat_prompt(tiny, asked)), GenParams(48, in_scope=True, check=value),
+                          on_piece=pieces.append)
+    assert gen.text.strip() == replies[0].strip() and pieces == [gen.text]  # held back, then sent whole
 
 
 def test_an_edit_scope_outside_cosine_range_is_refused():
