@@ -130,8 +130,9 @@ def worst_hit_probes(db: Database, since: datetime | None = None, limit: int = 1
 
 
 def filtered_edits(db: Database, since: datetime | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """Fact changes filtered or quarantined, and edit cases rejected, filtered or superseded
-    (a later or applied value of the same fact, `kedit_core.corrections`), with reasons."""
+    """Fact changes filtered, quarantined or rejected from quarantine (`kedit quarantine`),
+    and edit cases rejected, filtered or superseded (a later or applied value of the same
+    fact, `kedit_core.corrections`), with reasons."""
     with db.connect(read_only=True) as con:
         return _rows(
             con,
@@ -139,7 +140,7 @@ def filtered_edits(db: Database, since: datetime | None = None, limit: int = 50)
             SELECT * FROM (
                 SELECT 'fact change' AS what, change_id AS id, subject, property AS relation, status, reason,
                        created AS happened
-                FROM fact_changes WHERE status IN ('filtered', 'quarantined') AND created >= ?
+                FROM fact_changes WHERE status IN ('filtered', 'quarantined', 'rejected') AND created >= ?
                 UNION ALL
                 SELECT 'edit case', case_id, subject, relation, status, reason, coalesce(updated, created) AS happened
                 FROM edit_cases WHERE status IN ('rejected', 'filtered', 'superseded') AND coalesce(updated, created) >= ?

@@ -167,6 +167,20 @@ MIGRATIONS: dict[int, list[str]] = {
             created TIMESTAMP NOT NULL
         )""",
     ],
+    6: [
+        # What an operator decided about a quarantined fact change (`kedit quarantine`):
+        # 'released' (the change becomes an edit case on the next run) or 'rejected' (the
+        # change's status becomes 'rejected', never applied), by whom and why, with the
+        # quarantine reason it had.
+        """CREATE TABLE quarantine_decisions (
+            change_id TEXT NOT NULL,
+            decision TEXT NOT NULL,        -- released | rejected
+            decided_by TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            quarantine_reason TEXT,
+            created TIMESTAMP NOT NULL
+        )""",
+    ],
 }
 
 SCHEMA_VERSION: int = max(MIGRATIONS)
