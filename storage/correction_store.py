@@ -96,3 +96,15 @@ def decision_rows(db: Database, case_id: str | None = None) -> list[dict[str, An
         cur = con.execute(sql + " ORDER BY created, case_id", params)
         cols = [c[0] for c in cur.description]
         return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def applied_case_versions(db: Database) -> list[dict[str, Any]]:
+    """Every applied Wikidata-derived case with the model version its batch produced:
+    [{"case": EditCase, "version_id": int | None}], by case id (`kedit demo` shows the
+    facts a week changed more than once, and asks the current ones)."""
+    with db.connect(read_only=True) as con:
+        rows = con.execute(
+            "SELECT c.body, b.version_id FROM edit_cases c LEFT JOIN edit_batches b ON c.batch_id = b.batch_id "
+            "WHERE c.status = 'applied' AND c.source = 'wikidata' ORDER BY c.case_id"
+        ).fetchall()
+    return [{"case": EditCase.from_json(body), "version_id": vid} for body, vid in rows]

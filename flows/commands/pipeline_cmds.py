@@ -116,9 +116,10 @@ def register(app: typer.Typer) -> None:
         settings: List[str] = typer.Option([], "--set", help=SET_HELP),
         wait: float = typer.Option(0.0, "--wait", help=WAIT_HELP),
     ) -> None:
-        """The main job: the nightly flow on a recorded Wikidata day, on the embedded model.
+        """The main job: the nightly flow night by night on a recorded Wikidata week, on the embedded model.
 
-        The day is replayed from 127.0.0.1; a second run applies nothing new.
+        The week is replayed from 127.0.0.1 (one night missed on purpose, a late revert, a
+        correction, changes held in quarantine); a second run applies nothing new.
         """
         from flows.demo import run_demo
 
