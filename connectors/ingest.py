@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +48,10 @@ from storage.db import Database
 from storage.wikidata_store import RevisionOutcome
 
 log = logging.getLogger(__name__)
+
+# How far back Wikidata's `list=recentchanges` reaches ($wgRCMaxAge); older ranges need
+# per-item history (`backfill_items`) or dumps (`ingest_dump`).
+RECENT_CHANGES_DAYS = 30
 
 
 @dataclass
@@ -285,9 +290,10 @@ def ingest_window(client: WikidataClient, db: Database, start: datetime | str, e
     refs = sorted(client.recent_changes(begin, lookahead), key=lambda r: (r.timestamp, r.revid))
     in_window = [r for r in refs if r.timestamp < end_s]
     report.revisions_seen = len(in_window)
-    if not in_window and _parse(start_s) < datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=30):
-        log.warning("no recent changes in %s..%s: the API keeps ~30 days; use backfill_items or ingest_dump "
-                    "for older ranges", start_s, end_s)
+    if not in_window and _parse(start_s) < datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(
+            days=RECENT_CHANGES_DAYS):
+        log.warning("no recent changes in %s..%s: the API keeps ~%d days; use backfill_items or ingest_dump "
+                    "for older ranges", start_s, end_s, RECENT_CHANGES_DAYS)
     reverted = reverted_revisions(refs, cfg)
     candidates = candidate_mass_users(in_window, cfg)
     suspicious = mass_change_users(in_window, client.users_info(candidates), cfg) if candidates else {}
@@ -380,6 +386,42 @@ def backfill_items(client: WikidataClient, db: Database, items: Sequence[str], s
 
 # --------------------------------------------------------------------------- dumps
 
+DUMP_SUFFIXES = (".xml", ".xml.bz2", ".xml.gz")
+
+
+def dump_files(path: str | Path) -> list[Path]:
+    """The dump files `path` names: one file, or every `*.xml[.bz2|.gz]` in a folder (by name,
+    so daily `wikidatawiki-YYYYMMDD-pages-meta-hist-incr` files come in date order)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        found = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(DUMP_SUFFIXES))
+        if not found:
+            raise FileNotFoundError(f"dump folder {p} holds no {', '.join(DUMP_SUFFIXES)} file")
+        return found
+    raise FileNotFoundError(f"dump file {p} does not exist")
+
+
+def dump_date(path: str | Path) -> datetime | None:
+    """The date in a Wikimedia dump's file name (`wikidatawiki-20240502-...`), or None."""
+    m = re.search(r"-(\d{8})-", Path(path).name)
+    if not m:
+        return None
+    try:
+        return datetime.strptime(m.group(1), "%Y%m%d")
+    except ValueError:
+        return None
+
+
+def dump_may_hold(path: str | Path, start: datetime | str) -> bool:
+    """Whether a dump file can hold revisions at or after `start`: a dump made on day D holds
+    none from day D+1 on. Files without a date in their name are always read."""
+    made = dump_date(path)
+    s = _parse(start)
+    s = s.astimezone(timezone.utc).replace(tzinfo=None) if s.tzinfo else s
+    return made is None or s < made + timedelta(days=1)
+
 
 def ingest_dump(path: str | Path, db: Database, filter_config: FilterConfig | None = None, *,
                 client: WikidataClient | None = None, labels: LabelLookup | None = None,
@@ -388,9 +430,13 @@ def ingest_dump(path: str | Path, db: Database, filter_config: FilterConfig | No
     """Ingest the revisions of one local XML dump (e.g. a daily `pages-meta-hist-incr.xml.bz2`).
 
     A revision whose parent is not in the file (the first of each page in an incremental dump)
-    is diffed against the parent fetched with `client`; without a client it is recorded as
-    failed with that reason. `start`/`end` keep only revisions in that range. Resumable: the
-    cursor holds the number of dump revisions already committed."""
+    is diffed against the parent fetched with `client` at that revision (the ledger keeps
+    revisions and fact changes, not entity bodies); without a client it is recorded as failed
+    with that reason. A parent earlier in the file is read from the file, even when it lies
+    before `start`. `start`/`end` keep only revisions in that range. Resumable: the cursor
+    holds the number of dump revisions already committed (and, once the file is read to its
+    end, that it is complete: a re-run returns at once), so a caller reading one file in
+    several ranges gives each range its own `cursor_name` (the default names the file only)."""
     from connectors.wikidata_dump import read_dump
 
     cfg = filter_config or FilterConfig()
@@ -400,7 +446,11 @@ def ingest_dump(path: str | Path, db: Database, filter_config: FilterConfig | No
     p = Path(path)
     cursor_name = cursor_name or f"wikidata:dump:{p.name}"
     cursor = ledger.get_cursor(db, cursor_name)
-    skip = int(json.loads(cursor)["done"]) if cursor else 0
+    state = json.loads(cursor) if cursor else {}
+    skip = int(state.get("done", 0))
+    if state.get("complete"):  # read to its end before: nothing to do, not even reading it
+        report.resumed_from = f"the end of {p.name} (revision #{skip})"
+        return report
     if skip:
         report.resumed_from = f"revision #{skip} of {p.name}"
     lo = iso(_parse(start)) if start else ""
@@ -467,6 +517,8 @@ def ingest_dump(path: str | Path, db: Database, filter_config: FilterConfig | No
         flush()
     finally:
         bar.close()
+    # The whole file is read: a re-run with this cursor (a resumed chunk) skips it outright.
+    ledger.set_cursor(db, cursor_name, json.dumps({"done": position, "complete": True}))
     report.requests = (client.stats.requests - req0) if client else 0
     report.seconds = round(time.monotonic() - t0, 3)
     return report

@@ -159,15 +159,25 @@ def backfill(
     settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Historical edits by day over [start, end): resumable through a stored cursor, so a
-    re-run after a crash continues where it stopped and applies nothing twice."""
+    re-run after a crash continues where it stopped and applies nothing twice.
+
+    `source`: "api" (recent changes, which Wikidata keeps ~30 days, or per-item history when
+    `items` are named) or "dump" (`dump_path`: an incremental XML dump file or a folder of
+    them). A backfill that cannot work (a dump that is not there, recent changes older than
+    Wikidata keeps without items) fails before its run starts, in one line."""
     cfg = _settings(settings)
+    warnings = steps.check_backfill(cfg, start, end, source, dump_path, items)
     with steps.hold_ledger("backfill", cfg):
-        return _backfill(cfg, start, end, chunk_hours, source, dump_path, items)
+        out = _backfill(cfg, start, end, chunk_hours, source, dump_path, items)
+    if warnings:
+        out["warnings"] = warnings
+    return out
 
 
 def _backfill(cfg: PipelineSettings, start: datetime, end: datetime, chunk_hours: float, source: str,
               dump_path: str | None, items: list[str] | None) -> dict[str, Any]:
-    run_id = steps.begin_run("backfill", cfg, {"start": str(start), "end": str(end), "source": source})
+    run_id = steps.begin_run("backfill", cfg, {"start": str(start), "end": str(end), "source": source,
+                                              "dump_path": dump_path, "items": items})
     logger = get_run_logger()
     chunks = steps.pending_chunks("backfill", start, end, timedelta(hours=chunk_hours))
     logger.info("backfill %s .. %s: %d chunks to do", start, end, len(chunks))

@@ -145,6 +145,58 @@ def ingest_window(settings: PipelineSettings, start: datetime, end: datetime) ->
         client.close()
 
 
+def _iso(t: datetime) -> str:
+    from connectors.wikidata import iso
+
+    return iso(t)
+
+
+def _check_source(source: str, dump_path: str | None) -> None:
+    from connectors.ingest import dump_files
+    from kedit_core.errors import KeditError
+
+    if source not in ("api", "dump"):
+        raise KeditError(f"unknown backfill source {source!r}; use 'api' or 'dump'")
+    if source == "dump":
+        if not dump_path:
+            raise KeditError("backfill --source dump needs --dump FILE|FOLDER (pages-meta-hist-incr.xml.bz2 files)")
+        try:
+            dump_files(dump_path)
+        except FileNotFoundError as exc:
+            raise KeditError(str(exc)) from None
+
+
+def check_backfill(settings: PipelineSettings, start: datetime, end: datetime, source: str = "api",
+                   dump_path: str | None = None, items: list[str] | None = None,
+                   now: datetime | None = None) -> list[str]:
+    """Refuse, in one line (a KeditError), a backfill that cannot work, before any run starts:
+    an unknown source, a dump that is not there, an empty range, or recent changes asked for
+    a range older than Wikidata keeps them (~30 days) without `items`. Against another
+    endpoint (a replayed recording, a mirror) that limit is a warning: they keep what they
+    hold. Returns the warnings (also logged)."""
+    from connectors.ingest import RECENT_CHANGES_DAYS
+    from flows.settings import WIKIDATA_API
+    from kedit_core.errors import KeditError
+
+    if end <= start:
+        raise KeditError(f"backfill range is empty: start {start} is not before end {end}")
+    _check_source(source, dump_path)
+    if source == "dump" or items:
+        return []
+    now = now or datetime.now(timezone.utc)
+    oldest = now - timedelta(days=RECENT_CHANGES_DAYS)
+    start_utc = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+    if start_utc >= oldest:
+        return []
+    msg = (f"Wikidata's recent changes reach back about {RECENT_CHANGES_DAYS} days (to {oldest:%Y-%m-%d}); "
+           f"a backfill from {start_utc:%Y-%m-%d} needs --items Q42,... or --source dump --dump FILE")
+    if settings.endpoint.rstrip("/") == WIKIDATA_API:
+        raise KeditError(msg)
+    msg = f"{msg} (going on: {settings.endpoint} is not Wikidata's API and keeps what it holds)"
+    log.warning(msg)
+    return [msg]
+
+
 def backfill_chunk(
     settings: PipelineSettings,
     start: datetime,
@@ -153,25 +205,33 @@ def backfill_chunk(
     dump_path: str | None = None,
     items: list[str] | None = None,
 ) -> dict[str, Any]:
-    """One chunk of a backfill. `api`: per-item revision history for `items` (recent
-    changes only reach back 30 days, so older ranges need the items named); without items,
-    the recent-changes window. `dump`: a local incremental dump file."""
+    """One chunk of a backfill, with cursors of its own (named with the chunk's bounds, so
+    chunks never skip each other's work). `api`: per-item revision history for `items`;
+    without items, the recent-changes window (Wikidata keeps ~30 days of them: see
+    `check_backfill`). `dump`: a local incremental dump file, or a folder of them; the first
+    revision of a page in a file is diffed against its parent fetched through the API."""
     from connectors import ingest
 
-    if source == "dump":
-        if not dump_path:
-            raise ValueError("backfill with source=dump needs dump_path (a pages-meta-hist-incr.xml.bz2 file)")
-        return _counts(ingest.ingest_dump(dump_path, db(), filter_config(settings), start=start, end=end))
-    if source != "api":
-        raise ValueError(f"unknown backfill source {source!r}; use 'api' or 'dump'")
+    _check_source(source, dump_path)
+    bounds = f"{_iso(start)}..{_iso(end)}"
     client = wikidata_client(settings)
     try:
+        if source == "dump":
+            assert dump_path is not None  # check_backfill refused it otherwise
+            total = empty_ingest_counts()
+            files = [f for f in ingest.dump_files(dump_path) if ingest.dump_may_hold(f, start)]
+            for f in files:
+                report = ingest.ingest_dump(f, db(), filter_config(settings), client=client, start=start, end=end,
+                                            cursor_name=f"wikidata:dump:{f.name}:{bounds}", progress=False)
+                add_counts(total, _counts(report))
+            total["dump_files"] = [f.name for f in files]
+            return total
         if items:
-            report = ingest.backfill_items(client, db(), items, start, end, filter_config(settings), progress=False)
+            report = ingest.backfill_items(client, db(), items, start, end, filter_config(settings),
+                                           cursor_name=f"wikidata:backfill-items:{bounds}", progress=False)
         else:
-            report = ingest.ingest_window(
-                client, db(), start, end, filter_config(settings), cursor_name="wikidata:backfill-window"
-            )
+            report = ingest.ingest_window(client, db(), start, end, filter_config(settings),
+                                          cursor_name=f"wikidata:backfill-window:{bounds}")
         return _counts(report)
     finally:
         client.close()

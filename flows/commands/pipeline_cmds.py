@@ -65,9 +65,14 @@ def register(app: typer.Typer) -> None:
     def backfill_cmd(
         start: datetime = typer.Option(..., help="First day (UTC), e.g. 2026-10-01."),
         end: datetime = typer.Option(..., help="End (exclusive, UTC), e.g. 2026-10-08."),
-        source: str = typer.Option("api", help="api (per-item revision history) or dump (incremental dump file)."),
-        dump: Optional[str] = typer.Option(None, help="Path of a pages-meta-hist-incr.xml.bz2 dump (source=dump)."),
-        items: Optional[str] = typer.Option(None, help="Comma-separated item ids to backfill (source=api)."),
+        source: str = typer.Option(
+            "api", help="api: Wikidata's recent changes, which reach back about 30 days (older ranges need --items "
+                        "or dumps); dump: incremental XML dumps (--dump)."),
+        dump: Optional[str] = typer.Option(
+            None, help="A wikidatawiki-YYYYMMDD-pages-meta-hist-incr.xml.bz2 file, or a folder of them (source=dump). "
+                       "Each page's first revision in a file is diffed against its parent fetched from the API."),
+        items: Optional[str] = typer.Option(
+            None, help="Comma-separated item ids (source=api): their revision history, any age."),
         chunk_hours: float = typer.Option(24.0, help="Chunk size in hours."),
         model: Optional[str] = typer.Option(None),
         method: Optional[str] = typer.Option(None),
@@ -75,12 +80,20 @@ def register(app: typer.Typer) -> None:
         settings: List[str] = typer.Option([], "--set", help=SET_HELP),
         wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
     ) -> None:
-        """Backfill historical Wikidata edits by date range (resumable)."""
+        """Backfill historical Wikidata edits by date range, a chunk at a time (resumable).
+
+        Recent changes reach back about 30 days: older ranges need --items or --source dump.
+        """
+        from flows import steps
         from flows.pipelines import backfill
+        from flows.settings import PipelineSettings
 
         overrides = editor_overrides(method, settings)
         pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, editor_overrides=overrides,
                                        lock_wait_s=wait)
+        item_list = [i.strip() for i in items.split(",") if i.strip()] if items else None
+        # A backfill that cannot work is refused here, in one line, before Prefect starts a run.
+        steps.check_backfill(PipelineSettings.from_env(**pipeline), _utc(start), _utc(end), source, dump, item_list)
         with _ledger_held("backfill", pipeline):
             summary = backfill(
                 start=_utc(start),
@@ -88,7 +101,7 @@ def register(app: typer.Typer) -> None:
                 chunk_hours=chunk_hours,
                 source=source,
                 dump_path=dump,
-                items=[i.strip() for i in items.split(",")] if items else None,
+                items=item_list,
                 settings=pipeline,
             )
         _print_summary(summary)
