@@ -14,7 +14,7 @@ import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from kedit_core.gate import LOWER_IS_BETTER
@@ -373,6 +373,10 @@ def plot_over_time(data: ReportData) -> str | None:
             ax.set_yscale("log")  # a harmful batch's perplexity is orders of magnitude off
         ax.set_title(m + ("  (lower is better)" if m in LOWER_IS_BETTER else ""), fontsize=10)
         ax.tick_params(labelsize=7)
+        times = {p[0] for pts in acc.values() for p in pts} | {p[0] for p in bad}
+        if len(times) == 1:  # one measurement: an hour either side, not matplotlib's years
+            t = next(iter(times))
+            ax.set_xlim(t - timedelta(minutes=30), t + timedelta(minutes=30))
         locator = mdates.AutoDateLocator()
         ax.xaxis.set_major_locator(locator)
         ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
