@@ -1,11 +1,12 @@
 """Every deployment `kedit schedule` serves resolves, as the Prefect runner would, to a flow
-that imports and takes the parameters we pass; compare and report run once through Prefect
-on a tiny model. (Nightly and backfill run through Prefect on a tiny model in test_flows.py,
-from the same flow functions this test resolves their entrypoints to.)"""
+that imports and takes the parameters we pass, and each one (nightly, backfill, compare,
+report) is started once through its entrypoint, with its parameters as stored (JSON), on a
+tiny model against the replayed Wikidata, and does real work in the ledger."""
 from __future__ import annotations
 
 import json
 
+import pytest
 from prefect import Flow
 from prefect.flows import load_flow_from_entrypoint
 
@@ -15,6 +16,8 @@ from flows.commands.pipeline_cmds import deployments
 from storage import ledger
 from storage.db import open_db
 from tests.conftest import DATA
+from tests.flows.conftest import flow_settings
+from tests.flows.dumpdays import ACCEPTED_BY_DAY, DAYS, build_replay_folder, write_daily_dumps
 
 CRON = "0 3 * * *"
 ZSRE = DATA / "benchmarks" / "zsre_mend_train_1k.json"
@@ -74,3 +77,41 @@ def test_compare_and_report_deployments_run_once_on_a_tiny_model(prefect_api, le
     report = _run(served["report"], html=str(html))
     assert report["html"] == str(html)
     assert out["run_id"] in html.read_text(encoding="utf-8")  # the comparison is in the report
+
+
+@pytest.fixture
+def replay_days(tmp_path):
+    """The recorded day (2024-05-01) plus three days of incremental dumps' revisions, served on 127.0.0.1."""
+    from connectors.replay import ReplayServer
+
+    with ReplayServer(build_replay_folder(tmp_path / "wikidata")) as url:
+        yield url
+
+
+def test_nightly_and_backfill_deployments_run_once_on_a_tiny_model(prefect_api, ledger_path, replay_days, tmp_path):
+    served = _served()
+    settings = flow_settings(replay_days, 4)
+    html = tmp_path / "nightly.html"
+    night = _run(served["nightly"], window_end="2024-05-02T00:00:00+00:00", window_hours=24, settings=settings,
+                 report_html=str(html))
+    db = open_db(ledger_path)
+    [run] = ledger.list_runs(db, kind="nightly")
+    assert run["run_id"] == night["run_id"] and run["status"] == "completed"
+    assert night["windows"] == [["2024-05-01T00:00:00+00:00", "2024-05-02T00:00:00+00:00"]]
+    applied = night["edits"]["applied_cases"]
+    assert applied >= 5 and ledger.count_cases_by_status(db) == {"applied": applied}
+    assert ledger.get_cursor(db, "nightly:window_end") == "2024-05-02T00:00:00+00:00"
+    assert html.exists() and night["run_id"] in html.read_text(encoding="utf-8")
+
+    dumps = write_daily_dumps(tmp_path / "dumps")
+    out = _run(served["backfill"], start="2024-05-02T00:00:00+00:00", end="2024-05-05T00:00:00+00:00",
+               chunk_hours=24, source="dump", dump_path=str(dumps), items=None, settings=settings)
+    [run] = ledger.list_runs(db, kind="backfill")
+    assert run["run_id"] == out["run_id"] and run["status"] == "completed"
+    assert [c["chunk"][:10] for c in out["chunks"]] == DAYS
+    assert [c["changes_accepted"] for c in out["chunks"]] == [ACCEPTED_BY_DAY[d] for d in DAYS]
+    assert all(c["revisions_failed"] == 0 and c["applied"] >= 1 for c in out["chunks"])
+    backfilled = sum(c["applied"] for c in out["chunks"])
+    assert ledger.count_cases_by_status(db).get("applied") == applied + backfilled
+    assert ledger.get_cursor(db, "backfill:2024-05-02T00:00:00+00:00:2024-05-05T00:00:00+00:00") == (
+        "2024-05-05T00:00:00+00:00")
