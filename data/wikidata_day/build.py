@@ -191,29 +191,31 @@ USERS = {
 PAGE_SIZE = 5
 
 
+def write_rev(revdir: Path, revid, parent, title, pageid, ts, user, tags, comment, body, extra=None) -> None:
+    """One recorded revision file as the replay server serves it (a hidden body: `texthidden`)."""
+    rev = {"revid": revid, "parentid": parent, "timestamp": ts, "user": user, "comment": comment, "tags": tags}
+    rev.update(extra or {})
+    rec = {"title": title, "pageid": pageid, "revision": rev}
+    if body is None:
+        rev["texthidden"] = True
+    else:
+        rec["entity"] = body
+    (revdir / f"{revid}.json").write_text(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n",
+                                          encoding="utf-8")
+
+
 def main() -> None:
     revdir = HERE / "revisions"
     revdir.mkdir(exist_ok=True)
     for f in revdir.glob("*.json"):
         f.unlink()
 
-    def write_rev(revid, parent, title, pageid, ts, user, tags, comment, body, extra=None):
-        rev = {"revid": revid, "parentid": parent, "timestamp": ts, "user": user, "comment": comment, "tags": tags}
-        rev.update(extra or {})
-        rec = {"title": title, "pageid": pageid, "revision": rev}
-        if body is None:
-            rev["texthidden"] = True
-        else:
-            rec["entity"] = body
-        (revdir / f"{revid}.json").write_text(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n",
-                                              encoding="utf-8")
-
     for revid, parent, title, pageid, ts, body in BASE:
-        write_rev(revid, parent, title, pageid, ts, "RecordedUser", [], "", body)
+        write_rev(revdir, revid, parent, title, pageid, ts, "RecordedUser", [], "", body)
     rows = []
     for i, (revid, parent, title, pageid, tod, user, kind, flags, tags, comment, body) in enumerate(EDITS):
         ts = f"{DAY}T{tod}Z"
-        write_rev(revid, parent, title, pageid, ts, user, tags, comment, body,
+        write_rev(revdir, revid, parent, title, pageid, ts, user, tags, comment, body,
                   {"anon": True} if flags.get("anon") else None)
         row = {"type": kind, "ns": 0, "title": title, "pageid": pageid, "revid": revid, "old_revid": parent,
                "rcid": 2300000001 + i, "user": user, "bot": bool(flags.get("bot")), "new": kind == "new",

@@ -144,22 +144,11 @@ def main() -> None:
     for f in revdir.glob("*.json"):
         f.unlink()
 
-    def write_rev(revid, parent, title, pageid, ts, user, tags, comment, body, extra=None):
-        rev = {"revid": revid, "parentid": parent, "timestamp": ts, "user": user, "comment": comment, "tags": tags}
-        rev.update(extra or {})
-        rec = {"title": title, "pageid": pageid, "revision": rev}
-        if body is None:
-            rev["texthidden"] = True
-        else:
-            rec["entity"] = body
-        (revdir / f"{revid}.json").write_text(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n",
-                                              encoding="utf-8")
-
     for revid, parent, title, pageid, ts, body in BASE:
-        write_rev(revid, parent, title, pageid, ts, "RecordedUser", [], "", body)
+        day.write_rev(revdir, revid, parent, title, pageid, ts, "RecordedUser", [], "", body)
     rows = []
     for i, (revid, parent, title, pageid, ts, user, kind, flags, tags, comment, body) in enumerate(EDITS):
-        write_rev(revid, parent, title, pageid, ts, user, tags, comment, body,
+        day.write_rev(revdir, revid, parent, title, pageid, ts, user, tags, comment, body,
                   {"anon": True} if flags.get("anon") else None)
         row = {"type": kind, "ns": 0, "title": title, "pageid": pageid, "revid": revid, "old_revid": parent,
                "rcid": 2300001001 + i, "user": user, "bot": bool(flags.get("bot")), "new": kind == "new",
