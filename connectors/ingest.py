@@ -140,11 +140,17 @@ class _Processor:
             try:
                 changes = diff_entities(old, new, revid=r.revid, timestamp=r.timestamp, old_revid=r.old_revid or None,
                                         subject=r.item)
-            except (EntityFormatError, KeyError, TypeError, ValueError) as exc:
+                parts, lab = term_changes(old, new), english_label(new)
+            except EntityFormatError as exc:
                 batch.problems[r.revid] = f"cannot diff: {exc}"
                 continue
-            diffs[r.revid] = (changes, term_changes(old, new))
-            lab = english_label(new)
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError, RecursionError) as exc:
+                # A shape the entity checks do not know yet: this revision fails with the
+                # reason, the window goes on (a crash here would fail the night on every retry).
+                log.warning("revision %d of %s: cannot diff (%s: %s)", r.revid, r.item, type(exc).__name__, exc)
+                batch.problems[r.revid] = f"cannot diff: {type(exc).__name__}: {exc}"
+                continue
+            diffs[r.revid] = (changes, parts)
             if lab:
                 local_labels[r.item] = lab  # the body we hold names its own subject: no API call
         ids = {c.subject for ch, _ in diffs.values() for c in ch}

@@ -82,6 +82,8 @@ def parse_entity(obj: Any, entity_id: str | None = None) -> dict[str, Any] | Non
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise EntityFormatError(f"entity content is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise EntityFormatError("entity content is nested too deeply to be an entity") from exc
     if obj is None or obj == {} or obj == []:
         return None
     if not isinstance(obj, dict):
@@ -90,6 +92,9 @@ def parse_entity(obj: Any, entity_id: str | None = None) -> dict[str, Any] | Non
         entities = obj["entities"]
         if not isinstance(entities, dict) or not entities:
             raise EntityFormatError("'entities' holds no entity")
+        for key, ent in entities.items():
+            if not isinstance(ent, dict):
+                raise EntityFormatError(f"entities.{key} is {_kind(ent)}, not an object")
         if entity_id is not None:
             if entity_id not in entities:
                 raise EntityFormatError(f"entity {entity_id} is not in the answer (has {sorted(entities)})")
@@ -103,11 +108,59 @@ def parse_entity(obj: Any, entity_id: str | None = None) -> dict[str, Any] | Non
             obj = present[0]
         if "missing" in obj:
             raise EntityFormatError(f"entity {entity_id or obj.get('id', '?')} is missing")
+    elif entity_id is not None and isinstance(obj.get("id"), str) and obj["id"] and obj["id"] != entity_id:
+        raise EntityFormatError(f"the entity is {obj['id']}, not {entity_id}")
     if _is_legacy(obj):
-        return upgrade_legacy_entity(obj)
-    if "claims" not in obj and "id" not in obj and "labels" not in obj:
+        try:
+            obj = upgrade_legacy_entity(obj)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+            raise EntityFormatError(f"unreadable legacy entity: {type(exc).__name__}: {exc}") from exc
+    elif "claims" not in obj and "id" not in obj and "labels" not in obj:
         raise EntityFormatError(f"not an entity: keys {sorted(obj)[:8]}")
+    check_entity_shape(obj)
     return obj
+
+
+def _kind(value: Any) -> str:
+    """`a list`, `a str`, `null`: how an error message names a JSON value's type."""
+    if value is None:
+        return "null"
+    name = {"dict": "object", "list": "list", "str": "string", "int": "number", "float": "number",
+            "bool": "boolean"}.get(type(value).__name__, type(value).__name__)
+    return f"an {name}" if name[0] in "aeio" else f"a {name}"
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    # PHP serialises an empty object as []: both mean "nothing here".
+    if isinstance(value, dict):
+        return value
+    if value is None or value == []:
+        return {}
+    raise EntityFormatError(f"{where} is {_kind(value)}, not an object")
+
+
+def check_entity_shape(entity: dict[str, Any]) -> None:
+    """Raise EntityFormatError naming the first part of an entity whose JSON type is wrong.
+
+    Checked here, once per entity: the id, `claims` a mapping of P-ids to lists, the terms
+    (labels / descriptions: language -> object; aliases: language -> list of objects;
+    sitelinks: site -> object). Statements and snaks are checked where they are read
+    (`_statements`, only for the properties a diff touches: that keeps a diff of a large
+    item cheap). A value of the right JSON type but unreadable content (a bad date, a
+    missing amount) is not a shape error: it becomes an `unsupported` value."""
+    eid = entity.get("id")
+    if eid is not None and not isinstance(eid, str):
+        raise EntityFormatError(f"id is {_kind(eid)}, not a string")
+    for pid, stmts in _object(entity.get("claims"), "claims").items():
+        if not isinstance(stmts, list):
+            raise EntityFormatError(f"claims.{pid} is {_kind(stmts)}, not a list of statements")
+    for part in ("labels", "descriptions", "sitelinks"):
+        for key, term in _object(entity.get(part), part).items():
+            if not isinstance(term, dict):
+                raise EntityFormatError(f"{part}.{key} is {_kind(term)}, not an object")
+    for lang, aliases in _object(entity.get("aliases"), "aliases").items():
+        if not isinstance(aliases, list) or not all(isinstance(a, dict) for a in aliases):
+            raise EntityFormatError(f"aliases.{lang} is {_kind(aliases)}, not a list of objects")
 
 
 def _is_legacy(obj: dict[str, Any]) -> bool:
@@ -195,12 +248,15 @@ def normalise_time(time: str, precision: int) -> str:
 def _datatype_of(snak: dict[str, Any]) -> str:
     if snak.get("datatype"):
         return str(snak["datatype"])
-    dv = snak.get("datavalue") or {}
-    vtype = dv.get("type")
+    dv = snak.get("datavalue")
+    vtype = dv.get("type") if isinstance(dv, dict) else None
+    if not isinstance(vtype, str):
+        return "unknown"
     if vtype == "wikibase-entityid":
-        etype = (dv.get("value") or {}).get("entity-type", "item")
+        value = dv.get("value")
+        etype = value.get("entity-type", "item") if isinstance(value, dict) else "item"
         return f"wikibase-{etype}"
-    return DATATYPE_OF_VALUE_TYPE.get(vtype, vtype or "unknown")
+    return DATATYPE_OF_VALUE_TYPE.get(vtype, vtype)
 
 
 def normalise_snak(snak: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -236,7 +292,7 @@ def normalise_snak(snak: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                               "precision": None if v.get("precision") is None else float(v["precision"])}
         if datatype in STRING_DATATYPES and isinstance(v, str):
             return datatype, {"type": datatype, "value": v}
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         return datatype, {"type": "unsupported", "datatype": datatype, "raw": v, "error": f"malformed value: {exc}"}
     return datatype, {"type": "unsupported", "datatype": datatype, "raw": v, "error": f"unknown datatype {datatype}"}
 
@@ -276,21 +332,53 @@ class Statement:
 
 def _claims(entity: dict[str, Any] | None) -> dict[str, Any]:
     claims = (entity or {}).get("claims") or {}
-    return claims if isinstance(claims, dict) else {}  # an empty claims object is serialised as [] by PHP
+    if isinstance(claims, dict):
+        return claims
+    if isinstance(claims, list) and not claims:  # an empty claims object is serialised as [] by PHP
+        return {}
+    raise EntityFormatError(f"claims is {_kind(claims)}, not an object")
+
+
+def _check_snak(snak: Any, where: str) -> dict[str, Any]:
+    if not isinstance(snak, dict):
+        raise EntityFormatError(f"{where} is {_kind(snak)}, not an object")
+    for key in ("snaktype", "datatype", "property"):
+        if key in snak and not isinstance(snak[key], str):
+            raise EntityFormatError(f"{where}.{key} is {_kind(snak[key])}, not a string")
+    dv = snak.get("datavalue")
+    if dv is not None:
+        if not isinstance(dv, dict):
+            raise EntityFormatError(f"{where}.datavalue is {_kind(dv)}, not an object")
+        if "type" in dv and not isinstance(dv["type"], str):
+            raise EntityFormatError(f"{where}.datavalue.type is {_kind(dv['type'])}, not a string")
+    return snak
 
 
 def _statements(entity: dict[str, Any] | None) -> dict[str, list[Statement]]:
     out: dict[str, list[Statement]] = {}
     for pid, stmts in _claims(entity).items():
-        for s in stmts or []:
-            main = s.get("mainsnak") or {}
+        if stmts is None:
+            continue
+        if not isinstance(stmts, list):
+            raise EntityFormatError(f"claims.{pid} is {_kind(stmts)}, not a list of statements")
+        for i, s in enumerate(stmts):
+            where = f"claims.{pid}[{i}]"
+            if not isinstance(s, dict):
+                raise EntityFormatError(f"{where} is {_kind(s)}, not a statement object")
+            guid, rank = s.get("id"), s.get("rank", "normal")
+            if guid is not None and not isinstance(guid, str):
+                raise EntityFormatError(f"{where}.id is {_kind(guid)}, not a string")
+            if not isinstance(rank, str):
+                raise EntityFormatError(f"{where}.rank is {_kind(rank)}, not a string")
+            main = _check_snak(s.get("mainsnak") if s.get("mainsnak") is not None else {}, f"{where}.mainsnak")
             datatype, value = normalise_snak(main)
             quals: dict[str, list[dict[str, Any]]] = {}
-            raw_quals = s.get("qualifiers") or {}
-            if isinstance(raw_quals, dict):
-                for qpid, qsnaks in raw_quals.items():
-                    quals[qpid] = [normalise_snak(q)[1] for q in qsnaks]
-            out.setdefault(pid, []).append(Statement(s.get("id"), s.get("rank", "normal"), datatype, value, quals))
+            for qpid, qsnaks in _object(s.get("qualifiers"), f"{where}.qualifiers").items():
+                if not isinstance(qsnaks, list):
+                    raise EntityFormatError(f"{where}.qualifiers.{qpid} is {_kind(qsnaks)}, not a list of snaks")
+                quals[qpid] = [normalise_snak(_check_snak(q, f"{where}.qualifiers.{qpid}[{j}]"))[1]
+                               for j, q in enumerate(qsnaks)]
+            out.setdefault(pid, []).append(Statement(guid, rank, datatype, value, quals))
     return out
 
 
@@ -322,7 +410,7 @@ def english_label(entity: dict[str, Any] | None) -> str | None:
     if not isinstance(labels, dict):
         return None
     for lang in ["en"] + sorted(k for k in labels if k.startswith("en-")):
-        if lang in labels and labels[lang].get("value"):
+        if lang in labels and isinstance(labels[lang], dict) and labels[lang].get("value"):
             return str(labels[lang]["value"])
     return None
 
@@ -341,13 +429,22 @@ def diff_entities(old: Any, new: Any, revid: int = 0, timestamp: str = "", old_r
                   subject: str | None = None) -> list[FactChange]:
     """Changed current facts between two revisions of one item (either may be None / empty)."""
     old_e, new_e = parse_entity(old), parse_entity(new)
-    subject = subject or (new_e or {}).get("id") or (old_e or {}).get("id") or "?"
+    old_id, new_id = (old_e or {}).get("id"), (new_e or {}).get("id")
+    if old_id and new_id and old_id != new_id:
+        raise EntityFormatError(f"the two revisions describe different entities ({old_id} and {new_id}); "
+                                "a diff compares two revisions of one item")
+    subject = subject or new_id or old_id or "?"
     old_c, new_c = _claims(old_e), _claims(new_e)
     # Most edits touch one or two properties: normalise only those whose raw statements differ
     # (a deep == on parsed JSON runs in C and is far cheaper than normalising every snak).
     touched = {p for p in set(old_c) | set(new_c) if old_c.get(p) != new_c.get(p)}
-    old_s = _statements({"claims": {p: old_c[p] for p in touched if p in old_c}})
-    new_s = _statements({"claims": {p: new_c[p] for p in touched if p in new_c}})
+    sides = []
+    for side, claims in (("old", old_c), ("new", new_c)):
+        try:
+            sides.append(_statements({"claims": {p: claims[p] for p in touched if p in claims}}))
+        except EntityFormatError as exc:
+            raise EntityFormatError(f"{side} revision: {exc}") from exc
+    old_s, new_s = sides
     changes: list[FactChange] = []
     for pid in sorted(touched, key=lambda p: (len(p), p)):
         old_cur, new_cur = current_statements(old_s.get(pid, [])), current_statements(new_s.get(pid, []))
