@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from flows.runtime import LiveModel, delta_dir, load_version_state, save_editor_state, state_path
+from kedit_core.atomic import atomic_write_text, clean_kedit_home
 from kedit_core.editors.base import Editor, EditResult
 from kedit_core.errors import KeditError
 from kedit_core.evaluate import reference_predictions
@@ -117,9 +118,7 @@ def load_or_freeze_suite(live: LiveModel, db: Database, run_id: str, **freeze_kw
     with live.at_base():
         suite = freeze_suite(live.lm, earlier, **freeze_kw)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(suite.to_json(), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, suite.to_json())
     return suite
 
 
@@ -214,6 +213,7 @@ def apply_gated_batches(
     method = editor.name
     report = PipelineReport(run_id=run_id, method=method)
 
+    clean_kedit_home(db.path.parent)  # temp files of writes a killed run left behind
     report.recovered_batches, retry_cases = recover_interrupted(db, lm.fingerprint)
     sync_with_ledger(live, db)
     report.start_version = live.version_id

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from kedit_core.answer import PromptRewriter, answer, model_summary
+from kedit_core.atomic import atomic_target
 from kedit_core.editors.base import WeightDelta, file_sha256
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, load_model
@@ -225,9 +226,8 @@ def save_editor_state(state: dict[str, Any], path: Path, method: str) -> str:
 
     skeleton = strip(state, "state")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"method": method, "skeleton": json.dumps(skeleton)})
-    tmp.replace(path)
+    with atomic_target(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"method": method, "skeleton": json.dumps(skeleton)})
     return file_sha256(path)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from flows.runtime import LiveModel, open_live_model
 from flows.settings import PipelineSettings
+from kedit_core.atomic import atomic_write_text
 from storage import ledger
 from storage.db import Database, open_db
 
@@ -417,7 +418,7 @@ def write_report(since: datetime | None = None, html: str | None = None) -> dict
     data = collect_report(database, since=since.replace(tzinfo=None) if since else None)
     path = Path(html) if html else database.path.parent / "reports" / f"drift-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(data), encoding="utf-8")
+    atomic_write_text(path, render_html(data))  # a reader never sees half a report
     return {"html": str(path), "summary": terminal_summary(data)}
 
 

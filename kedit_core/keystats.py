@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from kedit_core.atomic import atomic_target
 from kedit_core.model import LoadedModel, kedit_home, kv_cache_kwargs, kv_cache_of
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,10 @@ def sampled_paragraphs(lm: LoadedModel, seeds: list[str], n_tokens: int, max_new
 
 
 def _write_text(path: Path, text: str) -> None:
+    from kedit_core.atomic import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 @torch.no_grad()
@@ -284,9 +285,8 @@ def key_second_moment(
         c = (sums[layer] / max(count, 1)).cpu()
         path = _cache_path(lm, layer, cid, samples)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"mom2": c.contiguous()}, str(tmp), metadata={"positions": str(count), "layer": str(layer)})
-        tmp.replace(path)
+        with atomic_target(path) as tmp:
+            save_file({"mom2": c.contiguous()}, str(tmp), metadata={"positions": str(count), "layer": str(layer)})
         out[layer] = c
     return out
 
@@ -345,9 +345,8 @@ def _cached_keys_of_rows(lm: LoadedModel, rows: list[list[int]], paths: dict[int
     for layer, path in paths.items():
         keys = torch.cat(got[layer])
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"keys": keys.contiguous()}, str(tmp), metadata={"positions": str(len(keys)), "layer": str(layer)})
-        tmp.replace(path)
+        with atomic_target(path) as tmp:
+            save_file({"keys": keys.contiguous()}, str(tmp), metadata={"positions": str(len(keys)), "layer": str(layer)})
         out[layer] = keys
     return out
 

@@ -43,8 +43,9 @@ class ModelLoadError(KeditError):
     """A model could not be loaded; the message says what to do (shown without traceback)."""
 
 
-def kedit_home() -> Path:
-    """The folder for kedit's DuckDB file, model cache, key statistics and reports."""
+def kedit_home(create: bool = True) -> Path:
+    """The folder for kedit's DuckDB file, model cache, key statistics and reports
+    (created unless `create` is False: read-only commands never create it)."""
     env = os.environ.get("KEDIT_HOME")
     if env:
         home = Path(env).expanduser()
@@ -52,7 +53,11 @@ def kedit_home() -> Path:
         from platformdirs import user_cache_dir
 
         home = Path(user_cache_dir("kedit"))
-    home.mkdir(parents=True, exist_ok=True)
+    if create:
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KeditError(f"cannot create the kedit home {home}: {exc.strerror or exc} (check KEDIT_HOME)") from exc
     return home
 
 
@@ -325,9 +330,9 @@ def fingerprint_cached(model: Any, model_dir: Path) -> str:
         return known[key]["fingerprint"]
     fp = fingerprint_model(model)
     known[key] = {"stamp": stamp, "fingerprint": fp}
-    tmp = memo.with_suffix(".tmp")
-    tmp.write_text(json.dumps(known, indent=1))
-    tmp.replace(memo)
+    from kedit_core.atomic import atomic_write_text
+
+    atomic_write_text(memo, json.dumps(known, indent=1))
     return fp
 
 

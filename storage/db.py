@@ -26,14 +26,15 @@ class StorageError(KeditError):
     """The ledger cannot be used; the message says why and what to do."""
 
 
-def default_db_path() -> Path:
-    """KEDIT_DB if set (e.g. the demo's own ledger), else kedit.duckdb in the kedit home."""
+def default_db_path(create: bool = True) -> Path:
+    """KEDIT_DB if set (e.g. the demo's own ledger), else kedit.duckdb in the kedit home
+    (which is created unless `create` is False)."""
     env = os.environ.get("KEDIT_DB")
     if env:
         return Path(env).expanduser()
     from kedit_core.model import kedit_home
 
-    return kedit_home() / "kedit.duckdb"
+    return kedit_home(create=create) / "kedit.duckdb"
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Database:
 
     path: Path
     lock_timeout_s: float = 60.0
+    # A read-only handle (`open_db(..., create=False)`): DuckDB itself refuses any write
+    # through it, so a read command can never change the ledger.
+    read_only: bool = False
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -49,9 +53,9 @@ class Database:
         # Always a read-write connection: DuckDB refuses a read-only and a read-write handle
         # on one file in one process, and our connections are short anyway. `read_only`
         # only skips the explicit transaction.
-        con = _connect_with_retry(self.path, self.lock_timeout_s)
+        con = _connect_with_retry(self.path, self.lock_timeout_s, self.read_only)
         try:
-            if read_only:
+            if read_only or self.read_only:
                 yield con
             else:
                 con.execute("BEGIN TRANSACTION")
@@ -69,12 +73,12 @@ class Database:
             return _read_version(con)
 
 
-def _connect_with_retry(path: Path, timeout_s: float) -> duckdb.DuckDBPyConnection:
+def _connect_with_retry(path: Path, timeout_s: float, read_only: bool = False) -> duckdb.DuckDBPyConnection:
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     while True:
         try:
-            return duckdb.connect(str(path))
+            return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
             # Another process holds the write lock: wait for it (short transactions).
             if "lock" not in str(exc).lower() or time.monotonic() > deadline:
@@ -93,14 +97,23 @@ def _read_version(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0]) if row else 0
 
 
-def open_db(path: str | os.PathLike[str] | None = None, upto: int | None = None) -> Database:
+def open_db(path: str | os.PathLike[str] | None = None, upto: int | None = None, create: bool = True) -> Database:
     """Open (creating if needed) the ledger and migrate it to the current schema.
 
     `upto` stops at an older schema version; tests use it to build previous-version files.
+    `create=False` is for commands that only read: the ledger must already exist at the
+    current schema, and the handle is read-only (nothing is created, migrated or written).
     Fails with StorageError if the file was written by a newer kedit.
     """
-    db_path = Path(path) if path is not None else default_db_path()
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+    db_path = Path(path) if path is not None else default_db_path(create=create)
+    if not create:
+        return _open_existing(db_path)
+    try:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, no permission, ...
+        raise StorageError(f"cannot create the ledger's folder {db_path.parent}: {exc.strerror or exc}") from exc
+    if db_path.is_dir():
+        raise StorageError(f"ledger path {db_path} is a directory, not a ledger file")
     db = Database(db_path)
     target = SCHEMA_VERSION if upto is None else upto
     try:
@@ -119,4 +132,28 @@ def open_db(path: str | os.PathLike[str] | None = None, upto: int | None = None)
                 )
     except duckdb.Error as exc:
         raise StorageError(f"{db_path} is not a usable kedit ledger: {exc}") from exc
+    return db
+
+
+def _open_existing(db_path: Path) -> Database:
+    if db_path.is_dir():
+        raise StorageError(f"ledger path {db_path} is a directory, not a ledger file")
+    if not db_path.is_file():
+        raise StorageError(f"no ledger at {db_path}: nothing to read (a pipeline run creates it; "
+                           "check --db / KEDIT_DB / KEDIT_HOME)")
+    db = Database(db_path, read_only=True)
+    try:
+        current = db.schema_version()
+    except duckdb.Error as exc:
+        raise StorageError(f"{db_path} is not a usable kedit ledger: {exc}") from exc
+    if current > SCHEMA_VERSION:
+        raise StorageError(
+            f"{db_path} was written by a newer kedit (schema v{current}; this kedit knows up to "
+            f"v{SCHEMA_VERSION}). Upgrade kedit, or point KEDIT_HOME at another folder."
+        )
+    if current < SCHEMA_VERSION:
+        raise StorageError(
+            f"{db_path} has schema v{current}, this kedit reads v{SCHEMA_VERSION}; a read-only command does not "
+            "migrate it: run a writing command once (e.g. kedit nightly, or kedit rollback) to upgrade it"
+        )
     return db

@@ -49,10 +49,30 @@ def register(app: typer.Typer) -> None:
             typer.echo(text)
             return
         from flows.runtime import open_live_model
+        from kedit_core.errors import KeditError
+        from storage import ledger
+        from storage.db import open_db
 
-        live = open_live_model(model, version=version)
+        db = open_db()
+        if version is not None and ledger.get_version(db, version) is None:
+            # checked before the model loads (tens of seconds), not after
+            known = [int(v["version_id"]) for v in ledger.list_versions(db)]
+            raise KeditError(f"model version {version} is not in the ledger {db.path} "
+                             f"(it has {_ranges(known) if known else 'no versions'}; see kedit versions)")
+        live = open_live_model(model, version=version, db=db)
         text = live.answer(question, max_new_tokens=max_new_tokens)
         if as_json:
             typer.echo(json.dumps({"answer": text, "version": live.version_id, "fingerprint": live.lm.fingerprint}))
         else:
             typer.echo(text)
+
+
+def _ranges(ids: list[int]) -> str:
+    """[1, 2, 3, 7] -> 'versions 1-3, 7'."""
+    ids, parts = sorted(set(ids)), []
+    for i in ids:
+        if parts and parts[-1][1] == i - 1:
+            parts[-1][1] = i
+        else:
+            parts.append([i, i])
+    return "versions " + ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in parts)

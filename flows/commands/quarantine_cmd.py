@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         from storage import quarantine_store
         from storage.db import open_db
 
-        db = open_db(db_path)
+        db = open_db(db_path, create=False)  # read-only: never creates a ledger
         rows = quarantine_store.quarantined(db, decided=all_)
         held = sum(r["status"] == "quarantined" for r in rows)
         typer.echo(f"{held} change{'s' if held != 1 else ''} in quarantine"

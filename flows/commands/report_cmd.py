@@ -21,7 +21,10 @@ def parse_since(text: str | None) -> datetime | None:
         return None
     t = text.strip()
     if t.endswith("d") and t[:-1].isdigit():
-        return datetime.utcnow() - timedelta(days=int(t[:-1]))
+        try:
+            return datetime.utcnow() - timedelta(days=int(t[:-1]))
+        except (OverflowError, ValueError):
+            raise ReportError(f"--since {text!r} reaches before year 1: give fewer days or a date") from None
     try:
         return datetime.fromisoformat(t).replace(tzinfo=None)
     except ValueError:
@@ -60,12 +63,17 @@ def register(app: typer.Typer) -> None:
         from kedit_core.report import render_html, terminal_summary
         from storage.db import open_db
 
-        data = collect_report(open_db(db_path), parse_since(since))
+        from kedit_core.atomic import atomic_write_text
+
+        start = parse_since(since)  # a bad date fails before the ledger is opened
+        if html_file is not None and html_file.is_dir():
+            raise ReportError(f"--html {html_file} is a directory: give a file name")
+        data = collect_report(open_db(db_path, create=False), start)  # read-only: never creates a ledger
         typer.echo(terminal_summary(data))
         if html_file is not None:
             try:
                 html_file.parent.mkdir(parents=True, exist_ok=True)
-                html_file.write_text(render_html(data), encoding="utf-8")
+                atomic_write_text(html_file, render_html(data))  # a reader never sees half a report
             except OSError as exc:
                 raise ReportError(f"cannot write {html_file}: {exc}") from exc
             typer.echo(f"HTML report written to {html_file}")

@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         from storage import ledger
         from storage.db import open_db
 
-        rows = ledger.list_versions(open_db(db_path))
+        rows = ledger.list_versions(open_db(db_path, create=False))  # read-only: never creates a ledger
         typer.echo(f"{'version':>7} {'parent':>6}  {'status':<11} {'method':<10} {'cases':>5}  {'created':<19}  batch")
         for v in rows:
             n_cases = ledger.version_note(v).get("n_cases")

@@ -102,13 +102,14 @@ class WeightDelta:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()},
-            str(tmp),
-            metadata={"kedit_meta": json.dumps(self.meta, default=str)},
-        )
-        tmp.replace(path)  # a crash mid-write never leaves a truncated delta under the real name
+        from kedit_core.atomic import atomic_target
+
+        with atomic_target(path) as tmp:  # a crash mid-write never leaves a truncated delta under the real name
+            save_file(
+                {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()},
+                str(tmp),
+                metadata={"kedit_meta": json.dumps(self.meta, default=str)},
+            )
         return file_sha256(path)
 
     @classmethod

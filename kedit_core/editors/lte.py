@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
+from kedit_core.atomic import atomic_write_text
 from kedit_core.editors.base import EditResult, WeightDelta, register
 from kedit_core.editors.finetune import train_lora_delta
 from kedit_core.editors.rag import RAGConfig, RAGEditor
@@ -145,6 +146,28 @@ def leaks(case: EditCase, signature: dict[str, set[str]]) -> str | None:
         if hit:
             return f"question {hit!r}"
     return None
+
+
+def _read_alignment_cache(folder: Path) -> tuple[WeightDelta, dict[str, Any]] | None:
+    """The cached aligned adapter and its info, or None when there is none or it is unusable
+    (a truncated alignment.json, a delta that fails its sha256): then it is rebuilt, with a
+    warning, instead of failing every later run on the same broken cache."""
+    info_path, delta_path = folder / "alignment.json", folder / "adapter_delta.safetensors"
+    if not (info_path.exists() and delta_path.exists()):
+        return None
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+            raise ValueError("no sha256 recorded")
+        delta = WeightDelta.load(delta_path, expected_sha256=info["sha256"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt, never trusted
+        log.warning("LTE: the alignment cache in %s is unusable (%s: %s); rebuilding it", folder,
+                    type(exc).__name__, exc)
+        for p in (info_path, delta_path):
+            p.unlink(missing_ok=True)
+        return None
+    log.info("LTE: aligned adapter from cache %s (trained in %.0fs)", folder, info.get("train_seconds", 0.0))
+    return delta, {**info, "cached": True, "path": str(folder)}
 
 
 def alignment_split(path: str | Path, start: int, limit: int | None = None) -> tuple[list[EditCase], list[EditCase]]:
@@ -282,11 +305,9 @@ class LTEEditor(RAGEditor):
         key = self.cache_key(lm, examples)
         folder = kedit_home() / "lte" / f"{lm.fingerprint[:16]}-{key}"
         self._alignment_signature = examples_signature(examples, used_cases)
-        if (folder / "adapter_delta.safetensors").exists() and (folder / "alignment.json").exists():
-            info = json.loads((folder / "alignment.json").read_text())
-            delta = WeightDelta.load(folder / "adapter_delta.safetensors", expected_sha256=info["sha256"])
-            log.info("LTE: aligned adapter from cache %s (trained in %.0fs)", folder, info["train_seconds"])
-            return delta, {**info, "cached": True, "path": str(folder)}
+        cached = _read_alignment_cache(folder)
+        if cached is not None:
+            return cached
         t0 = time.perf_counter()
         # out-of-scope and plain examples: what the base model answers to the plain question
         need = sorted({ex.question for ex in examples if ex.answer is None})
@@ -312,7 +333,7 @@ class LTEEditor(RAGEditor):
             "train_seconds": rep.seconds, "base_answer_seconds": gen_seconds, "loss_curve": rep.losses,
             "alignment_cases": len(used_cases),
         }
-        (folder / "alignment.json").write_text(json.dumps(info, indent=1))
+        atomic_write_text(folder / "alignment.json", json.dumps(info, indent=1))  # written last: marks the cache complete
         log.info("LTE alignment: %d steps in %.0fs (%s), loss %.3f -> %.3f; cached at %s", rep.steps, rep.seconds,
                  rep.stopped, rep.losses[0], rep.losses[-1], folder)
         return delta, {**info, "cached": False, "path": str(folder)}
