@@ -13,8 +13,11 @@ Folder layout (see data/wikidata_day/SOURCES.md for one):
 Handled: action=query&list=recentchanges (rcstart/rcend/rcdir=newer, continuation),
 action=query&prop=revisions&revids=... or &titles=...&rvstart&rvend (continuation),
 action=wbgetentities&ids=..., action=query&list=users. Failures can be injected for the next
-matching requests: maxlag, an HTTP status (429, 500, ...), a slow answer (client timeout),
-a truncated body.
+matching requests: maxlag, an HTTP status (429, 500, ...) with any Retry-After (seconds or an
+HTTP date), a slow answer (client timeout), a truncated body, a body dripped slowly
+(`drip`), a given raw body with or without its Content-Length (`body`: oversized, gzip bombs,
+garbage), and the real answer rewritten by a function (`answer`: wrong shapes, repeated
+continuations).
 
 Hand-written on http.server because the job is tiny and must run anywhere with the stdlib.
 """
@@ -24,6 +27,7 @@ import gzip
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,11 +37,15 @@ from urllib.parse import parse_qs, urlparse
 
 @dataclass
 class Failure:
-    kind: str  # maxlag | status | slow | truncate
+    kind: str  # maxlag | status | slow | truncate | drip | body | answer
     status: int = 500
-    retry_after: float | None = None
-    delay_s: float = 0.0
+    retry_after: float | str | None = None  # seconds, or a string sent as is (an HTTP date)
+    delay_s: float = 0.0  # slow: before answering; drip: between two bytes of the body
     match: dict[str, str] = field(default_factory=dict)  # only requests with these params
+    body: bytes = b""  # body: sent as the answer (status `status`)
+    declare_length: bool = True  # body: without Content-Length, the end of the body is the connection's
+    headers: dict[str, str] = field(default_factory=dict)  # body: extra headers (e.g. Content-Encoding)
+    transform: Callable[[Any], Any] | None = None  # answer: the real answer -> what is sent as JSON
 
     def matches(self, params: dict[str, str]) -> bool:
         return all(params.get(k) == v for k, v in self.match.items())
@@ -192,7 +200,8 @@ class ReplayServer:
         self._thread: threading.Thread | None = None
 
     def inject(self, kind: str, times: int = 1, **kw: Any) -> None:
-        """Make the next `times` matching requests fail (kind: maxlag | status | slow | truncate)."""
+        """Make the next `times` matching requests fail (kind: maxlag | status | slow | truncate |
+        drip | body | answer; see `Failure`)."""
         with self._lock:
             self.failures.extend(Failure(kind=kind, **kw) for _ in range(times))
 
@@ -238,7 +247,26 @@ class ReplayServer:
                 failure = server._take_failure(params)
                 headers: dict[str, str] = {}
                 if failure and failure.retry_after is not None:
-                    headers["Retry-After"] = str(int(failure.retry_after))
+                    ra = failure.retry_after
+                    headers["Retry-After"] = ra if isinstance(ra, str) else str(int(ra))
+                if failure and failure.kind == "body":
+                    headers.update(failure.headers)
+                    if failure.declare_length:
+                        self._send(failure.status, failure.body, headers)
+                        return
+                    self.send_response(failure.status)
+                    self.send_header("Content-Type", "application/json; charset=utf-8")
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.close_connection = True
+                    try:
+                        for i in range(0, len(failure.body), 65536):
+                            self.wfile.write(failure.body[i:i + 65536])
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 if failure and failure.kind == "status":
                     self._send(failure.status, b'{"error": "injected"}', headers)
                     return
@@ -254,6 +282,22 @@ class ReplayServer:
                     payload = json.dumps(server.wiki.answer(params), ensure_ascii=False).encode("utf-8")
                 except (KeyError, ValueError) as exc:
                     payload = json.dumps({"error": {"code": "badvalue", "info": str(exc)}}).encode()
+                if failure and failure.kind == "answer" and failure.transform is not None:
+                    payload = json.dumps(failure.transform(json.loads(payload)), ensure_ascii=False).encode("utf-8")
+                if failure and failure.kind == "drip":  # the whole length announced, then a byte at a time
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json; charset=utf-8")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    try:
+                        for i in range(len(payload)):
+                            self.wfile.write(payload[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(failure.delay_s)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    self.close_connection = True
+                    return
                 if failure and failure.kind == "truncate":
                     payload = payload[: max(1, len(payload) // 2)]
                 if server.gzip_answers and "gzip" in self.headers.get("Accept-Encoding", ""):

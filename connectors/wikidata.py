@@ -12,24 +12,35 @@ What it asks for:
 
 Etiquette (https://meta.wikimedia.org/wiki/User-Agent_policy, API:Etiquette): a descriptive
 User-Agent with a contact, `maxlag=5` with the server's `Retry-After` honoured, exponential
-backoff with jitter on 429 / 5xx / timeouts / truncated answers, gzip (requests sends
-`Accept-Encoding: gzip` and decodes it), one request at a time, and a rate limit.
-`endpoint` is configurable so tests and the demo point it at `connectors.replay.ReplayServer`.
+backoff with jitter on 429 / 5xx / timeouts / truncated answers, gzip, one request at a time,
+and a rate limit. `endpoint` is configurable so tests and the demo point it at
+`connectors.replay.ReplayServer`.
+
+The server is not trusted: a `Retry-After` (seconds or an HTTP date) is capped at
+`max_retry_after_s`; each HTTP request must be answered in full within `deadline_s` (the body
+is streamed, so a body dripped slowly fails there, and is retried like a timeout); a body
+over `max_body_bytes` (declared, sent, or once decompressed) is refused; and an answer of the
+wrong shape (not a JSON object, `error` not an object, a change without `revid`, a
+continuation sent twice, ...) is a `WikidataError` with a one-line reason, never an
+AttributeError / KeyError or an endless loop.
 """
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import os
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import requests
+import urllib3
 
 from kedit_core.diff import EntityFormatError, parse_entity
 from kedit_core.errors import KeditError
@@ -45,6 +56,52 @@ REVPROPS = "content|ids|timestamp|tags|user|comment|flags"
 
 class WikidataError(KeditError):
     """The Wikidata API could not give an answer; the message says what happened."""
+
+
+class _Retry(Exception):
+    """One attempt failed in a way a later attempt may not (a slow or broken answer)."""
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    name = {"dict": "object", "list": "list", "str": "string", "int": "number", "float": "number",
+            "bool": "boolean"}.get(type(value).__name__, type(value).__name__)
+    return f"an {name}" if name[0] in "aeio" else f"a {name}"
+
+
+def _malformed(what: str) -> WikidataError:
+    return WikidataError(f"malformed Wikidata API answer: {what}")
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _malformed(f"{where} is {_kind(value)}, not an object")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _malformed(f"{where} is {_kind(value)}, not a list")
+    return value
+
+
+def _one_line(text: str, n: int = 200) -> str:
+    return " ".join(text.split())[:n]
+
+
+def _short_error(exc: BaseException) -> str:
+    """The root cause of a connection error in a few words (requests nests it three deep)."""
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset",
+                   "Temporary failure in name resolution", "No route to host"):
+        if marker in text:
+            return f"{type(exc).__name__}: {marker}"
+    return f"{type(exc).__name__}: {_one_line(text, 160)}"
 
 
 class WikidataAPIError(WikidataError):
@@ -78,7 +135,7 @@ class ClientStats:
     requests: int = 0  # HTTP requests sent, retries included
     retries: int = 0
     waited_s: float = 0.0
-    bytes: int = 0
+    bytes: int = 0  # body bytes received, as sent (compressed)
     http_s: float = 0.0  # wall time inside HTTP calls (the API's latency plus transfer)
 
 
@@ -115,6 +172,9 @@ class WikidataClient:
         backoff_max_s: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
         seed: int | None = None,
+        max_retry_after_s: float = 120.0,
+        deadline_s: float = 120.0,
+        max_body_bytes: int = 50 * 2**20,
     ):
         contact = contact or os.environ.get("KEDIT_CONTACT")
         if not contact:
@@ -129,6 +189,9 @@ class WikidataClient:
         self.maxlag = maxlag
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.max_retry_after_s = max_retry_after_s  # a longer Retry-After is waited this long
+        self.deadline_s = deadline_s  # one HTTP request, connect to last byte
+        self.max_body_bytes = max_body_bytes  # one answer, before and after decompression
         self._sleep = sleep
         self._rng = random.Random(seed)
         self._last_request = 0.0
@@ -163,19 +226,85 @@ class WikidataClient:
         # Exponential with jitter in [0.5, 1.5): many clients retrying do not stampede together.
         return min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt) * (0.5 + self._rng.random())
 
-    @staticmethod
-    def _retry_after(resp: requests.Response) -> float | None:
-        value = resp.headers.get("Retry-After")
+    def _retry_after(self, headers: Any) -> float | None:
+        """The server's Retry-After (delta seconds or an HTTP date), capped at max_retry_after_s."""
+        value = (headers.get("Retry-After") or "").strip()
         if not value:
             return None
         try:
-            return max(0.0, float(value))
+            seconds = float(value)
         except ValueError:
             try:
                 when = email.utils.parsedate_to_datetime(value)
-                return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, IndexError):
                 return None
+            if when.tzinfo is None:  # "-0000": UTC by RFC 5322
+                when = when.replace(tzinfo=timezone.utc)
+            seconds = (when - datetime.now(timezone.utc)).total_seconds()
+        if seconds != seconds:  # NaN
+            return None
+        seconds = max(0.0, seconds)
+        if seconds > self.max_retry_after_s:
+            log.warning("the server asked to wait %s (Retry-After: %s); waiting max_retry_after_s=%.0fs",
+                        f"{seconds:.0f}s" if seconds < 1e9 else "forever", value[:40], self.max_retry_after_s)
+            seconds = self.max_retry_after_s
+        return seconds
+
+    def _get(self, params: dict[str, Any]) -> tuple[int, Any, bytes]:
+        """One HTTP GET: (status, headers, decoded body), within deadline_s and max_body_bytes.
+        Raises _Retry for an answer a later attempt may get right, WikidataError for one it won't."""
+        deadline = time.monotonic() + self.deadline_s
+        timeout = min(self.timeout_s, self.deadline_s)
+        resp = self.session.get(self.endpoint, params=params, timeout=(timeout, timeout), stream=True)
+        try:
+            status = resp.status_code
+            # An error page is read only far enough to quote it.
+            limit = self.max_body_bytes if status < 400 else 64 * 1024
+            declared = resp.headers.get("Content-Length", "")
+            if status < 400 and declared.isdigit() and int(declared) > limit:
+                raise WikidataError(f"the answer from {self.endpoint} declares {int(declared)} bytes, over "
+                                    f"max_body_bytes={limit}; refused unread")
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise _Retry(f"answer not complete within deadline_s={self.deadline_s:g} "
+                                 f"({size} bytes received)")
+                # read1: whatever has arrived (at most 64 KiB); read() would wait for a full chunk,
+                # and a body dripped byte by byte would never reach the deadline check.
+                chunk = resp.raw.read1(64 * 1024, decode_content=False)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    if status >= 400:
+                        break
+                    raise WikidataError(f"the answer from {self.endpoint} is over max_body_bytes={limit}; "
+                                        "refused after reading that much")
+                chunks.append(chunk)
+            self.stats.bytes += size
+            body = self._decode(b"".join(chunks), resp.headers.get("Content-Encoding", ""), limit)
+            return status, resp.headers, body
+        finally:
+            resp.close()
+
+    def _decode(self, raw: bytes, encoding: str, limit: int) -> bytes:
+        enc = encoding.strip().lower()
+        if enc in ("", "identity"):
+            return raw
+        if enc not in ("gzip", "x-gzip", "deflate"):
+            raise WikidataError(f"the answer from {self.endpoint} has an unsupported Content-Encoding {enc!r}")
+        d = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header, detected
+        try:
+            out = d.decompress(raw, limit + 1)
+        except zlib.error as exc:
+            raise _Retry(f"corrupt {enc} answer ({exc})") from exc
+        if len(out) > limit:
+            raise WikidataError(f"the answer from {self.endpoint} is over max_body_bytes={limit} once "
+                                f"decompressed ({len(raw)} bytes {enc}); refused")
+        if not d.eof:
+            raise _Retry(f"truncated {enc} answer")
+        return out
 
     def request(self, params: dict[str, Any]) -> dict[str, Any]:
         """One API call (GET), retried on lag, throttling, server errors, timeouts and broken JSON."""
@@ -192,34 +321,45 @@ class WikidataClient:
                 self.stats.requests += 1
                 t0 = time.perf_counter()
                 try:
-                    resp = self.session.get(self.endpoint, params=params, timeout=self.timeout_s)
-                    _ = resp.content  # read the body inside the timed span
+                    status, headers, body = self._get(params)
                 finally:
                     self.stats.http_s += time.perf_counter() - t0
+            except _Retry as exc:
+                reason, wait = str(exc), self._backoff(attempt)
             except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError) as exc:
-                reason, wait = f"{type(exc).__name__}: {exc}", self._backoff(attempt)
+                    requests.exceptions.ContentDecodingError, urllib3.exceptions.HTTPError, ConnectionError,
+                    TimeoutError) as exc:
+                reason, wait = _short_error(exc), self._backoff(attempt)
             else:
-                self.stats.bytes += len(resp.content)
-                if resp.status_code == 429 or resp.status_code >= 500:
-                    reason = f"HTTP {resp.status_code}"
-                    wait = self._retry_after(resp) or self._backoff(attempt)
-                elif resp.status_code >= 400:
-                    raise WikidataError(f"HTTP {resp.status_code} from {self.endpoint}: {resp.text[:200]}")
+                if status == 429 or status >= 500:
+                    reason = f"HTTP {status}"
+                    wait = self._retry_after(headers) or self._backoff(attempt)
+                elif status >= 400:
+                    hint = " (Wikimedia refuses clients without a descriptive User-Agent: set KEDIT_CONTACT)" \
+                        if status == 403 else ""
+                    text = _one_line(body.decode("utf-8", "replace"))
+                    raise WikidataError(f"HTTP {status} from {self.endpoint}{hint}: {text or '(empty body)'}")
                 else:
                     try:
-                        data = resp.json()
-                    except ValueError as exc:  # a cut-off body: the connection dropped mid-answer
-                        reason, wait = f"invalid or truncated JSON ({exc})", self._backoff(attempt)
+                        data = json.loads(body)
+                    except (ValueError, RecursionError) as exc:  # a cut-off body: the connection dropped mid-answer
+                        reason = f"invalid or truncated JSON ({_one_line(str(exc) or type(exc).__name__, 120)})"
+                        wait = self._backoff(attempt)
                     else:
-                        error = data.get("error") if isinstance(data, dict) else None
+                        if not isinstance(data, dict):
+                            raise _malformed(f"the answer is {_kind(data)}, not a JSON object")
+                        error = data.get("error")
                         if not error:
                             return data
+                        if not isinstance(error, dict):
+                            raise _malformed(f"'error' is {_kind(error)}, not an object: "
+                                             f"{_one_line(json.dumps(error, default=str), 160)}")
                         if error.get("code") != "maxlag":
-                            raise WikidataAPIError(str(error.get("code")), str(error.get("info", "")))
+                            raise WikidataAPIError(_one_line(str(error.get("code")), 80),
+                                                   _one_line(str(error.get("info", ""))))
                         # Replication lag above maxlag: the server says how long to stay away.
-                        reason = f"maxlag: {error.get('info', '')}"
-                        wait = self._retry_after(resp) or float(self.maxlag)
+                        reason = f"maxlag: {_one_line(str(error.get('info', '')))}"
+                        wait = self._retry_after(headers) or float(self.maxlag)
             if attempt == self.max_retries:
                 break
             self.stats.retries += 1
@@ -231,12 +371,19 @@ class WikidataClient:
     def _query_pages(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Every page of a query, following MediaWiki's `continue` protocol to the end."""
         cont: dict[str, Any] = {}
+        seen: set[str] = set()
         while True:
             data = self.request({**params, **cont})
             yield data
             if "continue" not in data:
                 return
-            cont = data["continue"]
+            cont = _obj(data["continue"], "'continue'")
+            if not all(isinstance(v, (str, int)) for v in cont.values()):
+                raise _malformed(f"'continue' holds a value that is not a string: {_one_line(json.dumps(cont), 160)}")
+            token = json.dumps(cont, sort_keys=True)
+            if token in seen:  # a server answering the same page again would keep us here forever
+                raise _malformed(f"the continuation {_one_line(token, 160)} came twice; stopped instead of looping")
+            seen.add(token)
 
     # ------------------------------------------------------------------ recent changes
 
@@ -249,21 +396,28 @@ class WikidataClient:
             "rcprop": "title|ids|timestamp|user|flags|tags|comment",
         }
         for data in self._query_pages(params):
-            for rc in (data.get("query") or {}).get("recentchanges", []):
-                if rc.get("timestamp", "") >= end_s:  # rcend is inclusive; windows are half-open
+            rows = _list(_obj(data.get("query"), "'query'").get("recentchanges"), "query.recentchanges")
+            refs = [_rc_ref(rc) for rc in rows]
+            for ref in refs:
+                if ref.timestamp >= end_s:  # rcend is inclusive; windows are half-open
                     continue
-                yield RevisionRef(
-                    item=rc["title"], revid=int(rc["revid"]), old_revid=int(rc.get("old_revid") or 0),
-                    timestamp=rc["timestamp"], user="" if _flag(rc, "userhidden") else rc.get("user", ""),
-                    is_bot=_flag(rc, "bot"), is_anon=_flag(rc, "anon"), tags=tuple(rc.get("tags") or ()),
-                    comment=rc.get("comment", "") or "", kind=rc.get("type", "edit"),
-                )
+                yield ref
 
     # ------------------------------------------------------------------ revisions
 
     @staticmethod
     def _read_revision(page: dict[str, Any], rev: dict[str, Any], batch: RevisionBatch) -> None:
-        revid = int(rev["revid"])
+        if not isinstance(rev, dict):
+            raise _malformed(f"a revision of {page.get('title', '?')} is {_kind(rev)}, not an object")
+        revid = _int_field(rev, "revid", f"a revision of {page.get('title', '?')}")
+        try:
+            WikidataClient._read_revision_fields(page, rev, revid, batch)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            batch.entities.pop(revid, None)
+            batch.problems[revid] = f"malformed revision in the API answer: {type(exc).__name__}: {exc}"
+
+    @staticmethod
+    def _read_revision_fields(page: dict[str, Any], rev: dict[str, Any], revid: int, batch: RevisionBatch) -> None:
         batch.refs[revid] = RevisionRef(
             item=page.get("title", ""), revid=revid, old_revid=int(rev.get("parentid") or 0),
             timestamp=rev.get("timestamp", ""), user="" if _flag(rev, "userhidden") else rev.get("user", ""),
@@ -291,11 +445,13 @@ class WikidataClient:
             params = {"action": "query", "prop": "revisions", "revids": "|".join(map(str, chunk)),
                       "rvprop": REVPROPS, "rvslots": "main"}
             for data in self._query_pages(params):
-                query = data.get("query") or {}
+                query = _obj(data.get("query"), "'query'")
                 for bad in _as_list(query.get("badrevids")):
-                    batch.problems[int(bad["revid"])] = "no such revision (deleted or never existed)"
-                for page in query.get("pages", []):
-                    for rev in page.get("revisions", []):
+                    bad_id = _int_field(_obj(bad, "a badrevids entry"), "revid", "a badrevids entry")
+                    batch.problems[bad_id] = "no such revision (deleted or never existed)"
+                for page in _list(query.get("pages"), "query.pages"):
+                    page = _obj(page, "a page")
+                    for rev in _list(page.get("revisions"), f"the revisions of {page.get('title', '?')}"):
                         self._read_revision(page, rev, batch)
             for r in chunk:
                 if r not in batch.entities and r not in batch.problems:
@@ -316,11 +472,12 @@ class WikidataClient:
                   "rvdir": "newer", "rvstart": start_s, "rvend": end_s, "rvlimit": str(BATCH)}
         for data in self._query_pages(params):
             batch = RevisionBatch()
-            for page in (data.get("query") or {}).get("pages", []):
+            for page in _list(_obj(data.get("query"), "'query'").get("pages"), "query.pages"):
+                page = _obj(page, "a page")
                 if _flag(page, "missing"):
                     raise WikidataError(f"item {item} does not exist")
-                for rev in page.get("revisions", []):
-                    if rev.get("timestamp", "") < end_s:
+                for rev in _list(page.get("revisions"), f"the revisions of {item}"):
+                    if not isinstance(rev, dict) or str(rev.get("timestamp", "")) < end_s:
                         self._read_revision(page, rev, batch)
             yield batch
 
@@ -349,7 +506,8 @@ class WikidataClient:
         data = self.request({"action": "wbgetentities", "ids": "|".join(ids), "props": "labels|descriptions|aliases",
                              "languages": lang, "languagefallback": "1"})
         out = {}
-        for eid, ent in (data.get("entities") or {}).items():
+        for eid, ent in _obj(data.get("entities"), "'entities'").items():
+            ent = _obj(ent, f"entities.{eid}")
             if "missing" in ent:
                 continue
 
@@ -357,9 +515,12 @@ class WikidataClient:
                 t = (ent.get(part) or {}).get(lang)
                 return (t.get("value"), t.get("language")) if isinstance(t, dict) else (None, None)
 
-            label, label_lang = term("labels")
-            description, _ = term("descriptions")
-            aliases = tuple(a.get("value", "") for a in (ent.get("aliases") or {}).get(lang, []) or [])
+            try:
+                label, label_lang = term("labels")
+                description, _ = term("descriptions")
+                aliases = tuple(a.get("value", "") for a in (ent.get("aliases") or {}).get(lang, []) or [])
+            except (AttributeError, TypeError) as exc:
+                raise _malformed(f"the terms of {eid}: {exc}") from exc
             out[eid] = EntityLabel(eid, label, description, aliases, label_lang)
         return out
 
@@ -369,9 +530,12 @@ class WikidataClient:
         for chunk in _chunks(sorted({n for n in names if n}), BATCH):
             data = self.request({"action": "query", "list": "users", "ususers": "|".join(chunk),
                                  "usprop": "editcount|registration"})
-            for u in (data.get("query") or {}).get("users", []):
+            for u in _list(_obj(data.get("query"), "'query'").get("users"), "query.users"):
+                u = _obj(u, "a user")
                 if _flag(u, "missing") or _flag(u, "invalid"):
                     continue
+                if not isinstance(u.get("name"), str):
+                    raise _malformed(f"a user has no name: {_one_line(json.dumps(u, default=str), 160)}")
                 out[u["name"]] = {"editcount": u.get("editcount"), "registration": u.get("registration")}
         return out
 
@@ -380,4 +544,35 @@ def _as_list(value: Any) -> list[dict[str, Any]]:
     # formatversion=2 gives lists; formatversion=1 gives objects keyed by id.
     if isinstance(value, dict):
         return list(value.values())
-    return list(value or [])
+    return _list(value, "a list field")
+
+
+def _int_field(d: dict[str, Any], key: str, where: str) -> int:
+    value = d.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _malformed(f"{where} has no {key}" if value is None else f"{where}: {key} is {_kind(value)}")
+    try:
+        return int(value)
+    except ValueError:
+        raise _malformed(f"{where}: {key} {value!r} is not a number") from None
+
+
+def _rc_ref(rc: Any) -> RevisionRef:
+    """One `list=recentchanges` row as a RevisionRef; a row without what it must hold is an error."""
+    if not isinstance(rc, dict):
+        raise _malformed(f"a recent change is {_kind(rc)}, not an object")
+    where = f"recent change rcid {rc.get('rcid', '?')}"
+    revid = _int_field(rc, "revid", where)
+    old_revid = _int_field(rc, "old_revid", where) if rc.get("old_revid") else 0
+    for key in ("title", "timestamp"):
+        if not isinstance(rc.get(key), str):
+            raise _malformed(f"{where} has no {key}" if rc.get(key) is None else f"{where}: {key} is {_kind(rc[key])}")
+    tags = rc.get("tags") or ()
+    if not isinstance(tags, (list, tuple)):
+        raise _malformed(f"{where}: tags is {_kind(tags)}, not a list")
+    return RevisionRef(
+        item=rc["title"], revid=revid, old_revid=old_revid, timestamp=rc["timestamp"],
+        user="" if _flag(rc, "userhidden") else str(rc.get("user", "")),
+        is_bot=_flag(rc, "bot"), is_anon=_flag(rc, "anon"), tags=tuple(str(t) for t in tags),
+        comment=str(rc.get("comment", "") or ""), kind=str(rc.get("type", "edit")),
+    )
