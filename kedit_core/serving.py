@@ -19,6 +19,7 @@ Read top to bottom:
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import ipaddress
 import json
@@ -46,6 +47,15 @@ from kedit_core.model import LoadedModel, fingerprint_model
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_ENV = "KEDIT_ADMIN_TOKEN"
+API_KEY_ENV = "KEDIT_API_KEY"  # the bearer token inference endpoints require (kedit serve --api-key)
+MAX_BODY_BYTES = 1_000_000  # a request body larger than this is refused (413) before it is parsed
+MAX_PENDING = 64  # generation requests in flight or queued; one more is answered 429 with Retry-After
+RETRY_AFTER_S = 1
+# A prompt longer than context x this many characters cannot fit the context whatever the
+# tokenizer does (no token in the served tokenizers spans more), so it is refused before
+# it is tokenised.
+MAX_CHARS_PER_TOKEN = 32
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
 
 
 # --------------------------------------------------------------------------- errors
@@ -496,10 +506,38 @@ class TextAssembler:
         return piece
 
 
+_ENCODER_ATTR = "_kedit_prompt_encoder"
+_ENCODER_INIT = threading.Lock()
+
+
+def _prompt_encoder(tok: Any) -> Any | None:
+    """A private copy of a fast tokenizer's Rust tokenizer, used only to encode prompts: no
+    call ever changes its padding or truncation state, so concurrent encodes need no lock."""
+    enc = getattr(tok, _ENCODER_ATTR, None)
+    if enc is None:
+        rust = getattr(tok, "_tokenizer", None)
+        if rust is None or not hasattr(rust, "encode_batch"):
+            return None
+        with _ENCODER_INIT:
+            enc = getattr(tok, _ENCODER_ATTR, None)
+            if enc is None:
+                with _TOKENIZER_LOCK:  # reading the shared tokenizer's state
+                    enc = copy.deepcopy(rust)
+                enc.no_padding()
+                enc.no_truncation()
+                setattr(tok, _ENCODER_ATTR, enc)
+    return enc
+
+
 def encode_prompt(lm: LoadedModel, prompt: str) -> torch.Tensor:
-    with _TOKENIZER_LOCK:
-        enc = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    return enc["input_ids"]
+    """The prompt's token ids, encoded *outside* the shared tokenizer lock (which every
+    streaming request takes per token to decode): a long prompt delays no other request.
+    A fast tokenizer encodes through `encode_batch`, which also releases the GIL."""
+    enc = _prompt_encoder(lm.tokenizer)
+    if enc is None:  # a Python ("slow") tokenizer: no Rust state to borrow
+        return lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = enc.encode_batch([prompt], add_special_tokens=False)[0].ids
+    return torch.tensor([ids], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -591,8 +629,9 @@ def generate_served(
 # module's globals.
 from fastapi import Depends, FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict  # noqa: E402
+from fastapi.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 
@@ -609,29 +648,36 @@ class StreamOptions(_Req):
     include_usage: bool = False
 
 
-class ChatRequest(_Req):
+# Sampling parameters in the ranges the OpenAI API accepts (a value outside is a 400 naming
+# the parameter, never passed on to generate): temperature 0..2, top_p in (0, 1],
+# penalties -2..2 (accepted and ignored), at most 4 stop sequences.
+_TEMPERATURE = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+_TOP_P = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+_PENALTY = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False)
+
+
+class _Sampling(_Req):
+    temperature: Optional[float] = _TEMPERATURE
+    top_p: Optional[float] = _TOP_P
+    presence_penalty: Optional[float] = _PENALTY
+    frequency_penalty: Optional[float] = _PENALTY
+    n: Optional[int] = 1
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+
+class ChatRequest(_Sampling):
     model: str
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: Optional[int] = 1
-    stop: Optional[Union[str, list[str]]] = None
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
 
 
-class CompletionRequest(_Req):
+class CompletionRequest(_Sampling):
     model: str
     prompt: Union[str, list[str]]
     max_tokens: Optional[int] = 16
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: Optional[int] = 1
-    stop: Optional[Union[str, list[str]]] = None
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
     echo: bool = False
 
 
@@ -651,6 +697,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_inference_binding(host: str, api_key: str | None, require: bool | None = None) -> None:
+    """Refuse inference endpoints without a bearer token on an address other machines can
+    reach, unless explicitly allowed (`require=False`: kedit serve --no-api-key)."""
+    if require is None:
+        require = not is_loopback(host)
+    if require and not api_key:
+        raise KeditError(
+            f"refusing to serve inference on {host} without an API key: set {API_KEY_ENV} or pass --api-key "
+            "(or bind to 127.0.0.1, or pass --no-api-key to serve it open on purpose)"
+        )
+
+
 def check_admin_binding(host: str, admin_token: str | None, admin_enabled: bool = True) -> None:
     """Refuse an admin API without a token on an address other machines can reach."""
     if admin_enabled and not admin_token and not is_loopback(host):
@@ -665,11 +723,113 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
+def _bearer_ok(header: str, token: str) -> bool:
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and bool(given) and secrets.compare_digest(given.strip().encode(), token.encode())
+
+
+class RequestGuard:
+    """ASGI middleware in front of the app, doing the cheap refusals before any body is
+    read, parsed or tokenised:
+
+    - the inference API key (`api_key`; /health and /admin are not covered: /admin has its
+      own token), checked in constant time, 401 without it;
+    - admission: at most `max_pending` generation requests in flight or queued (counted
+      until their response, streamed or not, has ended); one more is answered 429 with
+      Retry-After at once instead of waiting in an unbounded queue;
+    - the body size: a Content-Length above `max_body_bytes` is 413 before reading, and a
+      body without one is read only up to the limit.
+    """
+
+    def __init__(self, app: Any, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 max_pending: int = MAX_PENDING) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.max_pending = max_pending
+        self.pending = 0
+        self.refused_busy = 0
+        self._lock = threading.Lock()
+
+    async def _refuse(self, scope: Any, receive: Any, send: Any, status: int, message: str, code: str,
+                      type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        await JSONResponse(error_body(message, type_, None, code), status_code=status, headers=headers)(scope, receive, send)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.api_key and path.startswith("/v1/") and not _bearer_ok(headers.get("authorization", ""), self.api_key):
+            await self._refuse(scope, receive, send, 401, "a valid API key is required: send 'Authorization: Bearer "
+                               f"<key>' (the server's {API_KEY_ENV})", "invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+            return
+        admitted = path in GENERATION_PATHS and scope.get("method") == "POST"
+        if admitted:
+            with self._lock:
+                if self.pending >= self.max_pending:
+                    self.refused_busy += 1
+                    admitted = False
+                    busy = True
+                else:
+                    self.pending += 1
+                    busy = False
+            if busy:
+                await self._refuse(scope, receive, send, 429, f"the server is busy ({self.max_pending} requests in "
+                                   "flight or queued): retry later", "server_busy", "server_error",
+                                   headers={"Retry-After": str(RETRY_AFTER_S)})
+                return
+        try:
+            length = headers.get("content-length")
+            if length is not None and (not length.strip().isdigit() or int(length) > self.max_body_bytes):
+                await self._refuse(scope, receive, send, 413, f"the request body is larger than this server's limit "
+                                   f"of {self.max_body_bytes} bytes", "request_too_large")
+                return
+            if scope.get("method") in ("POST", "PUT", "PATCH"):
+                receive = await self._bounded(scope, receive, send)
+                if receive is None:
+                    return
+            await self.app(scope, receive, send)
+        finally:
+            if admitted:
+                with self._lock:
+                    self.pending -= 1
+
+    async def _bounded(self, scope: Any, receive: Any, send: Any) -> Any:
+        """Read the body (up to the limit) and hand the app a receive that replays it."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                await self._refuse(scope, receive, send, 413, f"the request body is larger than this server's limit "
+                                   f"of {self.max_body_bytes} bytes", "request_too_large")
+                return None
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Any:
+            if messages:
+                return messages.pop(0)
+            return await receive()
+
+        return replay
+
+
+def create_app(state: ServingState, admin_token: str | None, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, max_pending: int = MAX_PENDING) -> FastAPI:
     """The FastAPI app serving `state`. Admin endpoints answer only with `admin_token`
-    (they are disabled when it is None)."""
+    (they are disabled when it is None); inference endpoints (/v1/...) only with `api_key`
+    when one is given. Bodies over `max_body_bytes` are refused (413) and generation
+    requests beyond `max_pending` in flight or queued are answered 429 (see RequestGuard)."""
     app = FastAPI(title="kedit serving", version="1", docs_url=None, redoc_url=None)
     app.state.serving = state
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes, max_pending=max_pending)
 
     def err(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
             code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -744,10 +904,40 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
             raise ServingError("only n=1 is supported", param="n", code="invalid_value")
 
     def stops(stop: str | list[str] | None) -> list[str]:
-        return [stop] if isinstance(stop, str) else list(stop or [])
+        given = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(given) > 4:
+            raise ServingError(f"stop takes at most 4 sequences, got {len(given)}", param="stop", code="invalid_value")
+        return given
 
     def headers_for(held: Lease) -> dict[str, str]:
         return {"X-Kedit-Version": str(held.version_id), "X-Kedit-Weights": held.weights_fingerprint}
+
+    def check_chars(held: Lease, n_chars: int, param: str) -> None:
+        """The context-length check on characters, before anything is tokenised: a prompt
+        that cannot fit whatever its tokens is refused at once (a 10 MB chat took the
+        tokenizer ~10 s and ~1 GB before the token count refused it)."""
+        cfg = held.lm.model.config
+        context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if context and n_chars > context * MAX_CHARS_PER_TOKEN:
+            raise ServingError(
+                f"This model's maximum context length is {context} tokens. However, your prompt has {n_chars} "
+                f"characters, more than {context} tokens can hold.", param=param, code="context_length_exceeded")
+
+    async def respond(request: Request, prepared: Any) -> Any:
+        """Run a prepared request: a streaming response is returned as is; a non-streaming
+        generation runs in a worker thread while this coroutine watches the connection, and
+        a client that goes away cancels it (it stops at the next token, its lease released)."""
+        if not callable(prepared) or isinstance(prepared, Response):
+            return prepared
+        cancel = threading.Event()
+        task = asyncio.ensure_future(run_in_threadpool(prepared, cancel))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.1)
+            if done:
+                return task.result()
+            if not cancel.is_set() and await request.is_disconnected():
+                log.info("client left %s: generation cancelled", request.url.path)
+                cancel.set()
 
     # ---------------------------------------------------------------- public endpoints
 
@@ -764,16 +954,17 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
         check_model(model_id)
         return _model_card(state)
 
-    @app.post("/v1/chat/completions")
-    def chat(req: ChatRequest) -> Any:
+    def prepare_chat(req: ChatRequest) -> Any:
         check_model(req.model)
         check_n(req.n)
         if not req.messages:
             raise ServingError("messages must hold at least one message", param="messages", code="invalid_value")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
                     for m in req.messages]
+        stop = stops(req.stop)
         held = state.acquire()
         try:
+            check_chars(held, sum(len(m["content"]) for m in messages), "messages")
             last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
             # the edits answer only a question in their scope, judged on what the user asked
             in_scope = edit_routes(held.lm, [messages[last_user]["content"]])[0] if last_user is not None else None
@@ -787,7 +978,7 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
             limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             params = GenParams(check_tokens(held, input_ids.shape[1], limit,
                                             "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"),
-                               req.temperature, req.top_p, stops(req.stop), in_scope, check)
+                               req.temperature, req.top_p, stop, in_scope, check)
         except BaseException:
             state.release(held)
             raise
@@ -806,18 +997,25 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
                              usage=(lambda g: {**base, "object": "chat.completion.chunk", "choices": [],
                                                "usage": _usage(g)}) if include_usage else None)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers_for(held))
-        try:
-            gen = generate_served(held.lm, input_ids, params)
-        finally:
-            state.release(held)
-        body = {**base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
-                             "logprobs": None, "finish_reason": gen.finish_reason}],
-                "usage": _usage(gen)}
-        return JSONResponse(body, headers=headers_for(held))
 
-    @app.post("/v1/completions")
-    def completions(req: CompletionRequest) -> Any:
+        def run(cancel: threading.Event) -> JSONResponse:
+            try:
+                gen = generate_served(held.lm, input_ids, params, cancel=cancel)
+            finally:
+                state.release(held)
+            body = {**base, "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
+                                 "logprobs": None, "finish_reason": gen.finish_reason}],
+                    "usage": _usage(gen)}
+            return JSONResponse(body, headers=headers_for(held))
+
+        return run
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request) -> Any:
+        return await respond(request, await run_in_threadpool(prepare_chat, req))
+
+    def prepare_completion(req: CompletionRequest) -> Any:
         check_model(req.model)
         check_n(req.n)
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
@@ -825,14 +1023,17 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
             raise ServingError("prompt must not be empty", param="prompt", code="invalid_value")
         if req.stream and len(prompts) > 1:
             raise ServingError("streaming takes one prompt", param="prompt", code="invalid_value")
+        stop = stops(req.stop)
         held = state.acquire()
         try:
+            for p in prompts:
+                check_chars(held, len(p), "prompt")
             encoded = []
             asks = served_asks(held.lm, prompts, held.rewriter)
             for p, in_scope, (asked, check) in zip(prompts, edit_routes(held.lm, prompts), asks):
                 ids = encode_prompt(held.lm, asked)
                 encoded.append((p, ids, GenParams(check_tokens(held, ids.shape[1], req.max_tokens, "max_tokens"),
-                                                  req.temperature, req.top_p, stops(req.stop), in_scope, check)))
+                                                  req.temperature, req.top_p, stop, in_scope, check)))
         except BaseException:
             state.release(held)
             raise
@@ -851,16 +1052,24 @@ def create_app(state: ServingState, admin_token: str | None) -> FastAPI:
                              usage=(lambda g: {**base, "object": "text_completion", "choices": [],
                                                "usage": _usage(g)}) if include_usage else None)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers_for(held))
-        try:
-            gens = [(p, generate_served(held.lm, ids, params)) for p, ids, params in encoded]
-        finally:
-            state.release(held)
-        body = {**base, "object": "text_completion",
-                "choices": [{"index": i, "text": (p if req.echo else "") + g.text, "logprobs": None,
-                             "finish_reason": g.finish_reason} for i, (p, g) in enumerate(gens)],
-                "usage": {k: sum(_usage(g)[k] for _, g in gens)
-                          for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
-        return JSONResponse(body, headers=headers_for(held))
+
+        def run(cancel: threading.Event) -> JSONResponse:
+            try:
+                gens = [(p, generate_served(held.lm, ids, params, cancel=cancel)) for p, ids, params in encoded]
+            finally:
+                state.release(held)
+            body = {**base, "object": "text_completion",
+                    "choices": [{"index": i, "text": (p if req.echo else "") + g.text, "logprobs": None,
+                                 "finish_reason": g.finish_reason} for i, (p, g) in enumerate(gens)],
+                    "usage": {k: sum(_usage(g)[k] for _, g in gens)
+                              for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+            return JSONResponse(body, headers=headers_for(held))
+
+        return run
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        return await respond(request, await run_in_threadpool(prepare_completion, req))
 
     # ---------------------------------------------------------------- admin endpoints
 

@@ -20,6 +20,9 @@ from kedit_core.answer import PromptRewriter
 from kedit_core.model import LoadedModel
 from kedit_core.serving import (
     ADMIN_TOKEN_ENV,
+    API_KEY_ENV,
+    MAX_BODY_BYTES,
+    MAX_PENDING,
     DeltaRef,
     VersionConflict,
     VersionIntegrityError,
@@ -237,24 +240,41 @@ def register(app: typer.Typer) -> None:
         version: Optional[int] = typer.Option(None, "--version", help="Version to serve (default: the live one)."),
         no_admin: bool = typer.Option(False, "--no-admin", help="Serve without the admin API."),
         max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
+        api_key: Optional[str] = typer.Option(
+            None, "--api-key", envvar=API_KEY_ENV, show_envvar=True,
+            help="Bearer token the inference endpoints (/v1/...) require; required on a non-loopback address."),
+        no_api_key: bool = typer.Option(False, "--no-api-key",
+                                        help="Serve inference without a token even on a public address (on purpose)."),
+        max_body_bytes: int = typer.Option(MAX_BODY_BYTES, help="Largest request body; a larger one is refused (413)."),
+        max_pending: int = typer.Option(MAX_PENDING, help="Generation requests in flight or queued at most; "
+                                                          "one more is answered 429 with Retry-After."),
     ) -> None:
         """Serve the live model version with the OpenAI API shape (hot swaps via the admin API)."""
         import uvicorn
 
+        from kedit_core.atomic import clean_kedit_home
         from kedit_core.model import load_model
-        from kedit_core.serving import check_admin_binding, create_app
+        from kedit_core.serving import check_admin_binding, check_inference_binding, create_app
         from storage.db import open_db
 
         token = os.environ.get(ADMIN_TOKEN_ENV) or None
         check_admin_binding(host, token, admin_enabled=not no_admin)
+        if no_api_key and api_key:
+            raise typer.BadParameter("give --api-key or --no-api-key, not both")
+        check_inference_binding(host, api_key, require=False if no_api_key else None)
+        if max_body_bytes < 1 or max_pending < 1:
+            raise typer.BadParameter("--max-body-bytes and --max-pending must be at least 1")
         if not no_admin and not token:
             log.warning("admin API disabled: set %s to enable version loading and rollback", ADMIN_TOKEN_ENV)
         db = open_db()
+        clean_kedit_home(db.path.parent)  # temp files of writes a killed process left behind
         lm = load_model(model, show_progress=True)
         state = build_serving_state(lm, db, version, max_tokens_limit=max_tokens_limit)
         log.info("serving %s version %s (%s) on http://%s:%d/v1", state.model_name, state.version_id,
                  state.tag, host, port)
-        uvicorn.run(create_app(state, None if no_admin else token), host=host, port=port, log_level="info")
+        app = create_app(state, None if no_admin else token, api_key=api_key or None,
+                         max_body_bytes=max_body_bytes, max_pending=max_pending)
+        uvicorn.run(app, host=host, port=port, log_level="info")
 
     @app.command("audit")
     def audit(
