@@ -203,3 +203,25 @@ def test_public_bind_needs_an_api_key_unless_disabled(monkeypatch):
     monkeypatch.setenv("KEDIT_ADMIN_TOKEN", "admin")
     refused = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--port", "1"])
     assert refused.exit_code != 0 and "KEDIT_API_KEY" in str(refused.exception)
+
+
+def test_fast_tokenizer_prompts_encode_like_the_tokenizer_and_outside_its_lock():
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "where": 2, "is": 3, "the": 4, "tower": 5, "?": 6}
+    rust = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="[UNK]", pad_token="[PAD]")
+    tok(["where", "where is the tower"], padding=True)  # the shared tokenizer's padding state changed
+    lm = SimpleNamespace(tokenizer=tok)
+    text = "where is the Eiffel tower ?"
+    encode_prompt(lm, text)  # the private encoder is made once
+    got = {}
+    with serving._TOKENIZER_LOCK:
+        t = threading.Thread(target=lambda: got.setdefault("ids", encode_prompt(lm, text)), daemon=True)
+        t.start()
+        t.join(5)
+    assert got["ids"].tolist() == [tok(text, add_special_tokens=False)["input_ids"]] == [[2, 3, 4, 0, 5, 6]]
