@@ -75,14 +75,17 @@ class _ChainedLabels:
 
 def build_report(old_path: Path, new_path: Path, entity: str | None, labels_file: Path | None,
                  offline: bool, extra: list[Path]) -> Any:
+    from flows.commands.diff_cmd import check_same_entity, parse_file_entity
     from kedit_core.diff import diff_entities, parse_entity
     from kedit_core.labels import StaticLabels
     from kedit_core.qa import SubjectFacts, build_cases
 
     old_obj, new_obj = _load_json(old_path), _load_json(new_path)
     eid = pick_entity_id(old_obj, new_obj, entity)
-    old_e = parse_entity(old_obj, eid if eid in _present_items(old_obj) else None)
-    new_e = parse_entity(new_obj, eid if eid in _present_items(new_obj) else None)
+    # An item named with --entity must be in both files; one inferred is looked up where present.
+    old_e = parse_file_entity(old_obj, entity or (eid if eid in _present_items(old_obj) else None), old_path)
+    new_e = parse_file_entity(new_obj, entity or (eid if eid in _present_items(new_obj) else None), new_path)
+    check_same_entity(old_e, new_e, old_path, new_path)
     changes = diff_entities(old_e, new_e, subject=eid)
 
     facts = SubjectFacts()

@@ -41,6 +41,28 @@ def pick_entity_id(old: Any, new: Any, wanted: str | None) -> str | None:
     raise EntityFormatError(f"the files hold several entities ({sorted(set(new_ids) | set(old_ids))}); pick one with --entity")
 
 
+def parse_file_entity(raw: Any, entity_id: str | None, path: Path) -> Any:
+    """`parse_entity` of one file's JSON; an error names the file."""
+    from kedit_core.diff import EntityFormatError, parse_entity
+
+    try:
+        return parse_entity(raw, entity_id)
+    except EntityFormatError as exc:
+        raise EntityFormatError(f"{path}: {exc}") from exc
+
+
+def check_same_entity(old_e: Any, new_e: Any, old_path: Path, new_path: Path) -> None:
+    """Refuse two files that describe different entities: their diff would be every fact of
+    both (Q42 against Q131261 gave 81 "changes" and a case giving Oliver Kahn Douglas Adams'
+    birth date)."""
+    from kedit_core.diff import EntityFormatError
+
+    a, b = (old_e or {}).get("id"), (new_e or {}).get("id")
+    if a and b and a != b:
+        raise EntityFormatError(f"{old_path} describes {a} but {new_path} describes {b}: give two revisions of "
+                                "the same item (when a file holds several entities, name one with --entity)")
+
+
 def render_value(v: dict[str, Any] | None) -> str:
     if v is None:
         return "-"
@@ -72,11 +94,12 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print a JSON list of changes."),
     ) -> None:
         """Fact changes between two revisions of one Wikidata item."""
-        from kedit_core.diff import diff_entities, parse_entity
+        from kedit_core.diff import diff_entities
 
         old_raw, new_raw = _load(old), _load(new)
         eid = pick_entity_id(old_raw, new_raw, entity)
-        old_e, new_e = parse_entity(old_raw, eid), parse_entity(new_raw, eid)
+        old_e, new_e = parse_file_entity(old_raw, eid, old), parse_file_entity(new_raw, eid, new)
+        check_same_entity(old_e, new_e, old, new)
         changes = diff_entities(old_e, new_e, revid=int((new_e or {}).get("lastrevid") or 0),
                                 timestamp=str((new_e or {}).get("modified") or ""),
                                 old_revid=(old_e or {}).get("lastrevid"))
