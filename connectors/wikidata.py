@@ -4,7 +4,8 @@ What it asks for:
 - `recent_changes(start, end)`: `list=recentchanges` in namespace 0 (edits and new items),
   oldest first, following `continue` to the end -> `RevisionRef`s;
 - `fetch_revisions(revids)` / `entities_at_revisions(revids)`: entity JSON at given revisions
-  (`prop=revisions`, 50 ids a request, the MediaWiki limit for content);
+  (`prop=revisions`, 50 ids a request, the MediaWiki limit for content; fewer when 50 large
+  items together are over `max_body_bytes`);
 - `item_revisions(item, start, end)`: one item's revision history in a date range (backfill
   beyond the 30 days recent changes keep);
 - `labels(ids)`: English labels via `wbgetentities` (50 ids a request, language fallback);
@@ -56,6 +57,10 @@ REVPROPS = "content|ids|timestamp|tags|user|comment|flags"
 
 class WikidataError(KeditError):
     """The Wikidata API could not give an answer; the message says what happened."""
+
+
+class WikidataTooLarge(WikidataError):
+    """An answer over the client's max_body_bytes (not retried: the same request gets the same answer)."""
 
 
 class _Retry(Exception):
@@ -262,7 +267,7 @@ class WikidataClient:
             limit = self.max_body_bytes if status < 400 else 64 * 1024
             declared = resp.headers.get("Content-Length", "")
             if status < 400 and declared.isdigit() and int(declared) > limit:
-                raise WikidataError(f"the answer from {self.endpoint} declares {int(declared)} bytes, over "
+                raise WikidataTooLarge(f"the answer from {self.endpoint} declares {int(declared)} bytes, over "
                                     f"max_body_bytes={limit}; refused unread")
             chunks: list[bytes] = []
             size = 0
@@ -279,7 +284,7 @@ class WikidataClient:
                 if size > limit:
                     if status >= 400:
                         break
-                    raise WikidataError(f"the answer from {self.endpoint} is over max_body_bytes={limit}; "
+                    raise WikidataTooLarge(f"the answer from {self.endpoint} is over max_body_bytes={limit}; "
                                         "refused after reading that much")
                 chunks.append(chunk)
             self.stats.bytes += size
@@ -300,7 +305,7 @@ class WikidataClient:
         except zlib.error as exc:
             raise _Retry(f"corrupt {enc} answer ({exc})") from exc
         if len(out) > limit:
-            raise WikidataError(f"the answer from {self.endpoint} is over max_body_bytes={limit} once "
+            raise WikidataTooLarge(f"the answer from {self.endpoint} is over max_body_bytes={limit} once "
                                 f"decompressed ({len(raw)} bytes {enc}); refused")
         if not d.eof:
             raise _Retry(f"truncated {enc} answer")
@@ -441,10 +446,23 @@ class WikidataClient:
         """Entities at the given revisions (50 a request); unreadable ones land in `problems`."""
         batch = RevisionBatch()
         wanted = sorted({int(r) for r in revids if r})
-        for chunk in _chunks(wanted, BATCH):
+        todo = list(_chunks(wanted, BATCH))
+        while todo:
+            chunk = todo.pop(0)
             params = {"action": "query", "prop": "revisions", "revids": "|".join(map(str, chunk)),
                       "rvprop": REVPROPS, "rvslots": "main"}
-            for data in self._query_pages(params):
+            try:
+                pages = list(self._query_pages(params))
+            except WikidataTooLarge as exc:
+                # 50 large items can outgrow max_body_bytes together: ask for them in halves; one
+                # revision alone over the limit is that revision's problem.
+                if len(chunk) > 1:
+                    log.warning("revisions answer over max_body_bytes for %d ids; asking in halves", len(chunk))
+                    todo[:0] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2:]]
+                else:
+                    batch.problems[chunk[0]] = f"answer too large: {exc}"
+                continue
+            for data in pages:
                 query = _obj(data.get("query"), "'query'")
                 for bad in _as_list(query.get("badrevids")):
                     bad_id = _int_field(_obj(bad, "a badrevids entry"), "revid", "a badrevids entry")

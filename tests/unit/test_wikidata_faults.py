@@ -192,3 +192,19 @@ def test_connection_refused_is_retried_then_one_clear_error():
     msg = str(exc.value)
     assert "failed 3 times; last: ConnectionError: Connection refused" in msg and "\n" not in msg
     assert len(sleeps) == 2
+
+
+def test_revisions_over_the_size_limit_together_are_asked_for_in_halves(srv):
+    # Real answers (gzip) from the recorded day: the three ~90 KB Q1040/Q64 bodies with two small
+    # ones are ~300 KB decoded; under a 120 KB limit they come in smaller requests, and a body
+    # alone over a 60 KB limit becomes that revision's problem, the others still read.
+    client, _ = client_for(srv.url, max_body_bytes=120_000)
+    revids = [2150000103, 2150000109, 619336121, 2150000104, 2150000001]
+    batch = client.fetch_revisions(revids)
+    assert set(batch.entities) == set(revids) and not batch.problems
+    sizes = [len(r["params"]["revids"].split("|")) for r in srv.requests if "revids" in r["params"]]
+    assert sizes[0] == 5 and len(sizes) > 2 and sum(1 for n in sizes if n == 1) >= 2
+    small, _ = client_for(srv.url, max_body_bytes=60_000)
+    batch = small.fetch_revisions([619336121, 2150000104])
+    assert batch.problems[619336121].startswith("answer too large: ") and "max_body_bytes=60000" in batch.problems[619336121]
+    assert set(batch.entities) == {2150000104}
