@@ -102,7 +102,9 @@ def write_output(path: Path, run_id: str, data: str, limit: int | None, batch_si
     doc = {"run_id": run_id, "data": data, "limit": limit, "batch_size": batch_size, "model": model,
            "fingerprint": fingerprint, "partial": partial, "rows": rows,
            "table_markdown": format_table(rows, markdown=True)}
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    from kedit_core.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")  # rewritten after each method
 
 
 def register(app: typer.Typer) -> None:

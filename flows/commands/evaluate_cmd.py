@@ -124,4 +124,6 @@ def register(app: typer.Typer) -> None:
         typer.echo(text)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text + "\n", encoding="utf-8")
+            from kedit_core.atomic import atomic_write_text
+
+            atomic_write_text(output, text + "\n")

@@ -286,7 +286,7 @@ def register(app: typer.Typer) -> None:
         from kedit_core.model import load_model
         from storage.db import open_db
 
-        db = open_db()
+        db = open_db(create=False)  # an audit only reads the ledger
         if server:
             from connectors.served import ServedModelClient
 
