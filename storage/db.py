@@ -111,7 +111,9 @@ def open_db(path: str | os.PathLike[str] | None = None, upto: int | None = None,
     try:
         db_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a parent that is a file, no permission, ...
-        raise StorageError(f"cannot create the ledger's folder {db_path.parent}: {exc.strerror or exc}") from exc
+        blocking = next((a for a in [db_path.parent, *db_path.parent.parents] if a.exists() and not a.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking is not None else (exc.strerror or str(exc))
+        raise StorageError(f"cannot create the ledger's folder {db_path.parent}: {why}") from exc
     if db_path.is_dir():
         raise StorageError(f"ledger path {db_path} is a directory, not a ledger file")
     db = Database(db_path)
