@@ -215,3 +215,23 @@ def test_truncated_lte_alignment_cache_is_rebuilt_with_a_warning(tiny_llama, cap
         delta, again = get_editor("lte", tiny).align(tiny_llama)
     assert not again["cached"] and "unusable" in caplog.text and "rebuilding" in caplog.text
     assert json.loads(info_file.read_text())["sha256"] == again["sha256"]
+
+
+def test_a_pipeline_run_removes_stale_temp_files_at_start(db, kedit_home):
+    from flows.pipeline import apply_gated_batches
+    from flows.runtime import open_live_model
+    from kedit_core.gate import GateConfig
+    from kedit_core.regression import freeze_suite
+    from tests.unit import gatekit as g
+
+    dead = 2 ** 22 + 4321
+    stale = [kedit_home / "deltas" / f"x.safetensors.{dead}.tmp", db.path.parent / "reports" / "r.html.tmp"]
+    for p in stale:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("half")
+    os.utime(stale[1], (1, 1))
+    lm = g.knowing_tiny_llama()
+    live = open_live_model(db=db, lm=lm)
+    suite = freeze_suite(lm, g.edit_cases("old"), known_facts=g.known_facts(), reference_text=g.REFERENCE_TEXT)
+    apply_gated_batches(live, g.NudgeEditor(), [], db, GateConfig(), 1, "run-clean", suite)
+    assert not any(p.exists() for p in stale)
