@@ -98,12 +98,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def is_stale_tmp(path: Path, now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> bool:
+def is_stale_tmp(path: Path, now: float | None = None, stale_after_s: float = STALE_AFTER_S,
+                 tagged_only: bool = False) -> bool:
     """A temporary file no running write can still be using: its writer's pid is gone,
-    or (an untagged *.tmp, or a pid reused since) it has not been touched for an hour."""
+    or (an untagged *.tmp, or a pid reused since) it has not been touched for an hour.
+    `tagged_only`: only names this module makes (NAME.<pid>.tmp) are considered."""
     if not path.name.endswith(TMP_SUFFIX):
         return False
     m = _PID_TMP.search(path.name)
+    if m is None and tagged_only:
+        return False
     if m is not None and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
         return True
     try:
@@ -113,8 +117,11 @@ def is_stale_tmp(path: Path, now: float | None = None, stale_after_s: float = ST
     return age > stale_after_s
 
 
-def remove_stale_tmp(*roots: str | os.PathLike[str] | None, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
-    """Remove stale `*.tmp` files (and folders) under each existing root; returns them."""
+def remove_stale_tmp(*roots: str | os.PathLike[str] | None, stale_after_s: float = STALE_AFTER_S,
+                     recursive: bool = True, tagged_only: bool = False) -> list[Path]:
+    """Remove stale `*.tmp` files (and folders) under each existing root; returns them.
+    `recursive=False` looks in the roots themselves only; `tagged_only` removes only the
+    pid-tagged names this module makes (for folders kedit shares with other programs)."""
     removed: list[Path] = []
     now = time.time()
     seen: set[Path] = set()
@@ -128,24 +135,35 @@ def remove_stale_tmp(*roots: str | os.PathLike[str] | None, stale_after_s: float
         for folder, dirs, files in os.walk(root):
             for name in [d for d in dirs if d.endswith(TMP_SUFFIX)]:
                 p = Path(folder) / name
-                if is_stale_tmp(p, now, stale_after_s):
+                if is_stale_tmp(p, now, stale_after_s, tagged_only):
                     _remove(p)
                     removed.append(p)
                     dirs.remove(name)
             for name in files:
                 p = Path(folder) / name
-                if name.endswith(TMP_SUFFIX) and is_stale_tmp(p, now, stale_after_s):
+                if name.endswith(TMP_SUFFIX) and is_stale_tmp(p, now, stale_after_s, tagged_only):
                     _remove(p)
                     removed.append(p)
+            if not recursive:
+                break
     if removed:
         log.warning("removed %d leftover temporary file(s) of interrupted writes: %s", len(removed),
                     ", ".join(str(p) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
     return removed
 
 
-def clean_kedit_home(*extra_roots: str | os.PathLike[str] | None) -> list[Path]:
-    """`remove_stale_tmp` over the kedit home (model cache, deltas, caches) and `extra_roots`
-    (e.g. the ledger's folder, where reports go); never creates the home."""
+def clean_kedit_home(ledger_folder: str | os.PathLike[str] | None = None) -> list[Path]:
+    """`remove_stale_tmp` over the kedit home (model cache, deltas, caches: kedit's own
+    folder, searched throughout) and, when the ledger lives elsewhere, its folder and the
+    reports folder beside it (not searched deeper, and only kedit's pid-tagged temp names:
+    that folder may be shared with other programs). Never creates the home."""
     from kedit_core.model import kedit_home
 
-    return remove_stale_tmp(kedit_home(create=False), *extra_roots)
+    home = kedit_home(create=False)
+    removed = remove_stale_tmp(home)
+    if ledger_folder is not None:
+        folder = Path(ledger_folder)
+        inside_home = home.exists() and folder.resolve().is_relative_to(home.resolve())
+        if not inside_home:
+            removed += remove_stale_tmp(folder, folder / "reports", recursive=False, tagged_only=True)
+    return removed

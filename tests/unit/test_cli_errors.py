@@ -235,3 +235,18 @@ def test_a_pipeline_run_removes_stale_temp_files_at_start(db, kedit_home):
     suite = freeze_suite(lm, g.edit_cases("old"), known_facts=g.known_facts(), reference_text=g.REFERENCE_TEXT)
     apply_gated_batches(live, g.NudgeEditor(), [], db, GateConfig(), 1, "run-clean", suite)
     assert not any(p.exists() for p in stale)
+
+
+def test_a_ledger_folder_shared_with_other_programs_loses_only_kedit_temp_files(tmp_path):
+    from kedit_core.atomic import clean_kedit_home
+
+    shared = tmp_path / "shared"
+    (shared / "reports").mkdir(parents=True)
+    (shared / "deep").mkdir()
+    theirs = [shared / "editor.swp.tmp", shared / "deep" / "x.99999999.tmp"]
+    ours = [shared / f"k.duckdb.{2 ** 22 + 7}.tmp", shared / "reports" / f"r.html.{2 ** 22 + 7}.tmp"]
+    for p in theirs + ours:
+        p.write_text("x")
+        os.utime(p, (1, 1))
+    clean_kedit_home(shared)
+    assert all(p.exists() for p in theirs) and not any(p.exists() for p in ours)
