@@ -234,7 +234,7 @@ def audit_server(client: Any, db: Database, rebuild_model: Callable[[str], Loade
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
-        host: str = typer.Option("127.0.0.1", help="Address to bind (non-loopback needs KEDIT_ADMIN_TOKEN)."),
+        host: str = typer.Option("127.0.0.1", help="Address to bind (non-loopback needs KEDIT_ADMIN_TOKEN and an API key)."),
         port: int = typer.Option(8000, help="Port to listen on."),
         model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
         version: Optional[int] = typer.Option(None, "--version", help="Version to serve (default: the live one)."),
