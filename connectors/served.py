@@ -15,6 +15,9 @@ import requests
 from kedit_core.errors import KeditError
 
 ADMIN_TOKEN_ENV = "KEDIT_ADMIN_TOKEN"
+# The inference key a server started with `--api-key` requires on /v1 (the same variable as
+# kedit_core.serving.API_KEY_ENV; not imported from there, which would load torch).
+API_KEY_ENV = "KEDIT_API_KEY"
 
 
 class ServedModelError(KeditError):
@@ -35,14 +38,16 @@ class ServedAnswer:
 
 
 class ServedModelClient:
-    """Talks to one server. `admin_token` defaults to the KEDIT_ADMIN_TOKEN variable."""
+    """Talks to one server. `admin_token` defaults to the KEDIT_ADMIN_TOKEN variable, and
+    `api_key` (sent on the inference endpoints) to KEDIT_API_KEY."""
 
     def __init__(self, base_url: str, admin_token: str | None = None, timeout_s: float = 300.0,
-                 model: str | None = None) -> None:
+                 model: str | None = None, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         if self.base_url.endswith("/v1"):
             self.base_url = self.base_url[: -len("/v1")]
         self.admin_token = admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV)
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.timeout_s = timeout_s
         self._model = model
         self.session = requests.Session()
@@ -55,6 +60,8 @@ class ServedModelClient:
             if not self.admin_token:
                 raise ServedModelError(f"the admin API needs a token: set {ADMIN_TOKEN_ENV}")
             headers["Authorization"] = f"Bearer {self.admin_token}"
+        elif self.api_key and path.startswith("/v1/"):
+            headers["Authorization"] = f"Bearer {self.api_key}"
         url = self.base_url + path
         try:
             resp = self.session.request(method, url, headers=headers, timeout=self.timeout_s, **kwargs)

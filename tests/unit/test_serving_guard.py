@@ -188,6 +188,18 @@ def test_inference_requires_the_api_key_when_set(state):
         assert requests.get(srv.url + "/health").status_code == 200  # liveness stays open
 
 
+def test_the_served_model_client_sends_the_api_key(state, monkeypatch):
+    from connectors.served import ServedModelClient, ServedModelError
+
+    with serve(state, api_key="s3cret") as srv:
+        monkeypatch.delenv("KEDIT_API_KEY", raising=False)
+        with pytest.raises(ServedModelError, match="401"):
+            ServedModelClient(srv.url, model="tiny-llama").chat("hi", max_tokens=4)
+        assert ServedModelClient(srv.url, model="tiny-llama", api_key="s3cret").chat("hi", max_tokens=4).finish_reason
+        monkeypatch.setenv("KEDIT_API_KEY", "s3cret")  # `kedit ask --server` reads it from the environment
+        assert ServedModelClient(srv.url).chat("hi", max_tokens=4).finish_reason
+
+
 def test_public_bind_needs_an_api_key_unless_disabled(monkeypatch):
     from typer.testing import CliRunner
 
