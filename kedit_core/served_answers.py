@@ -21,7 +21,9 @@ Editing", Yang et al., ACL 2025). Every figure here is instead taken from a free
   value, where edited models fail).
 
 Memory editors (retrieval, LTE) are scored through their prompt rewriting, exactly as
-the server answers with them.
+the server answers with them; a weight editor's served memory and its check (a reply that
+misses the fact put in front is asked again on the base layers) are in `answer_many`, the
+server's own path, and `served_second_try` is the share of questions that took the second reply.
 """
 from __future__ import annotations
 

@@ -47,14 +47,15 @@ class EditScope:
     """Questions in scope of a set of facts: a subject is named, or an edit question is near.
     With `context`, a question about an edited subject is also asked with that subject's
     nearest fact in front (`rewrite_prompts`, the retrieval baseline's template): the served
-    memory, for what the weights miss."""
+    memory, for what the weights miss. With `check`, `served` also names the value the reply
+    to such a question is checked for (answer.py asks again on the base layers without it)."""
 
     def __init__(self, threshold: float = 0.6, context: float | None = None, embedder: Any = None,
                  check: bool = False) -> None:
         self.threshold = threshold
         self.context = context  # cosine a named subject's fact needs to be put in front; None: never
         # Check the reply to a question with a fact in front for that fact's value, and ask
-        # again on the base layers where it is missing (`checked_answer`, answer.py).
+        # again on the base layers where it is missing (`keep_checked` in answer.py; the check uses the fact's recorded value, not its aliases).
         self.check = check
         self._embedder = embedder
         self.subjects: set[str] = set()  # normalised subject labels
