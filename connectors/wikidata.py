@@ -44,6 +44,7 @@ import requests
 import urllib3
 
 from kedit_core.diff import EntityFormatError, parse_entity
+from kedit_core.diff import json_kind  # one wording for a JSON value's type in every error message
 from kedit_core.errors import KeditError
 from kedit_core.revision import RevisionRef
 
@@ -67,14 +68,6 @@ class _Retry(Exception):
     """One attempt failed in a way a later attempt may not (a slow or broken answer)."""
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    name = {"dict": "object", "list": "list", "str": "string", "int": "number", "float": "number",
-            "bool": "boolean"}.get(type(value).__name__, type(value).__name__)
-    return f"an {name}" if name[0] in "aeio" else f"a {name}"
-
-
 def _malformed(what: str) -> WikidataError:
     return WikidataError(f"malformed Wikidata API answer: {what}")
 
@@ -83,7 +76,7 @@ def _obj(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _malformed(f"{where} is {_kind(value)}, not an object")
+        raise _malformed(f"{where} is {json_kind(value)}, not an object")
     return value
 
 
@@ -91,7 +84,7 @@ def _list(value: Any, where: str) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _malformed(f"{where} is {_kind(value)}, not a list")
+        raise _malformed(f"{where} is {json_kind(value)}, not a list")
     return value
 
 
@@ -352,12 +345,12 @@ class WikidataClient:
                         wait = self._backoff(attempt)
                     else:
                         if not isinstance(data, dict):
-                            raise _malformed(f"the answer is {_kind(data)}, not a JSON object")
+                            raise _malformed(f"the answer is {json_kind(data)}, not a JSON object")
                         error = data.get("error")
                         if not error:
                             return data
                         if not isinstance(error, dict):
-                            raise _malformed(f"'error' is {_kind(error)}, not an object: "
+                            raise _malformed(f"'error' is {json_kind(error)}, not an object: "
                                              f"{_one_line(json.dumps(error, default=str), 160)}")
                         if error.get("code") != "maxlag":
                             raise WikidataAPIError(_one_line(str(error.get("code")), 80),
@@ -413,7 +406,7 @@ class WikidataClient:
     @staticmethod
     def _read_revision(page: dict[str, Any], rev: dict[str, Any], batch: RevisionBatch) -> None:
         if not isinstance(rev, dict):
-            raise _malformed(f"a revision of {page.get('title', '?')} is {_kind(rev)}, not an object")
+            raise _malformed(f"a revision of {page.get('title', '?')} is {json_kind(rev)}, not an object")
         revid = _int_field(rev, "revid", f"a revision of {page.get('title', '?')}")
         try:
             WikidataClient._read_revision_fields(page, rev, revid, batch)
@@ -568,7 +561,7 @@ def _as_list(value: Any) -> list[dict[str, Any]]:
 def _int_field(d: dict[str, Any], key: str, where: str) -> int:
     value = d.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise _malformed(f"{where} has no {key}" if value is None else f"{where}: {key} is {_kind(value)}")
+        raise _malformed(f"{where} has no {key}" if value is None else f"{where}: {key} is {json_kind(value)}")
     try:
         return int(value)
     except ValueError:
@@ -578,16 +571,16 @@ def _int_field(d: dict[str, Any], key: str, where: str) -> int:
 def _rc_ref(rc: Any) -> RevisionRef:
     """One `list=recentchanges` row as a RevisionRef; a row without what it must hold is an error."""
     if not isinstance(rc, dict):
-        raise _malformed(f"a recent change is {_kind(rc)}, not an object")
+        raise _malformed(f"a recent change is {json_kind(rc)}, not an object")
     where = f"recent change rcid {rc.get('rcid', '?')}"
     revid = _int_field(rc, "revid", where)
     old_revid = _int_field(rc, "old_revid", where) if rc.get("old_revid") else 0
     for key in ("title", "timestamp"):
         if not isinstance(rc.get(key), str):
-            raise _malformed(f"{where} has no {key}" if rc.get(key) is None else f"{where}: {key} is {_kind(rc[key])}")
+            raise _malformed(f"{where} has no {key}" if rc.get(key) is None else f"{where}: {key} is {json_kind(rc[key])}")
     tags = rc.get("tags") or ()
     if not isinstance(tags, (list, tuple)):
-        raise _malformed(f"{where}: tags is {_kind(tags)}, not a list")
+        raise _malformed(f"{where}: tags is {json_kind(tags)}, not a list")
     return RevisionRef(
         item=rc["title"], revid=revid, old_revid=old_revid, timestamp=rc["timestamp"],
         user="" if _flag(rc, "userhidden") else str(rc.get("user", "")),

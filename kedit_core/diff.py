@@ -94,7 +94,7 @@ def parse_entity(obj: Any, entity_id: str | None = None) -> dict[str, Any] | Non
             raise EntityFormatError("'entities' holds no entity")
         for key, ent in entities.items():
             if not isinstance(ent, dict):
-                raise EntityFormatError(f"entities.{key} is {_kind(ent)}, not an object")
+                raise EntityFormatError(f"entities.{key} is {json_kind(ent)}, not an object")
         if entity_id is not None:
             if entity_id not in entities:
                 raise EntityFormatError(f"entity {entity_id} is not in the answer (has {sorted(entities)})")
@@ -121,7 +121,7 @@ def parse_entity(obj: Any, entity_id: str | None = None) -> dict[str, Any] | Non
     return obj
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """`a list`, `a str`, `null`: how an error message names a JSON value's type."""
     if value is None:
         return "null"
@@ -136,7 +136,7 @@ def _object(value: Any, where: str) -> dict[str, Any]:
         return value
     if value is None or value == []:
         return {}
-    raise EntityFormatError(f"{where} is {_kind(value)}, not an object")
+    raise EntityFormatError(f"{where} is {json_kind(value)}, not an object")
 
 
 def check_entity_shape(entity: dict[str, Any]) -> None:
@@ -150,17 +150,17 @@ def check_entity_shape(entity: dict[str, Any]) -> None:
     missing amount) is not a shape error: it becomes an `unsupported` value."""
     eid = entity.get("id")
     if eid is not None and not isinstance(eid, str):
-        raise EntityFormatError(f"id is {_kind(eid)}, not a string")
+        raise EntityFormatError(f"id is {json_kind(eid)}, not a string")
     for pid, stmts in _object(entity.get("claims"), "claims").items():
         if not isinstance(stmts, list):
-            raise EntityFormatError(f"claims.{pid} is {_kind(stmts)}, not a list of statements")
+            raise EntityFormatError(f"claims.{pid} is {json_kind(stmts)}, not a list of statements")
     for part in ("labels", "descriptions", "sitelinks"):
         for key, term in _object(entity.get(part), part).items():
             if not isinstance(term, dict):
-                raise EntityFormatError(f"{part}.{key} is {_kind(term)}, not an object")
+                raise EntityFormatError(f"{part}.{key} is {json_kind(term)}, not an object")
     for lang, aliases in _object(entity.get("aliases"), "aliases").items():
         if not isinstance(aliases, list) or not all(isinstance(a, dict) for a in aliases):
-            raise EntityFormatError(f"aliases.{lang} is {_kind(aliases)}, not a list of objects")
+            raise EntityFormatError(f"aliases.{lang} is {json_kind(aliases)}, not a list of objects")
 
 
 def _is_legacy(obj: dict[str, Any]) -> bool:
@@ -336,21 +336,21 @@ def _claims(entity: dict[str, Any] | None) -> dict[str, Any]:
         return claims
     if isinstance(claims, list) and not claims:  # an empty claims object is serialised as [] by PHP
         return {}
-    raise EntityFormatError(f"claims is {_kind(claims)}, not an object")
+    raise EntityFormatError(f"claims is {json_kind(claims)}, not an object")
 
 
 def _check_snak(snak: Any, where: str) -> dict[str, Any]:
     if not isinstance(snak, dict):
-        raise EntityFormatError(f"{where} is {_kind(snak)}, not an object")
+        raise EntityFormatError(f"{where} is {json_kind(snak)}, not an object")
     for key in ("snaktype", "datatype", "property"):
         if key in snak and not isinstance(snak[key], str):
-            raise EntityFormatError(f"{where}.{key} is {_kind(snak[key])}, not a string")
+            raise EntityFormatError(f"{where}.{key} is {json_kind(snak[key])}, not a string")
     dv = snak.get("datavalue")
     if dv is not None:
         if not isinstance(dv, dict):
-            raise EntityFormatError(f"{where}.datavalue is {_kind(dv)}, not an object")
+            raise EntityFormatError(f"{where}.datavalue is {json_kind(dv)}, not an object")
         if "type" in dv and not isinstance(dv["type"], str):
-            raise EntityFormatError(f"{where}.datavalue.type is {_kind(dv['type'])}, not a string")
+            raise EntityFormatError(f"{where}.datavalue.type is {json_kind(dv['type'])}, not a string")
     return snak
 
 
@@ -360,22 +360,22 @@ def _statements(entity: dict[str, Any] | None) -> dict[str, list[Statement]]:
         if stmts is None:
             continue
         if not isinstance(stmts, list):
-            raise EntityFormatError(f"claims.{pid} is {_kind(stmts)}, not a list of statements")
+            raise EntityFormatError(f"claims.{pid} is {json_kind(stmts)}, not a list of statements")
         for i, s in enumerate(stmts):
             where = f"claims.{pid}[{i}]"
             if not isinstance(s, dict):
-                raise EntityFormatError(f"{where} is {_kind(s)}, not a statement object")
+                raise EntityFormatError(f"{where} is {json_kind(s)}, not a statement object")
             guid, rank = s.get("id"), s.get("rank", "normal")
             if guid is not None and not isinstance(guid, str):
-                raise EntityFormatError(f"{where}.id is {_kind(guid)}, not a string")
+                raise EntityFormatError(f"{where}.id is {json_kind(guid)}, not a string")
             if not isinstance(rank, str):
-                raise EntityFormatError(f"{where}.rank is {_kind(rank)}, not a string")
+                raise EntityFormatError(f"{where}.rank is {json_kind(rank)}, not a string")
             main = _check_snak(s.get("mainsnak") if s.get("mainsnak") is not None else {}, f"{where}.mainsnak")
             datatype, value = normalise_snak(main)
             quals: dict[str, list[dict[str, Any]]] = {}
             for qpid, qsnaks in _object(s.get("qualifiers"), f"{where}.qualifiers").items():
                 if not isinstance(qsnaks, list):
-                    raise EntityFormatError(f"{where}.qualifiers.{qpid} is {_kind(qsnaks)}, not a list of snaks")
+                    raise EntityFormatError(f"{where}.qualifiers.{qpid} is {json_kind(qsnaks)}, not a list of snaks")
                 quals[qpid] = [normalise_snak(_check_snak(q, f"{where}.qualifiers.{qpid}[{j}]"))[1]
                                for j, q in enumerate(qsnaks)]
             out.setdefault(pid, []).append(Statement(guid, rank, datatype, value, quals))
