@@ -11,7 +11,7 @@ from kedit_core.corrections import Decision, FactEdit, fact_edit
 from kedit_core.filters import is_revert
 from kedit_core.types import EditCase
 from storage.db import Database
-from storage.ledger import utcnow
+from storage.ledger import _rows, utcnow
 
 
 def _edit(body: str, tags: str | None = None, comment: str | None = None,
@@ -93,9 +93,7 @@ def decision_rows(db: Database, case_id: str | None = None) -> list[dict[str, An
         sql += " WHERE case_id = ?"
         params.append(case_id)
     with db.connect(read_only=True) as con:
-        cur = con.execute(sql + " ORDER BY created, case_id", params)
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        return _rows(con, sql + " ORDER BY created, case_id", params)
 
 
 def applied_case_versions(db: Database) -> list[dict[str, Any]]:

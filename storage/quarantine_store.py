@@ -19,7 +19,7 @@ from typing import Any
 
 from kedit_core.errors import KeditError
 from storage.db import Database
-from storage.ledger import utcnow
+from storage.ledger import _rows, utcnow
 
 DECISIONS = {"release": ("released", "accepted"), "reject": ("rejected", "rejected")}
 
@@ -35,7 +35,8 @@ def quarantined(db: Database, decided: bool = False) -> list[dict[str, Any]]:
     if decided:
         where += " OR f.change_id IN (SELECT change_id FROM quarantine_decisions)"
     with db.connect(read_only=True) as con:
-        cur = con.execute(
+        rows = _rows(
+            con,
             "SELECT f.change_id, f.revid, f.subject, f.property, f.kind, f.old_value, f.new_value, f.status, "
             "f.reason, f.timestamp, r.user_name, r.comment, l.label AS subject_label, "
             "d.decision, d.decided_by, d.reason AS decision_reason, d.quarantine_reason, d.created AS decided "
@@ -45,8 +46,6 @@ def quarantined(db: Database, decided: bool = False) -> list[dict[str, Any]]:
             "           FROM quarantine_decisions) d ON d.change_id = f.change_id AND d.n = 1 "
             f"WHERE {where} ORDER BY f.timestamp, f.revid, f.change_id"
         )
-        cols = [c[0] for c in cur.description]
-        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
     for r in rows:
         for side in ("old_value", "new_value"):
             r[side] = json.loads(r[side]) if r[side] else None
@@ -58,9 +57,7 @@ def decision_rows(db: Database, change_id: str | None = None) -> list[dict[str, 
     if change_id:
         sql, params = sql + " WHERE change_id = ?", [change_id]
     with db.connect(read_only=True) as con:
-        cur = con.execute(sql + " ORDER BY created, change_id", params)
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        return _rows(con, sql + " ORDER BY created, change_id", params)
 
 
 def resolve(con: Any, given: str) -> tuple[str, str, str | None]:
