@@ -29,12 +29,14 @@ class VersionError(KeditError):
     """A model version cannot be loaded (unknown id, missing or tampered delta)."""
 
 
-def delta_dir(base_fingerprint: str) -> Path:
-    """Deltas live beside the ledger that records them (one ledger, one delta folder)."""
+def delta_dir(base_fingerprint: str, create: bool = True) -> Path:
+    """Deltas live beside the ledger that records them (one ledger, one delta folder).
+    Readers pass `create=False`: looking a file up must not make folders."""
     from storage.db import default_db_path
 
-    path = default_db_path().parent / "deltas" / base_fingerprint[:16]
-    path.mkdir(parents=True, exist_ok=True)
+    path = default_db_path(create=create).parent / "deltas" / base_fingerprint[:16]
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -49,9 +51,9 @@ class LiveModel:
     """
 
     lm: LoadedModel
-    db: Database
-    version_id: int
-    base_version_id: int
+    db: Database | None  # None: no ledger (a read-only look at the unedited base)
+    version_id: int | None  # None: the base, which no ledger has recorded yet
+    base_version_id: int | None
     applied: list[WeightDelta] = field(default_factory=list)
     rewriter: PromptRewriter | None = None
     base_originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -100,8 +102,8 @@ class LiveModel:
 
     def summary(self) -> dict[str, Any]:
         out = model_summary(self.lm)
-        out["live_version"] = self.version_id
-        out["ledger"] = str(self.db.path)
+        out["live_version"] = self.version_id if self.version_id is not None else "none (unedited base)"
+        out["ledger"] = str(self.db.path) if self.db is not None else "none"
         return out
 
 
@@ -184,13 +186,29 @@ def open_live_model(
     db: Database | None = None,
     device: str = "cpu",
     lm: LoadedModel | None = None,
+    read_only: bool = False,
 ) -> LiveModel:
-    """Load the base model and bring it to the live version (or `version`)."""
-    db = db or open_db()
-    lm = lm or load_model(spec, device=device, show_progress=True)
-    base_id = ledger.ensure_base_version(db, lm.fingerprint, lm.spec)
-    if version is None:
+    """Load the base model and bring it to the live version (or `version`).
+
+    A writer (the pipeline, the server) records the base as version 0 of its chain the first
+    time it sees it. `read_only=True` (`kedit ask`, `kedit model info`) writes nothing: `db`
+    is a read-only handle or None (no ledger yet), and a base the ledger has never seen is
+    answered as the unedited base with no version number."""
+    if read_only:
+        lm = lm or load_model(spec, device=device, show_progress=True)
+        row = ledger.live_version(db, lm.fingerprint) if db is not None else None
+        if row is None:
+            if version is not None:
+                where = f"the ledger {db.path}" if db is not None else "any ledger (there is none yet)"
+                raise VersionError(f"model version {version} of base {lm.fingerprint[:12]} is not in {where}")
+            return LiveModel(lm=lm, db=db, version_id=None, base_version_id=None)
+        base_id = int(ledger.version_chain(db, int(row["version_id"]))[0]["version_id"])
+    else:
+        db = db or open_db()
+        lm = lm or load_model(spec, device=device, show_progress=True)
+        base_id = ledger.ensure_base_version(db, lm.fingerprint, lm.spec)
         row = ledger.live_version(db, lm.fingerprint)
+    if version is None:
         version = int(row["version_id"]) if row else base_id
     live = LiveModel(lm=lm, db=db, version_id=base_id, base_version_id=base_id)
     live.rebuild_to(version)
@@ -202,8 +220,9 @@ def open_live_model(
 
 
 def state_path(base_fingerprint: str, batch_id: str) -> Path:
-    """Where an editor's sequential state after `batch_id` is kept (beside the delta)."""
-    return delta_dir(base_fingerprint) / f"{batch_id}.state.safetensors"
+    """Where an editor's sequential state after `batch_id` is kept (beside the delta).
+    Only the path: the writer (`save_editor_state`) makes the folder."""
+    return delta_dir(base_fingerprint, create=False) / f"{batch_id}.state.safetensors"
 
 
 def save_editor_state(state: dict[str, Any], path: Path, method: str) -> str:

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         """What is loaded: architecture, size, fingerprint, cache path, live version."""
         from flows.runtime import open_live_model
 
-        live = open_live_model(model)
+        live = open_live_model(model, db=existing_ledger(), read_only=True)
         summary = live.summary()
         for key, value in summary.items():
             typer.echo(f"{key:>20}: {value}")
@@ -51,20 +51,33 @@ def register(app: typer.Typer) -> None:
         from flows.runtime import open_live_model
         from kedit_core.errors import KeditError
         from storage import ledger
-        from storage.db import open_db
+        from storage.db import default_db_path
 
-        db = open_db()
+        db = existing_ledger()
+        if version is not None and db is None:
+            raise KeditError(f"model version {version}: there is no ledger at {default_db_path(create=False)} "
+                             "(a pipeline run creates it; check KEDIT_DB / KEDIT_HOME)")
         if version is not None and ledger.get_version(db, version) is None:
             # checked before the model loads (tens of seconds), not after
             known = [int(v["version_id"]) for v in ledger.list_versions(db)]
             raise KeditError(f"model version {version} is not in the ledger {db.path} "
                              f"(it has {_ranges(known) if known else 'no versions'}; see kedit versions)")
-        live = open_live_model(model, version=version, db=db)
+        live = open_live_model(model, version=version, db=db, read_only=True)
         text = live.answer(question, max_new_tokens=max_new_tokens)
         if as_json:
             typer.echo(json.dumps({"answer": text, "version": live.version_id, "fingerprint": live.lm.fingerprint}))
         else:
             typer.echo(text)
+
+
+def existing_ledger():
+    """The ledger, opened read-only, or None where there is none yet: asking a question or
+    looking at the model must not create or change one (before any pipeline run, the answer
+    comes from the unedited base)."""
+    from storage.db import default_db_path, open_db
+
+    path = default_db_path(create=False)
+    return open_db(path, create=False) if path.exists() else None
 
 
 def _ranges(ids: list[int]) -> str:

@@ -84,6 +84,46 @@ def test_read_commands_do_not_modify_the_ledger_or_the_home(capsys, tmp_path, mo
     assert tree(folder) == before and tree(kedit_home) == home_before
 
 
+def test_ask_and_model_info_with_no_ledger_answer_from_the_base_and_create_nothing(capsys, tmp_path, monkeypatch,
+                                                                                   kedit_home):
+    missing = tmp_path / "nowhere" / "k.duckdb"
+    monkeypatch.setenv("KEDIT_DB", str(missing))
+    home_before = tree(kedit_home)
+    code, out, err = kedit(capsys, "ask", "Who?", "--model", "tiny-llama", "--max-new-tokens", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["version"] is None  # the unedited base, no version recorded
+    code, out, err = kedit(capsys, "model", "info", "--model", "tiny-llama")
+    assert code == 0, err
+    assert "none (unedited base)" in out
+    assert not (tmp_path / "nowhere").exists() and tree(kedit_home) == home_before
+
+
+def test_ask_and_model_info_read_the_ledger_without_writing_it(capsys, tmp_path, monkeypatch, kedit_home):
+    from kedit_core.model import load_model
+    from storage import ledger
+    from storage.db import open_db
+
+    folder = tmp_path / "ledger"
+    db = open_db(folder / "k.duckdb")
+    other_base = ledger.ensure_base_version(db, "f" * 64, "another-model")
+    monkeypatch.setenv("KEDIT_DB", str(db.path))
+    before, home_before = tree(folder), tree(kedit_home)
+    # a base the ledger has never seen: answered, and (unlike a pipeline run) not recorded
+    code, out, err = kedit(capsys, "ask", "Who?", "--model", "tiny-llama", "--max-new-tokens", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["version"] is None
+    assert tree(folder) == before and [int(v["version_id"]) for v in ledger.list_versions(db)] == [other_base]
+    # a base the ledger knows: its live version, read only
+    tiny = ledger.ensure_base_version(db, load_model("tiny-llama").fingerprint, "tiny-llama")
+    before = tree(folder)
+    code, out, err = kedit(capsys, "ask", "Who?", "--model", "tiny-llama", "--max-new-tokens", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["version"] == tiny
+    code, out, err = kedit(capsys, "model", "info", "--model", "tiny-llama")
+    assert code == 0 and f"live_version: {tiny}" in out, err
+    assert tree(folder) == before and tree(kedit_home) == home_before
+
+
 def test_read_command_on_an_old_schema_refuses_instead_of_migrating(capsys, tmp_path):
     from storage.db import open_db
 
