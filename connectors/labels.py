@@ -18,9 +18,12 @@ LabelRow = tuple[str, "str | None", "str | None", tuple[str, ...]]
 class CachedLabelLookup:
     """`kedit_core.labels.LabelLookup` backed by the `entity_labels` table and `WikidataClient.labels`."""
 
-    def __init__(self, client: WikidataClient | None, db: Database, lang: str = "en",
+    def __init__(self, client: WikidataClient | None, db: Database | None, lang: str = "en",
                  max_age: timedelta | None = None):
+        # `db` None or read-only (`kedit cases`, an inspection): labels are read from the
+        # cache where there is one and never written back.
         self.client, self.db, self.lang, self.max_age = client, db, lang, max_age
+        self.persist = db is not None and not db.read_only
         self.api_lookups = 0  # ids asked from the API (for reports and tests)
         self._mem: dict[str, str | None] = {}
         self._alias_mem: dict[str, tuple[str, ...]] = {}
@@ -39,12 +42,14 @@ class CachedLabelLookup:
         return rows
 
     def flush(self) -> None:
-        wikidata_store.put_labels(self.db, self.drain(), self.lang)
+        rows = self.drain()
+        if self.persist:
+            wikidata_store.put_labels(self.db, rows, self.lang)
 
     def __call__(self, ids: list[str]) -> dict[str, str]:
         wanted = sorted({i for i in ids if i})
         unknown = [i for i in wanted if i not in self._mem]
-        if unknown:
+        if unknown and self.db is not None:
             self._mem.update(wikidata_store.get_labels(self.db, unknown, self.lang, self.max_age))
             unknown = [i for i in unknown if i not in self._mem]
         if unknown and self.client is not None:
@@ -57,7 +62,8 @@ class CachedLabelLookup:
                              lab.aliases if lab else ()))
                 self._mem[i] = lab.label if lab else None
                 self._alias_mem[i] = tuple(lab.aliases) if lab else ()
-            wikidata_store.put_labels(self.db, rows, self.lang)
+            if self.persist:
+                wikidata_store.put_labels(self.db, rows, self.lang)
         elif unknown:
             log.debug("no client: %d ids without a cached label", len(unknown))
         return {i: self._mem[i] for i in wanted if self._mem.get(i)}
@@ -69,7 +75,8 @@ class CachedLabelLookup:
         wanted = sorted({i for i in ids if i})
         unknown = [i for i in wanted if i not in self._alias_mem]
         if unknown:
-            self._alias_mem.update(_cached_aliases(self.db, unknown, self.lang, self.max_age))
+            if self.db is not None:
+                self._alias_mem.update(_cached_aliases(self.db, unknown, self.lang, self.max_age))
             for i in unknown:
                 self._alias_mem.setdefault(i, ())  # asked once per lookup object
         return {i: list(self._alias_mem[i]) for i in wanted if self._alias_mem.get(i)}

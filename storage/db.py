@@ -137,6 +137,13 @@ def open_db(path: str | os.PathLike[str] | None = None, upto: int | None = None,
     return db
 
 
+def open_if_exists(path: str | os.PathLike[str] | None = None) -> Database | None:
+    """The ledger opened read-only, or None where there is none yet: for commands that only
+    look (`kedit ask`, `model info`, `cases`), which must not create or change a ledger."""
+    db_path = Path(path) if path is not None else default_db_path(create=False)
+    return _open_existing(db_path) if db_path.exists() else None
+
+
 def _open_existing(db_path: Path) -> Database:
     if db_path.is_dir():
         raise StorageError(f"ledger path {db_path} is a directory, not a ledger file")

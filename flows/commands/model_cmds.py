@@ -16,8 +16,9 @@ def register(app: typer.Typer) -> None:
     def info(model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP)) -> None:
         """What is loaded: architecture, size, fingerprint, cache path, live version."""
         from flows.runtime import open_live_model
+        from storage.db import open_if_exists
 
-        live = open_live_model(model, db=existing_ledger(), read_only=True)
+        live = open_live_model(model, db=open_if_exists(), read_only=True)
         summary = live.summary()
         for key, value in summary.items():
             typer.echo(f"{key:>20}: {value}")
@@ -51,9 +52,9 @@ def register(app: typer.Typer) -> None:
         from flows.runtime import open_live_model
         from kedit_core.errors import KeditError
         from storage import ledger
-        from storage.db import default_db_path
+        from storage.db import default_db_path, open_if_exists
 
-        db = existing_ledger()
+        db = open_if_exists()
         if version is not None and db is None:
             raise KeditError(f"model version {version}: there is no ledger at {default_db_path(create=False)} "
                              "(a pipeline run creates it; check KEDIT_DB / KEDIT_HOME)")
@@ -68,16 +69,6 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps({"answer": text, "version": live.version_id, "fingerprint": live.lm.fingerprint}))
         else:
             typer.echo(text)
-
-
-def existing_ledger():
-    """The ledger, opened read-only, or None where there is none yet: asking a question or
-    looking at the model must not create or change one (before any pipeline run, the answer
-    comes from the unedited base)."""
-    from storage.db import default_db_path, open_db
-
-    path = default_db_path(create=False)
-    return open_db(path, create=False) if path.exists() else None
 
 
 def _ranges(ids: list[int]) -> str:
