@@ -15,7 +15,7 @@ action=query&prop=revisions&revids=... or &titles=...&rvstart&rvend (continuatio
 action=wbgetentities&ids=..., action=query&list=users. Failures can be injected for the next
 matching requests: maxlag, an HTTP status (429, 500, ...) with any Retry-After (seconds or an
 HTTP date), a slow answer (client timeout), a truncated body, a body dripped slowly
-(`drip`), a given raw body with or without its Content-Length (`body`: oversized, gzip bombs,
+(`drip`) or status and headers dripped (`drip_headers`), a given raw body with or without its Content-Length (`body`: oversized, gzip bombs,
 garbage), and the real answer rewritten by a function (`answer`: wrong shapes, repeated
 continuations).
 
@@ -37,7 +37,7 @@ from urllib.parse import parse_qs, urlparse
 
 @dataclass
 class Failure:
-    kind: str  # maxlag | status | slow | truncate | drip | body | answer
+    kind: str  # maxlag | status | slow | truncate | drip | drip_headers | body | answer
     status: int = 500
     retry_after: float | str | None = None  # seconds, or a string sent as is (an HTTP date)
     delay_s: float = 0.0  # slow: before answering; drip: between two bytes of the body
@@ -284,6 +284,19 @@ class ReplayServer:
                     payload = json.dumps({"error": {"code": "badvalue", "info": str(exc)}}).encode()
                 if failure and failure.kind == "answer" and failure.transform is not None:
                     payload = json.dumps(failure.transform(json.loads(payload)), ensure_ascii=False).encode("utf-8")
+                if failure and failure.kind == "drip_headers":  # status line and headers a byte at a time
+                    head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            f"Content-Length: {len(payload)}\r\nX-Padding: {'x' * 200}\r\n\r\n").encode()
+                    try:
+                        for i in range(len(head)):
+                            self.wfile.write(head[i:i + 1])
+                            self.wfile.flush()
+                            time.sleep(failure.delay_s)
+                        self.wfile.write(payload)
+                    except (BrokenPipeError, ConnectionResetError, OSError):
+                        pass
+                    self.close_connection = True
+                    return
                 if failure and failure.kind == "drip":  # the whole length announced, then a byte at a time
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json; charset=utf-8")

@@ -18,8 +18,9 @@ and a rate limit. `endpoint` is configurable so tests and the demo point it at
 `connectors.replay.ReplayServer`.
 
 The server is not trusted: a `Retry-After` (seconds or an HTTP date) is capped at
-`max_retry_after_s`; each HTTP request must be answered in full within `deadline_s` (the body
-is streamed, so a body dripped slowly fails there, and is retried like a timeout); a body
+`max_retry_after_s`; each HTTP request must be answered in full within `deadline_s` (a
+watchdog cuts a connection whose status and headers are still arriving; the body is streamed,
+so a body dripped slowly fails there too; both are retried like a timeout); a body
 over `max_body_bytes` (declared, sent, or once decompressed) is refused; and an answer of the
 wrong shape (not a JSON object, `error` not an object, a change without `revid`, a
 continuation sent twice, ...) is a `WikidataError` with a one-line reason, never an
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import zlib
@@ -90,6 +92,44 @@ def _list(value: Any, where: str) -> list[Any]:
 
 def _one_line(text: str, n: int = 200) -> str:
     return " ".join(text.split())[:n]
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """An HTTPAdapter that knows the socket of the request waiting for its answer, so the
+    client's watchdog can cut it at the request's deadline (urllib3 exposes no total read
+    deadline). Only the waiting socket is cut: the connection is not reused afterwards."""
+
+    def __init__(self) -> None:
+        self.waiting: Any = None
+        self.was_cut = False
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        adapter = self
+
+        def tracked(base: type) -> type:
+            class Tracked(base):  # type: ignore[misc, valid-type]
+                def getresponse(self, *a: Any, **kw: Any) -> Any:
+                    adapter.waiting = self.sock
+                    try:
+                        return super().getresponse(*a, **kw)
+                    finally:
+                        adapter.waiting = None
+            return Tracked
+
+        for scheme, pool in (("http", urllib3.HTTPConnectionPool), ("https", urllib3.HTTPSConnectionPool)):
+            cls = type(f"Tracked{pool.__name__}", (pool,), {"ConnectionCls": tracked(pool.ConnectionCls)})
+            self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme, scheme: cls}
+
+    def cut(self) -> None:
+        sock = self.waiting
+        if sock is not None:
+            self.was_cut = True
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _short_error(exc: BaseException) -> str:
@@ -196,6 +236,9 @@ class WikidataClient:
         self._one_at_a_time = threading.Lock()  # etiquette: never two requests in flight
         self.stats = ClientStats()
         self.session = requests.Session()
+        self._watch = _DeadlineAdapter()
+        self.session.mount("http://", self._watch)
+        self.session.mount("https://", self._watch)
         self.session.headers.update({"User-Agent": self.user_agent, "Accept-Encoding": "gzip"})
 
     def close(self) -> None:
@@ -253,7 +296,23 @@ class WikidataClient:
         Raises _Retry for an answer a later attempt may get right, WikidataError for one it won't."""
         deadline = time.monotonic() + self.deadline_s
         timeout = min(self.timeout_s, self.deadline_s)
-        resp = self.session.get(self.endpoint, params=params, timeout=(timeout, timeout), stream=True)
+        # requests' timeout bounds each socket read, so status and headers dripped a byte at a
+        # time would never trip it: a watchdog cuts the connection at the deadline instead.
+        watchdog = threading.Timer(self.deadline_s, self._watch.cut)
+        watchdog.daemon = True
+        self._watch.was_cut = False
+        watchdog.start()
+        try:
+            resp = self.session.get(self.endpoint, params=params, timeout=(timeout, timeout), stream=True)
+        except (requests.ConnectionError, urllib3.exceptions.HTTPError, ConnectionError, OSError):
+            if self._watch.was_cut:
+                raise _Retry(f"no status and headers within deadline_s={self.deadline_s:g}") from None
+            raise
+        finally:
+            watchdog.cancel()
+        if self._watch.was_cut:  # cut mid-headers, http.client may still hand back what it had
+            resp.close()
+            raise _Retry(f"no status and headers within deadline_s={self.deadline_s:g}")
         try:
             status = resp.status_code
             # An error page is read only far enough to quote it.

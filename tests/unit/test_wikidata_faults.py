@@ -87,6 +87,20 @@ def test_a_slow_drip_fails_within_the_deadline_and_is_retried(srv):
     assert time.monotonic() - t0 < 1.5 and len(sleeps) == 1
 
 
+def test_headers_dripped_slowly_fail_within_the_deadline_and_are_retried(srv):
+    # ~280 bytes of status and headers at 50 B/s: each byte arrives well within the 0.4 s read
+    # timeout, so only a deadline over the whole request stops it.
+    client, sleeps = client_for(srv.url, deadline_s=0.6, timeout_s=0.4, max_retries=0)
+    srv.inject("drip_headers", delay_s=0.02, match=RC)
+    t0 = time.monotonic()
+    with pytest.raises(WikidataError, match=r"no status and headers within deadline_s=0.6"):
+        list(client.recent_changes(START, END))
+    assert time.monotonic() - t0 < 1.5
+    retrying, sleeps = client_for(srv.url, deadline_s=0.6, timeout_s=0.4, max_retries=1)
+    srv.inject("drip_headers", delay_s=0.02, match=RC)
+    assert len(list(retrying.recent_changes(START, END))) == 12 and len(sleeps) == 1
+
+
 def test_a_body_over_the_limit_is_refused(srv):
     client, sleeps = client_for(srv.url, max_body_bytes=100_000)
     big = b'{"batchcomplete": true, "pad": "' + b"x" * 1_000_000 + b'"}'
