@@ -20,6 +20,12 @@ class PipelineSettings:
     # or URL); None here lets the client read it (connectors/wikidata.py).
     user_agent_contact: str | None = None
     rate_limit_per_s: float = 5.0
+    # The client does not trust the server (connectors/wikidata.py): a longer Retry-After is
+    # waited this long, one HTTP request must be answered in full within the deadline, and a
+    # bigger answer is refused.
+    max_retry_after_s: float = 120.0
+    request_deadline_s: float = 120.0
+    max_body_bytes: int = 50 * 2**20
     settle_hours: float = 48.0  # only take changes that survived this long (reverts filtered)
     # What this deployment follows: "all", item ids ("Q42,Q64" or a list) or "sitelinks>=N"
     follow: str | list[str] = "all"
@@ -65,6 +71,16 @@ class PipelineSettings:
         from kedit_core.filters import parse_follow
 
         parse_follow(self.follow)  # a bad scope fails here, in one line, before anything runs
+
+    def wikidata_client(self) -> Any:
+        """The Wikidata client these settings describe (endpoint, etiquette, limits)."""
+        from connectors.wikidata import WikidataClient
+
+        return WikidataClient(
+            endpoint=self.endpoint, contact=self.user_agent_contact, rate_limit_per_s=self.rate_limit_per_s,
+            max_retry_after_s=self.max_retry_after_s, deadline_s=self.request_deadline_s,
+            max_body_bytes=self.max_body_bytes,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -69,11 +69,7 @@ def end_run(run_id: str, status: str) -> None:
 
 
 def wikidata_client(settings: PipelineSettings):
-    from connectors.wikidata import WikidataClient
-
-    return WikidataClient(
-        endpoint=settings.endpoint, contact=settings.user_agent_contact, rate_limit_per_s=settings.rate_limit_per_s
-    )
+    return settings.wikidata_client()
 
 
 def filter_config(settings: PipelineSettings):

@@ -103,13 +103,10 @@ def build_report(old_path: Path, new_path: Path, entity: str | None, labels_file
     cached = None
     if not offline:
         from connectors.labels import CachedLabelLookup
-        from connectors.wikidata import WikidataClient
         from flows.settings import PipelineSettings
         from storage.db import open_if_exists
 
-        settings = PipelineSettings.from_env()
-        client = WikidataClient(endpoint=settings.endpoint, contact=settings.user_agent_contact,
-                                rate_limit_per_s=settings.rate_limit_per_s)
+        client = PipelineSettings.from_env().wikidata_client()
         # an inspection: the ledger's label cache is read where there is one, never created or written
         cached = CachedLabelLookup(client, open_if_exists())
     labels = _ChainedLabels(StaticLabels(static) if static else None, cached)

@@ -222,3 +222,18 @@ def test_revisions_over_the_size_limit_together_are_asked_for_in_halves(srv):
     batch = small.fetch_revisions([619336121, 2150000104])
     assert batch.problems[619336121].startswith("answer too large: ") and "max_body_bytes=60000" in batch.problems[619336121]
     assert set(batch.entities) == {2150000104}
+
+
+def test_the_pipeline_settings_set_the_client_limits(srv, monkeypatch):
+    """KEDIT_MAX_BODY_BYTES / KEDIT_REQUEST_DEADLINE_S / KEDIT_MAX_RETRY_AFTER_S reach the client
+    the nightly flow (and `kedit cases`) build, and act there."""
+    from flows.settings import PipelineSettings
+
+    monkeypatch.setenv("KEDIT_MAX_BODY_BYTES", "100000")
+    monkeypatch.setenv("KEDIT_REQUEST_DEADLINE_S", "0.6")
+    monkeypatch.setenv("KEDIT_MAX_RETRY_AFTER_S", "7")
+    client = PipelineSettings.from_env(endpoint=srv.url).wikidata_client()
+    assert (client.max_body_bytes, client.deadline_s, client.max_retry_after_s) == (100_000, 0.6, 7.0)
+    srv.inject("body", status=200, body=b'{"pad": "' + b"x" * 200_000 + b'"}')
+    with pytest.raises(WikidataError, match="over max_body_bytes=100000"):
+        client.labels(["Q42"])
