@@ -407,7 +407,7 @@ def full_regression_check(settings: PipelineSettings, run_id: str) -> dict[str, 
 
 
 def write_report(since: datetime | None = None, html: str | None = None) -> dict[str, Any]:
-    from flows.commands.report_cmd import collect_report
+    from storage.report_queries import collect_report
     from kedit_core.report import render_html, terminal_summary
 
     database = db()

@@ -214,10 +214,6 @@ def _sentence(template: PropertyTemplate, form: str, subject: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-def _question(template: PropertyTemplate, subject: str) -> str:
-    return template.question_forms(subject)[0]
-
-
 def _meta_subject(subject_id: str, label: str, facts: SubjectFacts | None) -> str | None:
     if label.startswith(META_PREFIXES) or label.endswith("(disambiguation)"):
         return f"label {label!r}"

@@ -148,3 +148,26 @@ def filtered_edits(db: Database, since: datetime | None = None, limit: int = 50)
             """,
             [since or _EPOCH, since or _EPOCH, int(limit)],
         )
+
+
+def collect_report(db: Database, since: datetime | None = None, now: datetime | None = None) -> Any:
+    """Everything the drift report shows, read from the ledger into a `ReportData`
+    (`kedit report` and the report flow step both call this)."""
+    from datetime import timedelta
+
+    from kedit_core.report import ReportData
+
+    now = now or datetime.utcnow()
+    return ReportData(
+        generated=now,
+        since=since,
+        ledger=str(db.path),
+        counts=counts_by_status(db),
+        live=live_versions(db),
+        summary=metric_now_base_week(db, now - timedelta(days=7)),
+        series=metric_series(db, since),
+        batches=batch_rows(db, since),
+        worst_probes=worst_hit_probes(db, since),
+        filtered=filtered_edits(db, since),
+        backlog=pending_backlog(db),
+    )

@@ -105,10 +105,6 @@ def record_outcomes(db: Database, outcomes: Sequence[RevisionOutcome], cursor: t
     return new_revs, new_changes
 
 
-def set_change_status(db: Database, change_id: str, status: str, reason: str | None) -> None:
-    set_change_statuses(db, [(change_id, status, reason)])
-
-
 def set_change_statuses(db: Database, updates: Sequence[tuple[str, str, str | None]]) -> None:
     """Many (change_id, status, reason) updates in one transaction."""
     if not updates:
@@ -163,13 +159,6 @@ def revision_rows(db: Database, status: str | None = None) -> list[dict[str, Any
         cur = con.execute(sql + " ORDER BY timestamp, revid", params)
         cols = [d[0] for d in cur.description]
         return [dict(zip(cols, r)) for r in cur.fetchall()]
-
-
-def count_by_status(db: Database) -> dict[str, dict[str, int]]:
-    with db.connect(read_only=True) as con:
-        revs = dict(con.execute("SELECT status, count(*) FROM revisions GROUP BY status").fetchall())
-        changes = dict(con.execute("SELECT status, count(*) FROM fact_changes GROUP BY status").fetchall())
-    return {"revisions": revs, "fact_changes": changes}
 
 
 # --------------------------------------------------------------------------- label cache

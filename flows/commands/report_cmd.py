@@ -31,27 +31,6 @@ def parse_since(text: str | None) -> datetime | None:
         raise ReportError(f"--since {text!r} is not a date: use YYYY-MM-DD, YYYY-MM-DDTHH:MM or Nd (N days ago)")
 
 
-def collect_report(db, since: datetime | None = None, now: datetime | None = None):
-    """Read everything the report shows from the ledger into a `ReportData`."""
-    from kedit_core.report import ReportData
-    from storage import report_queries as q
-
-    now = now or datetime.utcnow()
-    return ReportData(
-        generated=now,
-        since=since,
-        ledger=str(db.path),
-        counts=q.counts_by_status(db),
-        live=q.live_versions(db),
-        summary=q.metric_now_base_week(db, now - timedelta(days=7)),
-        series=q.metric_series(db, since),
-        batches=q.batch_rows(db, since),
-        worst_probes=q.worst_hit_probes(db, since),
-        filtered=q.filtered_edits(db, since),
-        backlog=q.pending_backlog(db),
-    )
-
-
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(
@@ -62,6 +41,7 @@ def register(app: typer.Typer) -> None:
         """Drift report: versions, edits applied/rejected/quarantined, each metric now vs base vs last week."""
         from kedit_core.report import render_html, terminal_summary
         from storage.db import open_db
+        from storage.report_queries import collect_report
 
         from kedit_core.atomic import atomic_write_text
 

@@ -51,9 +51,8 @@ def memory_rewriter(db: Database, chain: list[dict[str, Any]]) -> PromptRewriter
     """The prompt rewriter of the newest memory-editor version in the chain, if any.
 
     Restored from the editor state the pipeline saved with that version's batch (its
-    config comes from the version's note), or from the editor class's own classmethod
-    `for_serving(db, version_row)` when it has one. A memory version whose memory cannot
-    be restored is refused: serving it without its memory would silently answer wrongly.
+    config comes from the version's note). A memory version whose memory cannot be
+    restored is refused: serving it without its memory would silently answer wrongly.
     """
     from kedit_core.editors.base import EDITORS, available_editors, get_editor
 
@@ -62,9 +61,6 @@ def memory_rewriter(db: Database, chain: list[dict[str, Any]]) -> PromptRewriter
         cls = EDITORS.get(row.get("method") or "")
         if cls is None or not getattr(cls, "is_memory_editor", False):
             continue
-        factory = getattr(cls, "for_serving", None)
-        if factory is not None:
-            return factory(db, row)
         from flows.runtime import load_version_state, state_path
 
         config = ledger.version_note(row).get("config")

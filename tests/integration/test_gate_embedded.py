@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flows.commands.report_cmd import collect_report
+from storage.report_queries import collect_report
 from flows.pipeline import apply_gated_batches
 from flows.runtime import open_live_model
 from kedit_core.editors.base import Editor, EditResult, WeightDelta

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 import gatekit as g
 from gatekit import single_thread  # noqa: F401  (autouse fixture)
-from flows.commands.report_cmd import ReportError, collect_report, parse_since
+from flows.commands.report_cmd import ReportError, parse_since
+from storage.report_queries import collect_report
 from flows.pipeline import apply_gated_batches
 from flows.runtime import open_live_model
 from kedit_core.gate import GateConfig
