@@ -12,9 +12,9 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from kedit_core.editors.update_gate import installed_gate, routed
 from kedit_core.matching import answer_forms, states_answer
 from kedit_core.model import LoadedModel
+from kedit_core.routing import installed_gate, routed
 
 
 class PromptRewriter(Protocol):

@@ -36,13 +36,17 @@ by model fingerprint, layer, corpus hash and sample count.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from kedit_core.atomic import atomic_target
+from kedit_core.anatomy import StopForward, edit_site, stop_after
+from kedit_core.answer import answer_many, chat_prompt
+from kedit_core.atomic import atomic_target, atomic_write_text
+from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, kedit_home, kv_cache_kwargs, kv_cache_of
 
 log = logging.getLogger(__name__)
@@ -63,14 +67,10 @@ def corpus_id(corpus: str | Path | None) -> tuple[str, list[str]]:
     """(hash used in cache keys, paragraphs) for a corpus file or the built-in one."""
     path = Path(corpus) if corpus is not None else BUILTIN_CORPUS
     if not path.exists():
-        from kedit_core.errors import KeditError
-
         raise KeditError(f"key-statistics corpus {path} does not exist")
     text = path.read_text(encoding="utf-8")
     paras = read_paragraphs(text)
     if not paras:
-        from kedit_core.errors import KeditError
-
         raise KeditError(f"key-statistics corpus {path} holds no text")
     tag = "builtin+gen" if corpus is None else "file"
     return hashlib.sha256((tag + "\n" + text).encode()).hexdigest()[:12], paras
@@ -95,8 +95,6 @@ def sampled_paragraphs(lm: LoadedModel, seeds: list[str], n_tokens: int, max_new
 
 
 def _write_text(path: Path, text: str) -> None:
-    from kedit_core.atomic import atomic_write_text
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
 
@@ -197,35 +195,26 @@ def _forward_rows(
     """Run token `rows` in padded batches through decoder layers 0..`stop_layer` (the rest is
     skipped), for forward pre-hooks that read MLP keys; `cur_mask["m"]` holds the batch's
     real-token mask while it runs. Returns the number of real token positions."""
-    from kedit_core.editors.memit import _StopForward, decoder_layers
-
-    def stop(_m, _i, _o):
-        raise _StopForward
-
-    handle = decoder_layers(lm.model)[stop_layer].register_forward_hook(stop)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     count = 0
-    try:
-        with torch.no_grad():
-            for s in range(0, len(rows), batch_size):
-                batch = rows[s : s + batch_size]
-                width = max(len(r) for r in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                att = torch.zeros_like(ids)
-                for i, r in enumerate(batch):
-                    ids[i, : len(r)] = torch.tensor(r)
-                    att[i, : len(r)] = 1
-                cur_mask["m"] = att.bool().to(lm.device)
-                try:
-                    lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=att.to(lm.device), use_cache=False)
-                except _StopForward:
-                    pass
-                n = int(att.sum())
-                count += n
-                if on_batch is not None:
-                    on_batch(n)
-    finally:
-        handle.remove()
+    with stop_after(lm.model, stop_layer), torch.no_grad():
+        for s in range(0, len(rows), batch_size):
+            batch = rows[s : s + batch_size]
+            width = max(len(r) for r in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            att = torch.zeros_like(ids)
+            for i, r in enumerate(batch):
+                ids[i, : len(r)] = torch.tensor(r)
+                att[i, : len(r)] = 1
+            cur_mask["m"] = att.bool().to(lm.device)
+            try:
+                lm.model.base_model(input_ids=ids.to(lm.device), attention_mask=att.to(lm.device), use_cache=False)
+            except StopForward:
+                pass
+            n = int(att.sum())
+            count += n
+            if on_batch is not None:
+                on_batch(n)
     return count
 
 
@@ -247,8 +236,6 @@ def key_second_moment(
     deepest one); cached files are read back without touching the model.
     """
     from safetensors.torch import save_file
-
-    from kedit_core.editors.memit import edit_site
 
     cid, paragraphs = corpus_id(corpus)
     out, missing = _read_cached({l_: _cache_path(lm, l_, cid, samples) for l_ in layers}, "mom2")
@@ -324,8 +311,6 @@ def _cached_keys_of_rows(lm: LoadedModel, rows: list[list[int]], paths: dict[int
     in `paths`, each written to its path (tmp, then replace)."""
     from safetensors.torch import save_file
 
-    from kedit_core.editors.memit import edit_site
-
     got: dict[int, list[torch.Tensor]] = {l_: [] for l_ in paths}
     cur_mask: dict[str, torch.Tensor] = {}
 
@@ -372,10 +357,6 @@ def _chat_keys_path(lm: LoadedModel, layer: int, n: int) -> Path:
 def served_chats(lm: LoadedModel, n: int = CHAT_SAMPLES) -> list[str]:
     """`n` one-question chats rendered as the server renders them, each followed by the
     model's greedy reply: questions the model samples itself (no data set needed), cached."""
-    from kedit_core.answer import answer_many, chat_prompt
-
-    import json
-
     cache = kedit_home() / "keystats" / f"chats_{lm.fingerprint[:16]}_{n}_{GEN_SEED}.json"
     if cache.exists():
         return json.loads(cache.read_text(encoding="utf-8"))

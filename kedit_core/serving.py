@@ -40,7 +40,7 @@ import torch
 from kedit_core.answer import TOKENIZER_LOCK as _TOKENIZER_LOCK
 from kedit_core.answer import PromptRewriter, edit_routes, keep_checked, render_chat, served_asks, states_value
 from kedit_core.editors.base import WeightDelta
-from kedit_core.editors.update_gate import routed
+from kedit_core.editors.update_gate import routed, serve_as
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, fingerprint_model
 
@@ -414,8 +414,6 @@ class ServingState:
             )
         slot.version_id = None  # unknown until the build succeeds
         move_to_chain(slot.lm.model, slot.chain, plan.chain)
-        from kedit_core.editors.update_gate import serve_as
-
         serve_as(slot.lm, plan.attach)
         fp = fingerprint_model(slot.lm.model)
         slot.weights_fingerprint = fp

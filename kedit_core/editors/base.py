@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kedit_core.editors.update_gate import remove_gate
 from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
 
@@ -182,8 +183,6 @@ class Editor(ABC):
         leave the weights' serving alone. Called before a stream or a night's edits, and
         wherever a version is loaded: the newest weight editor's config decides."""
         if not self.is_memory_editor:
-            from kedit_core.editors.update_gate import remove_gate
-
             remove_gate(lm)
 
     def rewrite_prompt(self, question: str) -> str:

@@ -31,6 +31,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from kedit_core.anatomy import edit_sites
 from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditResult, WeightDelta, register
 from kedit_core.model import LoadedModel
 from kedit_core.scoring import encode_pairs, hidden_and_head
@@ -38,23 +39,14 @@ from kedit_core.types import EditCase
 
 log = logging.getLogger(__name__)
 
-# The MLP output projection per architecture family (editors locate layers by name pattern).
-_MLP_OUT = re.compile(r"^(?:.*\.)?(?:layers|h|blocks|layer)\.(\d+)\.mlp\.(down_proj|c_proj|fc2|dense_4h_to_h|fc_out)\.weight$")
 # LoRA module names are given in Llama terms; GPT-2 calls them differently.
 _GPT2_NAMES = {"down_proj": "mlp.c_proj", "up_proj": "mlp.c_fc", "gate_proj": "mlp.c_fc", "q_proj": "attn.c_attn",
                "k_proj": "attn.c_attn", "v_proj": "attn.c_attn", "o_proj": "attn.c_proj"}
 
 
 def mlp_out_params(model: torch.nn.Module) -> dict[int, str]:
-    """Layer index -> parameter name of that layer's MLP output projection."""
-    found = {}
-    for name, _ in model.named_parameters():
-        m = _MLP_OUT.match(name)
-        if m:
-            found[int(m.group(1))] = name
-    if not found:
-        raise ValueError(f"cannot find MLP output projections in {type(model).__name__}")
-    return dict(sorted(found.items()))
+    """Layer index -> parameter name of that layer's MLP output projection (kedit_core/anatomy.py)."""
+    return {site.layer: site.param_name for site in edit_sites(model)}
 
 
 def default_layer(model: torch.nn.Module) -> int:

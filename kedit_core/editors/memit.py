@@ -65,8 +65,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kedit_core.anatomy import StopForward, decoder_layers, edit_site, stop_after
+from kedit_core.answer import chat_prompt
 from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditResult, WeightDelta, register
 from kedit_core.editors.edit_scope import EditScope
+from kedit_core.editors.update_gate import install_gate, installed_gate, remove_gate
+from kedit_core.keystats import key_second_moment
 from kedit_core.model import LoadedModel, kv_cache_kwargs, kv_cache_of
 from kedit_core.types import EditCase
 
@@ -165,53 +169,7 @@ def default_layers(n_layers: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- where to edit
-
-
-@dataclass
-class EditSite:
-    """The MLP output projection of one decoder layer, the matrix MEMIT edits."""
-
-    layer: int
-    module: torch.nn.Module  # down_proj / c_proj
-    param_name: str  # name in model.named_parameters()
-    transposed: bool  # GPT-2 Conv1D stores weight as [in, out]
-
-
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The list of decoder blocks, found by architecture rather than by model name."""
-    body = model.base_model
-    for attr in ("layers", "h", "blocks"):
-        mods = getattr(body, attr, None)
-        if isinstance(mods, torch.nn.ModuleList):
-            return mods
-    decoder = getattr(body, "decoder", None)
-    if decoder is not None and isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):
-        return decoder.layers
-    raise NotImplementedError(f"MEMIT cannot find the decoder layers of {type(model).__name__}")
-
-
-_MLP_OUT_NAMES = ("mlp.down_proj", "mlp.c_proj", "mlp.fc_out", "mlp.dense_4h_to_h", "mlp.fc2")
-
-
-def edit_site(model: torch.nn.Module, layer: int) -> EditSite:
-    block = decoder_layers(model)[layer]
-    for path in _MLP_OUT_NAMES:
-        mod: Any = block
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if mod is None or not hasattr(mod, "weight"):
-            continue
-        by_id = {id(p): n for n, p in model.named_parameters()}
-        name = by_id[id(mod.weight)]
-        emb = model.get_input_embeddings()
-        if emb is not None and mod.weight is emb.weight:  # never edit (tied) embeddings
-            raise RuntimeError(f"{name} is tied to the embeddings; refusing to edit it")
-        # transformers' Conv1D (GPT-2) computes x @ W with W [in, out]; Linear computes x @ W.T.
-        transposed = type(mod).__name__ == "Conv1D"
-        return EditSite(layer, mod, name, transposed)
-    raise NotImplementedError(f"MEMIT cannot find the MLP output projection of layer {layer} ({type(block).__name__})")
+# (decoder_layers, edit_site, EditSite: kedit_core/anatomy.py, found by structure)
 
 
 def resolve_layers(cfg: MemitConfig, model: torch.nn.Module) -> list[int]:
@@ -302,8 +260,6 @@ def chat(lm: LoadedModel, case: EditCase) -> tuple[str, int, str]:
     assistant's turn opened), answered by the new value as the reply's first words: the
     served answer is what users read, and the raw prompt's answer position does not carry
     over to the assistant's turn (docs/editing.md, "Served answers")."""
-    from kedit_core.answer import chat_prompt
-
     question = case.question if case.question and case.subject in case.question else case.prompt
     text = chat_prompt(lm, question)
     at = text.rindex(question)
@@ -383,10 +339,6 @@ def encode_rows(lm: LoadedModel, cases: list[EditCase], templates: list[str], va
 # --------------------------------------------------------------------------- running parts of the model
 
 
-class _StopForward(Exception):
-    """Raised from a hook once everything needed is captured: layers above are not run."""
-
-
 class _Replay(torch.nn.Module):
     """Stands in for a decoder layer: returns `fn(hidden_states)` instead of computing it."""
 
@@ -440,19 +392,18 @@ def row_keys_and_outputs(
 
         handles.append(site.module.register_forward_pre_hook(pre_hook))
 
-    def out_hook(_m, _inp, out):
+    def out_hook(out):
         zout["z"] = _first(out)[idx, lookup].detach().double()
-        raise _StopForward
 
-    handles.append(decoder_layers(lm.model)[z_layer].register_forward_hook(out_hook))
     width = int(rows.lengths[tmpl_rows].max())
     try:
-        lm.model.base_model(
-            input_ids=rows.input_ids[tmpl_rows, :width].to(lm.device),
-            attention_mask=rows.attention_mask[tmpl_rows, :width].to(lm.device),
-            use_cache=False,
-        )
-    except _StopForward:
+        with stop_after(lm.model, z_layer, out_hook):
+            lm.model.base_model(
+                input_ids=rows.input_ids[tmpl_rows, :width].to(lm.device),
+                attention_mask=rows.attention_mask[tmpl_rows, :width].to(lm.device),
+                use_cache=False,
+            )
+    except StopForward:
         pass
     finally:
         for h in handles:
@@ -578,18 +529,15 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
                 ))
         captured: dict[str, Any] = {}
 
-        def grab(_m, _i, out):
+        def grab(out):
             captured["h"], captured["tuple"] = _first(out).detach(), isinstance(out, tuple)
-            raise _StopForward
 
-        handle = decoder_layers(model)[z_layer].register_forward_hook(grab)
         try:
-            body(input_ids=ids_all[:, S:], attention_mask=att_all, position_ids=pos_all[:, S:],
-                 **kv_cache_kwargs(body, copy.deepcopy(prefix_cache)), use_cache=prefix_cache is not None)
-        except _StopForward:
+            with stop_after(model, z_layer, grab):
+                body(input_ids=ids_all[:, S:], attention_mask=att_all, position_ids=pos_all[:, S:],
+                     **kv_cache_kwargs(body, copy.deepcopy(prefix_cache)), use_cache=prefix_cache is not None)
+        except StopForward:
             pass
-        finally:
-            handle.remove()
     cached, as_tuple = captured["h"], captured["tuple"]  # [R, W - S, H]; column 0 is the subject's last token
 
     case_of = rows.case_of_row.to(device)
@@ -772,8 +720,6 @@ class Memit(Editor):
         """E[k k^T] of the layer's MLP-output keys over generic text (cached in memory and on disk)."""
         key = (lm.fingerprint, layer)
         if key not in self._cov:
-            from kedit_core.keystats import key_second_moment
-
             cfg: MemitConfig = self.config  # type: ignore[assignment]
             layers = resolve_layers(cfg, lm.model)
             stats = key_second_moment(lm, layers, corpus=cfg.keystats_corpus, samples=cfg.keystats_samples)
@@ -821,8 +767,6 @@ class Memit(Editor):
 
     def attach(self, lm: LoadedModel) -> None:
         """Install (or remove) the update gate the config asks for."""
-        from kedit_core.editors.update_gate import install_gate, remove_gate
-
         cfg: MemitConfig = self.config  # type: ignore[assignment]
         if cfg.update_gate is None:
             remove_gate(lm)
@@ -834,8 +778,6 @@ class Memit(Editor):
 
     def sync_scope(self, lm: LoadedModel) -> None:
         """Hang the scope of the facts this editor holds now on the installed gate."""
-        from kedit_core.editors.update_gate import installed_gate
-
         cfg: MemitConfig = self.config  # type: ignore[assignment]
         gate = installed_gate(lm)
         if gate is None:

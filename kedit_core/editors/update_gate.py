@@ -34,37 +34,21 @@ they were built (`LoadedModel.base_tensor`).
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
+from kedit_core.anatomy import edit_site
+from kedit_core.keystats import chat_keys, generic_keys
 from kedit_core.model import LoadedModel
+from kedit_core.routing import GATE_ATTR, ROUTE, installed_gate, routed
 
 log = logging.getLogger(__name__)
 
-GATE_ATTR = "_kedit_update_gate"  # where the installed gate hangs on the torch model
-
-# How the edited layers answer the forward pass running in this thread (edit_scope.py):
-# None = by the gate alone (editing, teacher-forced scoring, a question in the edits' scope);
-# "out" = a question outside the edits' scope: the base layers answer. (A question in scope
-# is still gated: the whole update, ungated, garbled replies: served efficacy 0.80 -> 0.70,
-# docs/editing.md "Served answers".)
-# A context variable, not a flag on the model: the server answers requests in parallel threads.
-_ROUTE: ContextVar[str | None] = ContextVar("kedit_edit_route", default=None)
-
-
-@contextmanager
-def routed(in_scope: bool | None) -> Iterator[None]:
-    """Run forward passes inside as for a question in (True) or out of (False) the edits'
-    scope; None leaves the gate alone."""
-    token = _ROUTE.set("out" if in_scope is False else None)
-    try:
-        yield
-    finally:
-        _ROUTE.reset(token)
+# GATE_ATTR, routed, installed_gate: kedit_core/routing.py (imported here, so the names
+# stay importable from this module)
+__all__ = ["GATE_ATTR", "EditGate", "install_gate", "installed_gate", "remove_gate", "routed", "serve_as"]
 
 
 @dataclass
@@ -111,7 +95,7 @@ class _LayerGate:
             return out
         k = args[0]
         d = k @ self.delta.to(k.dtype).T  # the update's share of this output
-        if _ROUTE.get() == "out":
+        if ROUTE.get() == "out":
             return out - d
         small = (d.detach().norm(dim=-1, keepdim=True) <= self.tau)
         self.passed += int((~small).sum())
@@ -154,10 +138,6 @@ class EditGate:
         }
 
 
-def installed_gate(lm: LoadedModel) -> EditGate | None:
-    return getattr(lm.model, GATE_ATTR, None)
-
-
 def remove_gate(lm: LoadedModel) -> None:
     gate = installed_gate(lm)
     if gate is not None:
@@ -192,9 +172,6 @@ def install_gate(
     With `served_chats` > 0 (and a chat template), tau is never below the `served_quantile`
     (1.0: the largest) of the update's size on ordinary served chats (`keystats.chat_keys`: the model's own questions and replies in
     its chat template), so unrelated questions users ask see the unedited layers."""
-    from kedit_core.editors.memit import edit_site
-    from kedit_core.keystats import chat_keys, generic_keys
-
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"gate quantile must be between 0 and 1, got {quantile}")
     source = (corpus, positions, samples, served_chats, served_quantile)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kedit_core.editors import get_editor
-from kedit_core.editors.memit import default_layers, edit_site
+from kedit_core.anatomy import edit_site
+from kedit_core.editors.memit import default_layers
 from kedit_core.scoring import greedy_exact_match, predicted_tokens, token_accuracy
 from kedit_core.types import EditCase
 

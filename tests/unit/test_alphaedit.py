@@ -6,7 +6,7 @@ import torch
 
 from kedit_core.editors import get_editor
 from kedit_core.editors.alphaedit import AlphaEdit
-from kedit_core.editors.memit import edit_site
+from kedit_core.anatomy import edit_site
 from kedit_core.types import EditCase
 
 # The closed form and its state on their own: the update gate (tested in test_update_gate.py)

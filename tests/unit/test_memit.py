@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kedit_core.anatomy import edit_site
 from kedit_core.editors import get_editor
-from kedit_core.editors.memit import MemitConfig, compute_targets, context_templates, edit_site, encode_rows
+from kedit_core.editors.memit import MemitConfig, compute_targets, context_templates, encode_rows
 from kedit_core.keystats import key_second_moment
 from kedit_core.scoring import answer_logprob
 from kedit_core.types import EditCase

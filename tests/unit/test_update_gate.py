@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kedit_core.editors import get_editor
-from kedit_core.editors.memit import edit_site
+from kedit_core.anatomy import edit_site
 from kedit_core.editors.update_gate import installed_gate
 from kedit_core.types import EditCase
 from tests.conftest import sharpen, subject_final_cases
