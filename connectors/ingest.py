@@ -42,10 +42,9 @@ from kedit_core.filters import (
     scope_verdict,
 )
 from kedit_core.labels import LabelLookup
-from kedit_core.revision import RevisionRef
+from kedit_core.revision import RevisionOutcome, RevisionRef
 from storage import ledger, wikidata_store
 from storage.db import Database
-from storage.wikidata_store import RevisionOutcome
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kedit_core.types import FactChange
+
 
 @dataclass(frozen=True)
 class RevisionRef:
@@ -30,3 +32,13 @@ class RevisionRef:
         d = dict(d)
         d["tags"] = tuple(d.get("tags") or ())
         return cls(**d)
+
+
+@dataclass
+class RevisionOutcome:
+    """What became of one revision: its status and the verdict on each of its changes."""
+
+    ref: RevisionRef
+    status: str  # diffed | filtered | failed
+    reason: str | None = None
+    changes: list[tuple[FactChange, str, str | None]] = field(default_factory=list)  # (change, status, reason)

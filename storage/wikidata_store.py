@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kedit_core.revision import RevisionRef
+from kedit_core.revision import RevisionOutcome
 from kedit_core.types import FactChange
 from storage.db import Database
 
@@ -26,16 +25,6 @@ def _ts(iso: str | None) -> datetime | None:
 
 def _iso(ts: datetime | None) -> str:
     return ts.strftime("%Y-%m-%dT%H:%M:%SZ") if ts else ""
-
-
-@dataclass
-class RevisionOutcome:
-    """What became of one revision: its status and the verdict on each of its changes."""
-
-    ref: RevisionRef
-    status: str  # diffed | filtered | failed
-    reason: str | None = None
-    changes: list[tuple[FactChange, str, str | None]] = field(default_factory=list)  # (change, status, reason)
 
 
 def _insert_many(con, head: str, rows: Sequence[Sequence[Any]], chunk: int = 250) -> None:
