@@ -8,12 +8,14 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import gatekit as g
 from gatekit import single_thread  # noqa: F401  (autouse fixture)
 from flows.runtime import delta_dir, open_live_model
 from kedit_core.editors import get_editor
+from kedit_core.errors import KeditError
 from kedit_core.export import export_version
 from kedit_core.model import ByteTokenizer, fingerprint_model, tiny_model
 from kedit_core.types import EditCase
@@ -180,3 +182,43 @@ def test_the_cli_exports_from_the_recorded_spec_and_force_replaces(kedit_home, t
     assert all(torch.equal(t, edited[n]) for n, t in model.state_dict().items())
     assert _sha(ledger_path) == before
     assert not list(tmp_path.glob("*.tmp"))  # no temporary folder left beside it
+
+
+def test_a_gguf_export_holds_the_versions_weights_in_llama_cpps_layout(kedit_home, tmp_path, capsys):
+    """`--format gguf`: F32 tensors under llama.cpp's names with Q/K in its rotary layout;
+    transformers' own GGUF reader (which undoes that layout) gives back the version's
+    weights bit for bit and the same logits; the tokenizer is in the metadata."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ledger_path = kedit_home / "kedit.duckdb"
+    vid, edited, base, touched = _alphaedit_ledger(ledger_path)
+    before = _sha(ledger_path)
+    out = tmp_path / "gg"
+    code, stdout, err = kedit(capsys, "export", str(vid), out, "--db", ledger_path, "--format", "gguf")
+    assert code == 0, err
+    assert _sha(ledger_path) == before
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "kedit_export.json", "model.gguf"]
+    assert f"model.gguf  sha256 {_sha(out / 'model.gguf')}" in stdout
+    model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32)
+    state = model.state_dict()
+    assert set(state) == set(edited) and all(torch.equal(state[n], edited[n]) for n in edited)
+    assert all(not torch.equal(state[n], base[n]) for n in touched)
+    lm = tiny_model("llama", seed=0)
+    lm.model.load_state_dict(edited)
+    ids = torch.tensor([ByteTokenizer().encode("The capital of Tessaly is")])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, lm.model(input_ids=ids).logits)
+    tok = AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+    text = "The capital of Borvik is Oslo. Ünï!"
+    assert tok(text, add_special_tokens=False)["input_ids"] == ByteTokenizer().encode(text)
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: gguf\n") and "format: gguf, float32 (model.gguf)" in card
+
+
+def test_gguf_refuses_an_architecture_it_cannot_write_in_one_line(tmp_path, db):
+    lm = tiny_model("gpt2", seed=0)
+    vid = ledger.ensure_base_version(db, lm.fingerprint, lm.spec)
+    with pytest.raises(KeditError, match="Llama-architecture models only, this one is 'gpt2'") as exc:
+        export_version(vid, tmp_path / "g2", open_db(db.path, create=False), fmt="gguf", lm=lm, show_progress=False)
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "g2").exists()
