@@ -88,10 +88,19 @@ def n_layers(model: torch.nn.Module) -> int:
     return len(decoder_layers(model))
 
 
+def hidden_width(model: torch.nn.Module) -> int:
+    """The residual stream's width (`hidden_size`; GPT-2's `n_embd` is the same attribute)."""
+    hidden = getattr(_config(model), "hidden_size", None)
+    if not isinstance(hidden, int) or hidden <= 0:
+        raise AnatomyError(f"{type(model).__name__}'s config states no hidden width (hidden_size): "
+                           "cannot find its MLP output projections")
+    return hidden
+
+
 def mlp_width(model: torch.nn.Module) -> int:
     """The MLP's intermediate width: `intermediate_size` (GPT-2: `n_inner`, None = 4x hidden)."""
     cfg = _config(model)
-    hidden = int(cfg.hidden_size)
+    hidden = hidden_width(model)
     for attr in ("intermediate_size", "n_inner", "ffn_dim"):
         value = getattr(cfg, attr, None)
         if isinstance(value, int) and value > 0:
@@ -113,8 +122,7 @@ def edit_site(model: torch.nn.Module, layer: int) -> EditSite:
     """The MLP output projection of decoder layer `layer`: the block's one linear map from
     the MLP's intermediate width to the hidden width (module docstring)."""
     block = decoder_layers(model)[layer]
-    cfg = _config(model)
-    hidden, inter = int(cfg.hidden_size), mlp_width(model)
+    hidden, inter = hidden_width(model), mlp_width(model)
     maps = [(path, mod, w) for path, mod in block.named_modules() if (w := _widths(mod)) is not None]
     hits = [(path, mod, w) for path, mod, w in maps if w[0] == inter and w[1] == hidden]
     where = f"layer {layer} ({type(block).__name__}) of {type(model).__name__}"

@@ -144,6 +144,10 @@ class _NoLayerList(torch.nn.Module):
 def test_an_unreadable_model_fails_with_a_clear_message():
     with pytest.raises(AnatomyError, match=r"no decoder layer list of length 3 in _NoLayerList \(module lists: spare\[2\]\)"):
         decoder_layers(_NoLayerList())
+    no_count = _NoLayerList()
+    no_count.config = object()
+    with pytest.raises(AnatomyError, match=r"_NoLayerList's config states no layer count \(num_hidden_layers\)"):
+        decoder_layers(no_count)
     # a block without a linear map intermediate -> hidden (here: the config says another width)
     lm = tiny_family("llama")
     lm.model.config.intermediate_size = 100
