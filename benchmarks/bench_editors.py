@@ -159,7 +159,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from connectors.benchmarks import read_dataset
-    from flows.commands.evaluate_cmd import parse_settings
+    from kedit_core.editor_settings import parse_settings
     from kedit_core.editors.memit import resolve_layers
     from kedit_core.model import load_model
 

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.benchmarks import read_dataset  # noqa: E402
-from flows.commands.evaluate_cmd import parse_settings  # noqa: E402
+from kedit_core.editor_settings import parse_settings  # noqa: E402
 from kedit_core.editors import get_editor  # noqa: E402
 from kedit_core.editors.memit import MemitConfig, edit_site, resolve_layers  # noqa: E402
 from kedit_core.evaluate import LOCALITY_KINDS  # noqa: E402

@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from connectors.benchmarks import read_dataset
-    from flows.commands.evaluate_cmd import editor_from_settings
+    from kedit_core.editor_settings import editor_from_settings
     from flows.settings import PipelineSettings
     from kedit_core.evaluate import reference_predictions
     from kedit_core.model import load_model

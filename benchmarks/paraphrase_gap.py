@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.benchmarks import read_dataset  # noqa: E402
-from flows.commands.evaluate_cmd import parse_settings  # noqa: E402
+from kedit_core.editor_settings import parse_settings  # noqa: E402
 from kedit_core.editors import get_editor  # noqa: E402
 from kedit_core.editors.memit import (  # noqa: E402
     _subject_last_token,

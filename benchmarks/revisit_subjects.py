@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.benchmarks import read_dataset  # noqa: E402
-from flows.commands.evaluate_cmd import parse_settings  # noqa: E402
+from kedit_core.editor_settings import parse_settings  # noqa: E402
 from kedit_core.editors import get_editor  # noqa: E402
 from kedit_core.model import LoadedModel, load_model  # noqa: E402
 from kedit_core.scoring import token_accuracy  # noqa: E402

@@ -423,7 +423,7 @@ def compare(stream: str, methods: list[str], limit: int | None, batch_size: int,
     """`kedit compare` as a step: one ledger run, every method from the same base. `methods`
     entries may be `label=method`, `settings` are `METHOD.key=value`, as on the command line.
     Returns per method its final metrics (or its error), not the full rows."""
-    from flows.commands.compare_cmd import parse_methods, run_comparison
+    from flows.comparison import parse_methods, run_comparison
 
     result = run_comparison(parse_methods(",".join(methods)), settings or [], stream, limit=limit,
                             batch_size=batch_size, model=model, greedy=greedy)

@@ -27,7 +27,7 @@ def editor_overrides(method: Optional[str], pairs: List[str]) -> Optional[dict[s
     config now, so a typo fails before a night's ingest rather than at its first batch."""
     if not pairs:
         return None
-    from flows.commands.evaluate_cmd import editor_from_settings, parse_settings
+    from kedit_core.editor_settings import editor_from_settings, parse_settings
     from flows.settings import PipelineSettings
 
     editor_from_settings(method or PipelineSettings.from_env().method, pairs)  # raises, naming a bad setting

@@ -60,5 +60,7 @@ def test_evaluate_rejects_unknown_setting(app, kedit_home):
 
 
 def test_parse_settings_types():
-    got = evaluate_cmd.parse_settings(["layers=3,4,5", "v_lr=0.5", "bf16=false", "keystats_corpus=/x.txt", "layers2=[1]"])
+    from kedit_core.editor_settings import parse_settings
+
+    got = parse_settings(["layers=3,4,5", "v_lr=0.5", "bf16=false", "keystats_corpus=/x.txt", "layers2=[1]"])
     assert got == {"layers": [3, 4, 5], "v_lr": 0.5, "bf16": False, "keystats_corpus": "/x.txt", "layers2": [1]}
