@@ -109,6 +109,28 @@ def test_edit_rollback_and_a_served_answer(family, method):
         assert torch.equal(p, before[n]), f"{family}: {n} not restored by rollback"
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_model_from_a_hugging_face_directory_reads_its_base_weights_from_the_files(family, tmp_path):
+    """As `kedit --model PATH` loads it: the update gate takes the base weights of the found
+    edit sites from the directory's safetensors files by parameter name."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_family(family).model.save_pretrained(str(tmp_path), safe_serialization=True)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    lm = LoadedModel(model=model, tokenizer=ByteTokenizer(), spec=str(tmp_path), fingerprint=fingerprint_model(model),
+                     source_path=str(tmp_path))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ed = get_editor("alphaedit", FAST)
+    result = ed.edit(lm, _cases())
+    for layer in result.info["layers"]:
+        site = edit_site(model, layer)
+        assert torch.equal(lm.base_tensor(site.param_name), before[site.param_name])
+    assert installed_gate(lm).stats()  # tau computed against the files' base weights
+    assert answer_many(lm, ["What is the capital of Borvik?"], max_new_tokens=3)
+    ed.rollback(lm, result)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_default_edit_layers_scale_with_depth():
     assert default_layers(30) == [3, 4, 5, 6, 7]  # the embedded SmolLM2-135M
     assert default_layers(12) == [1, 2, 3]
