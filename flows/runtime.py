@@ -18,11 +18,12 @@ import torch
 
 from kedit_core.answer import PromptRewriter, answer, model_summary
 from kedit_core.atomic import atomic_target
-from kedit_core.editors.base import WeightDelta, file_sha256
+from kedit_core.editors.base import EDITORS, WeightDelta, available_editors, file_sha256, get_editor
+from kedit_core.editors.update_gate import serve_as
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, load_model
 from storage import ledger
-from storage.db import Database, open_db
+from storage.db import Database, default_db_path, open_db
 
 
 class VersionError(KeditError):
@@ -32,8 +33,6 @@ class VersionError(KeditError):
 def delta_dir(base_fingerprint: str, create: bool = True) -> Path:
     """Deltas live beside the ledger that records them (one ledger, one delta folder).
     Readers pass `create=False`: looking a file up must not make folders."""
-    from storage.db import default_db_path
-
     path = default_db_path(create=create).parent / "deltas" / base_fingerprint[:16]
     if create:
         path.mkdir(parents=True, exist_ok=True)
@@ -111,8 +110,6 @@ def weight_editor_attach(chain: list[dict[str, Any]]) -> Callable[[LoadedModel],
     """How the newest weight-editor version in the chain wants the model served (its update
     gate, `Editor.attach`), rebuilt from the config in that version's note; None when no
     version in the chain was made by a weight editor."""
-    from kedit_core.editors.base import EDITORS, available_editors, get_editor
-
     available_editors()
     for row in reversed(chain[1:]):
         cls = EDITORS.get(row.get("method") or "")
@@ -140,8 +137,6 @@ def load_version_state(editor: Any, row: dict[str, Any]) -> bool:
 
 def attach_for_version(lm: LoadedModel, db: Database, version_id: int) -> None:
     """Serve version `version_id`'s edits as its weight editor meant (its update gate, if any)."""
-    from kedit_core.editors.update_gate import serve_as
-
     serve_as(lm, weight_editor_attach(ledger.version_chain(db, version_id)))
 
 
