@@ -195,28 +195,55 @@ def _put_in_place(tmp: Path, out: Path) -> None:
 
 
 def _write_hf(lm: LoadedModel, folder: Path) -> dict[str, str]:
+    """config.json, generation_config.json, model.safetensors and the tokenizer files.
+
+    Written directly rather than by `save_pretrained`: the embedded model's config still
+    names the GGUF it was de-quantised from (`quantization_config`), which makes
+    transformers refuse to save it although its weights are plain floats; the export's
+    config drops that entry, so the folder loads as the ordinary float model it is."""
+    import copy
+
     from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from kedit_core.editors.base import file_sha256
 
     model = lm.model
-    model.save_pretrained(str(folder), safe_serialization=True)
-    hf_tokenizer(lm).save_pretrained(str(folder))
-    weight_files = sorted(folder.glob("*.safetensors"))
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(str(folder))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(folder))
     state = model.state_dict()
-    seen: set[str] = set()
-    for path in weight_files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                if name not in state or not torch.equal(f.get_tensor(name), state[name].detach().cpu()):
-                    raise ExportError(f"the written {path.name} does not hold the version's {name} exactly: export refused")
-                seen.add(name)
-    # save_pretrained writes a tied parameter (lm_head = embedding) once
-    written = {state[n].data_ptr() for n in seen}
-    missing = [n for n in state if n not in seen and state[n].data_ptr() not in written]
-    if missing:
-        raise ExportError(f"the written weights lack {missing[:3]}: export refused")
-    return {p.name: file_sha256(p) for p in weight_files}
+    tensors: dict[str, torch.Tensor] = {}
+    kept: dict[tuple[int, tuple[int, ...]], str] = {}
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in kept:  # a tied parameter (lm_head = embedding) is written once, as transformers does
+            continue
+        kept[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    path = folder / "model.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    _readable(path)
+    hf_tokenizer(lm).save_pretrained(str(folder))
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        if names != set(tensors):
+            raise ExportError(f"the written {path.name} holds other tensors than the version: export refused")
+        for name in names:
+            if not torch.equal(f.get_tensor(name), tensors[name]):
+                raise ExportError(f"the written {path.name} does not hold the version's {name} exactly: export refused")
+    return {path.name: file_sha256(path)}
+
+
+def _readable(path: Path) -> None:
+    """Permissions as any file this user creates (safetensors writes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def hf_tokenizer(lm: LoadedModel) -> Any:
