@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from kedit_core.home import kedit_home
+
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
@@ -157,8 +159,6 @@ def clean_kedit_home(ledger_folder: str | os.PathLike[str] | None = None) -> lis
     folder, searched throughout) and, when the ledger lives elsewhere, its folder and the
     reports folder beside it (not searched deeper, and only kedit's pid-tagged temp names:
     that folder may be shared with other programs). Never creates the home."""
-    from kedit_core.model import kedit_home
-
     home = kedit_home(create=False)
     removed = remove_stale_tmp(home)
     if ledger_folder is not None:

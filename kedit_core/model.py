@@ -17,7 +17,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from kedit_core.errors import KeditError
+from kedit_core.home import kedit_home  # noqa: F401  (importable from here, as before)
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +41,6 @@ TINY_SPECS = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
 
 class ModelLoadError(KeditError):
     """A model could not be loaded; the message says what to do (shown without traceback)."""
-
-
-def kedit_home(create: bool = True) -> Path:
-    """The folder for kedit's DuckDB file, model cache, key statistics and reports
-    (created unless `create` is False: read-only commands never create it)."""
-    env = os.environ.get("KEDIT_HOME")
-    if env:
-        home = Path(env).expanduser()
-    else:
-        from platformdirs import user_cache_dir
-
-        home = Path(user_cache_dir("kedit"))
-    if create:
-        try:
-            home.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise KeditError(f"cannot create the kedit home {home}: {exc.strerror or exc} (check KEDIT_HOME)") from exc
-    return home
 
 
 @dataclass

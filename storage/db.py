@@ -19,6 +19,7 @@ from pathlib import Path
 import duckdb
 
 from kedit_core.errors import KeditError
+from kedit_core.home import kedit_home
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
 
 
@@ -32,8 +33,6 @@ def default_db_path(create: bool = True) -> Path:
     env = os.environ.get("KEDIT_DB")
     if env:
         return Path(env).expanduser()
-    from kedit_core.model import kedit_home
-
     return kedit_home(create=create) / "kedit.duckdb"
 
 

@@ -142,3 +142,17 @@ def test_a_case_in_another_runs_applying_batch_cannot_be_claimed(db):
     ledger.finish_batch(db, "a-b1", "rolled_back", "gate")
     ledger.set_case_status(db, ["c0"], "applied")
     assert ledger.create_batch(db, "b-b3", "run-b", "memit", ["c0", "c1"], claimable=("pending",)) == ["c1"]
+
+
+def test_the_ledger_opens_without_importing_torch(tmp_path):
+    """storage finds kedit's home through kedit_core/home.py, not the torch-loading model
+    module: a read command on the ledger does not pay for importing torch."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from storage.db import open_db, default_db_path; default_db_path(); "
+            f"open_db({str(tmp_path / 'k.duckdb')!r}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "KEDIT_HOME": str(tmp_path / "home")})
+    assert out.stdout.strip() == "False", out.stderr
