@@ -302,16 +302,17 @@ class WikidataClient:
         watchdog.daemon = True
         self._watch.was_cut = False
         watchdog.start()
+        resp = None
         try:
             resp = self.session.get(self.endpoint, params=params, timeout=(timeout, timeout), stream=True)
         except (requests.ConnectionError, urllib3.exceptions.HTTPError, ConnectionError, OSError):
-            if self._watch.was_cut:
-                raise _Retry(f"no status and headers within deadline_s={self.deadline_s:g}") from None
-            raise
+            if not self._watch.was_cut:
+                raise
         finally:
             watchdog.cancel()
-        if self._watch.was_cut:  # cut mid-headers, http.client may still hand back what it had
-            resp.close()
+        if self._watch.was_cut:  # cut mid-headers: an error, or what http.client had so far
+            if resp is not None:
+                resp.close()
             raise _Retry(f"no status and headers within deadline_s={self.deadline_s:g}")
         try:
             status = resp.status_code

@@ -68,10 +68,6 @@ def end_run(run_id: str, status: str) -> None:
 # --------------------------------------------------------------------------- Wikidata
 
 
-def wikidata_client(settings: PipelineSettings):
-    return settings.wikidata_client()
-
-
 def filter_config(settings: PipelineSettings):
     from kedit_core.filters import FilterConfig, parse_follow
 
@@ -135,7 +131,7 @@ def add_counts(total: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
 def ingest_window(settings: PipelineSettings, start: datetime, end: datetime) -> dict[str, Any]:
     from connectors.ingest import ingest_window as ingest
 
-    client = wikidata_client(settings)
+    client = settings.wikidata_client()
     try:
         return _counts(ingest(client, db(), start, end, filter_config(settings), progress=True))
     finally:
@@ -211,7 +207,7 @@ def backfill_chunk(
 
     _check_source(source, dump_path)
     bounds = f"{_iso(start)}..{_iso(end)}"
-    client = wikidata_client(settings)
+    client = settings.wikidata_client()
     try:
         if source == "dump":
             assert dump_path is not None  # check_backfill refused it otherwise
@@ -272,7 +268,7 @@ def build_pending_cases(settings: PipelineSettings) -> dict[str, Any]:
     changes = wikidata_store.get_fact_changes(database, status="accepted")
     if not changes:
         return {"changes": 0, "new_cases": 0, "dropped": 0}
-    client = wikidata_client(settings)
+    client = settings.wikidata_client()
     try:
         # The subjects' own entities at their revision feed same-subject locality probes,
         # other-subject probes with the same relation, and multi-hop questions.

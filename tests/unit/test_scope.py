@@ -79,7 +79,7 @@ def test_the_user_agent_contact_comes_from_kedit_contact(server, monkeypatch, ca
     monkeypatch.setenv("KEDIT_CONTACT", "wikidata-ops@example.net")
     settings = PipelineSettings.from_env(endpoint=server.url, rate_limit_per_s=0)
     assert settings.user_agent_contact == "wikidata-ops@example.net"
-    client = steps.wikidata_client(settings)
+    client = settings.wikidata_client()
     try:
         list(client.recent_changes(START, END))
     finally:
@@ -89,7 +89,7 @@ def test_the_user_agent_contact_comes_from_kedit_contact(server, monkeypatch, ca
     # Without one, the real API gets a User-Agent naming the variable, and the operator a warning.
     monkeypatch.delenv("KEDIT_CONTACT")
     with caplog.at_level(logging.WARNING, logger="connectors.wikidata"):
-        anonymous = steps.wikidata_client(PipelineSettings.from_env())
+        anonymous = PipelineSettings.from_env().wikidata_client()
     anonymous.close()
     assert "set KEDIT_CONTACT" in anonymous.user_agent
     assert any("set KEDIT_CONTACT" in r.getMessage() for r in caplog.records)
