@@ -66,6 +66,8 @@ class _LayerGate:
     tau: float = 0.0
     passed: int = 0  # token positions where the update passed (diagnostics)
     seen: int = 0
+    per_batch: bool = False  # gate each applied change on its own (see _Segments)
+    segments: _Segments | None = None
 
     def refresh(self) -> None:
         w = self.module.weight
@@ -78,30 +80,129 @@ class _LayerGate:
             d = w.detach() - self.base
             if not torch.any(d):
                 self.delta, self.tau = None, 0.0
+                self.segments = None
             else:
                 self.delta = (d.T if self.transposed else d).contiguous()  # [out, in]
-                norms = (self.keys.to(d.dtype) @ self.delta.T).norm(dim=-1)
-                self.tau = float(torch.quantile(norms.float(), self.quantile))
-                if self.served_keys is not None and self.served_keys.numel():
-                    # never on what ordinary served chats hold (every request has the template)
-                    served = (self.served_keys.to(d.dtype) @ self.delta.T).norm(dim=-1).float()
-                    self.tau = max(self.tau, float(served.max() if self.served_quantile >= 1.0
-                                                   else torch.quantile(served, self.served_quantile)))
+                if self.per_batch:
+                    if self.segments is None:
+                        self.segments = _Segments()
+                    self.segments.account(self.delta, self.threshold)
+                    self.tau = self.segments.taus[-1] if self.segments.taus else 0.0
+                else:
+                    self.tau = self.threshold(self.delta)
         self.version = stamp
+
+    def threshold(self, delta: torch.Tensor) -> float:
+        """tau for an update `delta` ([out, in]): its `quantile` on ordinary text, and never
+        below what ordinary served chats hold (every request has the template)."""
+        norms = (self.keys.to(delta.dtype) @ delta.T).norm(dim=-1)
+        tau = float(torch.quantile(norms.float(), self.quantile))
+        if self.served_keys is not None and self.served_keys.numel():
+            served = (self.served_keys.to(delta.dtype) @ delta.T).norm(dim=-1).float()
+            tau = max(tau, float(served.max() if self.served_quantile >= 1.0
+                                 else torch.quantile(served, self.served_quantile)))
+        return tau
 
     def hook(self, _module: torch.nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         self.refresh()
         if self.delta is None:
             return out
         k = args[0]
-        d = k @ self.delta.to(k.dtype).T  # the update's share of this output
         if ROUTE.get() == "out":
-            return out - d
+            return out - k @ self.delta.to(k.dtype).T  # the base layer's output
+        if self.segments is not None and self.segments.taus:
+            return out - self.segments.blocked(k, self)
+        d = k @ self.delta.to(k.dtype).T  # the update's share of this output
         small = (d.detach().norm(dim=-1, keepdim=True) <= self.tau)
         self.passed += int((~small).sum())
         self.seen += small.numel()
         # W_live k - dW k: the base layer's output to float rounding, without a second matmul
         return out - d * small.to(d.dtype)
+
+
+class _Segments:
+    """The applied changes of one layer's weights, each gated on its own (per-batch mode).
+
+    Why. With one gate over the summed update, tau (a quantile of the sum's size on
+    ordinary text) grows with every batch while each edit's own share at its subject does
+    not, so over a long stream the gate blocks the early edits (docs/editing.md, "A thousand
+    edits": first batch 0.73 ungated vs 0.35 gated after 250 edits). Here each change of the
+    weights (one batch's update at this layer) keeps the tau it had when it was applied, and
+    passes only where it is itself large: out = W_base k + sum_b [||dW_b k|| > tau_b] dW_b k.
+
+    A change is stored as low-rank factors (a batch of n facts updates a layer with rank at
+    most n: MEMIT/AlphaEdit solve for one key per fact), from an SVD of the change that keeps
+    singular values above 1e-6 of the largest (float32 rounding of W + dW sits far below).
+    A change that undoes the last ones (a rollback) removes them.
+    """
+
+    def __init__(self) -> None:
+        self.us: list[torch.Tensor] = []  # [out, r_b]
+        self.vs: list[torch.Tensor] = []  # [r_b, in]
+        self.taus: list[float] = []
+        self.total: torch.Tensor | None = None  # the summed update accounted for, [out, in]
+        self._stack: tuple[torch.Tensor, ...] | None = None
+
+    def account(self, delta: torch.Tensor, threshold: Callable[[torch.Tensor], float]) -> None:
+        change = delta - self.total if self.total is not None else delta
+        self.total = delta.clone()
+        if not torch.any(change):
+            return
+        scale = float(change.norm())
+        undone = torch.zeros_like(change)
+        for n in range(1, len(self.us) + 1):  # a rollback of the last n changes?
+            undone -= self.us[-n] @ self.vs[-n]
+            if float((change - undone).norm()) <= 1e-3 * scale:
+                del self.us[-n:], self.vs[-n:], self.taus[-n:]
+                self._stack = None
+                return
+        u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
+        r = max(1, int((s > s[0] * 1e-6).sum()))
+        self.us.append((u[:, :r] * s[:r]).to(change.dtype))
+        self.vs.append(vh[:r].to(change.dtype).contiguous())
+        self.taus.append(threshold(change))
+        self._stack = None
+
+    def state(self) -> dict[str, Any]:
+        return {"us": self.us, "vs": self.vs, "taus": self.taus, "total": self.total}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Segments:
+        seg = cls()
+        seg.us, seg.vs, seg.taus, seg.total = list(state["us"]), list(state["vs"]), list(state["taus"]), state["total"]
+        return seg
+
+    def _stacked(self) -> tuple[torch.Tensor, ...]:
+        """V of every change stacked [R, in], U padded per change [B, out, r_max], where each
+        change's rows sit in the stacked R [B, r_max], the taus [B], and which of the r_max
+        are real [B, r_max] (a batch-wide einsum instead of a Python loop per change)."""
+        if self._stack is None:
+            r_max = max(v.shape[0] for v in self.vs)
+            out, dev, dt = self.us[0].shape[0], self.us[0].device, self.us[0].dtype
+            u_pad = torch.zeros(len(self.us), out, r_max, dtype=dt, device=dev)
+            index = torch.zeros(len(self.us), r_max, dtype=torch.long, device=dev)
+            mask = torch.zeros(len(self.us), r_max, dtype=dt, device=dev)
+            at = 0
+            for b, (u, v) in enumerate(zip(self.us, self.vs)):
+                r = v.shape[0]
+                u_pad[b, :, :r] = u
+                index[b, :r] = torch.arange(at, at + r, device=dev)
+                mask[b, :r] = 1.0
+                at += r
+            self._stack = (torch.cat(self.vs), u_pad, index, torch.tensor(self.taus, device=dev), mask)
+        return self._stack
+
+    def blocked(self, k: torch.Tensor, gate: _LayerGate) -> torch.Tensor:
+        """The summed output of the changes that do not pass at each position of `k`."""
+        v_all, u_pad, index, taus, mask = self._stacked()
+        dt = k.dtype
+        z = k @ v_all.to(dt).T  # [..., R]
+        zb = z[..., index] * mask.to(dt)  # [..., B, r_max]
+        d = torch.einsum("...br,bor->...bo", zb, u_pad.to(dt))  # each change's output
+        small = d.detach().norm(dim=-1) <= taus.to(d.device)  # [..., B]
+        gate.passed += int((~small).sum())
+        gate.seen += small.numel()
+        return (d * small.unsqueeze(-1).to(dt)).sum(dim=-2)
 
 
 @dataclass
@@ -128,6 +229,20 @@ class EditGate:
         """Recompute tau now for weights that changed (a server does this before a version
         goes live, so concurrent requests never find it half-updated)."""
         for g in self.gates:
+            g.refresh()
+
+    def segments_state(self) -> dict[int, dict[str, Any]]:
+        """Per layer, the changes a per-batch gate holds (to save with the weights: they
+        cannot be recovered from the summed weights alone)."""
+        self.refresh()
+        return {g.layer: g.segments.state() for g in self.gates if g.segments is not None}
+
+    def load_segments_state(self, state: dict[int, dict[str, Any]]) -> None:
+        """Restore `segments_state()` over weights that equal what they were when it was taken."""
+        for g in self.gates:
+            g.version = None
+            if g.layer in state:
+                g.segments = _Segments.from_state(state[g.layer])
             g.refresh()
 
     def stats(self) -> dict[str, Any]:
@@ -167,6 +282,7 @@ def install_gate(
     samples: int = 20000,
     served_chats: int = 192,
     served_quantile: float = 0.999,
+    per_batch: bool = False,
 ) -> EditGate:
     """Gate the updates of `layers` (idempotent: the same gate is kept, another replaced).
     With `served_chats` > 0 (and a chat template), tau is never below the `served_quantile`
@@ -174,7 +290,7 @@ def install_gate(
     its chat template), so unrelated questions users ask see the unedited layers."""
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"gate quantile must be between 0 and 1, got {quantile}")
-    source = (corpus, positions, samples, served_chats, served_quantile)
+    source = (corpus, positions, samples, served_chats, served_quantile, per_batch)
     current = installed_gate(lm)
     if current is not None and (current.quantile, current.layers, current.source) == (quantile, sorted(layers), source):
         return current
@@ -186,7 +302,8 @@ def install_gate(
         site = edit_site(lm.model, layer)
         base = lm.base_tensor(site.param_name).to(site.module.weight.device, site.module.weight.dtype)
         g = _LayerGate(layer, site.module, site.transposed, base, keys[layer].to(base.device), quantile,
-                       served[layer].to(base.device) if layer in served else None, served_quantile)
+                       served[layer].to(base.device) if layer in served else None, served_quantile,
+                       per_batch=per_batch)
         gate.gates.append(g)
         gate.handles.append(site.module.register_forward_hook(g.hook))
     setattr(lm.model, GATE_ATTR, gate)

@@ -149,3 +149,57 @@ def test_the_server_installs_a_versions_gate_and_removes_it_for_an_ungated_one(t
     state.rollback()
     with state.lease() as held:
         assert held.version_id == 1 and installed_gate(held.lm) is not None
+
+
+def _more_cases() -> list[EditCase]:
+    return [
+        EditCase(case_id=f"d{i}", subject=s, relation="capital", prompt=f"The capital of {s} is", target_new=t)
+        for i, (s, t) in enumerate([("Varnholm", "Cairo"), ("Ostrel", "Quito")])
+    ]
+
+
+def test_per_batch_gate_gates_each_batch_on_its_own_and_forgets_a_rolled_back_one(tiny):
+    """Per-batch mode: each batch's update keeps its own tau; where every change passes the
+    layer gives the edited output, where none does the base output; a rollback of the last
+    batch removes exactly its change."""
+    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
+    ed.edit(tiny, _cases())
+    gate = installed_gate(tiny)
+    gate.refresh()
+    first = {g.layer: (len(g.segments.taus), g.segments.taus[0]) for g in gate.gates}
+    assert all(n == 1 for n, _ in first.values())
+    second = ed.edit(tiny, _more_cases())
+    gate.refresh()
+    for g in gate.gates:
+        assert len(g.segments.taus) == 2
+        assert g.segments.taus[0] == first[g.layer][1], "an earlier batch's tau moved when a new batch came"
+        rebuilt = sum(u @ v for u, v in zip(g.segments.us, g.segments.vs))
+        assert torch.allclose(rebuilt, g.delta, atol=1e-5 * float(g.delta.abs().max())), "the changes do not sum to the update"
+    for text, subject in (("The capital of Tessaly is", "The capital of Tessaly"), ("The capital of Ostrel is", "The capital of Ostrel")):
+        outs = _layer_outputs(tiny, gate.layers, text)
+        end = len(tiny.tokenizer.encode(subject, add_special_tokens=False)) - 1
+        for layer in gate.layers:
+            out, live, base = outs[layer]
+            assert not torch.isclose(out[end], base[end], atol=1e-5).all(), f"layer {layer}: nothing passed at {subject!r}"
+    elsewhere = _layer_outputs(tiny, gate.layers, TEXT)
+    for layer in gate.layers:
+        out, live, base = elsewhere[layer]
+        assert torch.isclose(out, base, atol=1e-5).all(-1).any(), f"layer {layer}: passed at every position of other text"
+    ed.rollback(tiny, second)
+    gate.refresh()
+    for g in gate.gates:
+        assert len(g.segments.taus) == 1 and g.segments.taus[0] == first[g.layer][1]
+
+
+def test_per_batch_gate_state_restores_over_the_same_weights(tiny):
+    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
+    ed.edit(tiny, _cases())
+    ed.edit(tiny, _more_cases())
+    gate = installed_gate(tiny)
+    state = gate.segments_state()
+    before = _logits(tiny, TEXT + " The capital of Tessaly is")
+    for g in gate.gates:  # as a fresh process would see it: one merged change
+        g.segments, g.version = None, None
+    gate.load_segments_state(state)
+    assert all(len(g.segments.taus) == 2 for g in gate.gates)
+    assert torch.equal(_logits(tiny, TEXT + " The capital of Tessaly is"), before)
