@@ -35,16 +35,16 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
-from flows.runtime import LiveModel, delta_dir, load_version_state, save_editor_state, state_path
+from flows.runtime import LiveModel, ledger_link, load_version_state
+from kedit_core.artifacts import delta_path, save_editor_state, state_path, suite_path
 from kedit_core.atomic import atomic_write_text, clean_kedit_home
 from kedit_core.editors.base import Editor, EditResult
 from kedit_core.errors import KeditError
 from kedit_core.evaluate import reference_predictions
 from kedit_core.gate import GateConfig, GateDecision, decide, is_full_check
-from kedit_core.model import fingerprint_model, kedit_home
+from kedit_core.model import fingerprint_model
 from kedit_core.regression import RegressionSuite, fast_check, freeze_suite, full_check
 from kedit_core.types import EditCase
 from storage import ledger, pipeline_store
@@ -97,10 +97,6 @@ def restore_editor_state(editor: Editor, db: Database, live: LiveModel) -> int |
 
 
 # --------------------------------------------------------------------------- the frozen suite
-
-
-def suite_path(run_id: str) -> Path:
-    return kedit_home() / "suites" / f"{run_id}.json"
 
 
 def load_or_freeze_suite(live: LiveModel, db: Database, run_id: str, **freeze_kw: Any) -> RegressionSuite:
@@ -416,21 +412,21 @@ def _commit(
     """
     lm = live.lm
     fp = lm.fingerprint
-    delta_path, sha = None, None
+    delta_file, sha = None, None
     if not result.delta.is_empty:
-        path = delta_dir(fp) / f"{batch_id}.safetensors"
+        path = delta_path(fp, batch_id)
         sha = result.delta.save(path)
-        delta_path = str(path)
+        delta_file = str(path)
     state = editor.state_dict()
     state_sha = save_editor_state(state, state_path(fp, batch_id), editor.name) if state else None
     note = json.dumps({"n_cases": len(batch), "efficacy_acc": metrics.get("efficacy_acc"),
                        "config": editor.config.to_dict(), "state_sha256": state_sha}, default=str)
     # The commit point, one transaction, compare-and-set on the live version we built on.
     vid = ledger.commit_batch(
-        db, batch_id, live.version_id, fp, lm.spec, editor.name, [c.case_id for c in batch], delta_path, sha,
+        db, batch_id, live.version_id, fp, lm.spec, editor.name, [c.case_id for c in batch], delta_file, sha,
         weights_fingerprint=fingerprint_model(lm.model), note=note,
     )
-    live.record_applied(result.delta)
+    live.record_applied(result.delta, ledger_link(vid, delta_file, sha))
     live.version_id = vid
     if editor.is_memory_editor:
         live.rewriter = editor
@@ -439,7 +435,7 @@ def _commit(
 
 def _forget_files(base_fingerprint: str, batch_id: str) -> None:
     """A batch that was not committed leaves no delta or state file behind."""
-    for path in (delta_dir(base_fingerprint) / f"{batch_id}.safetensors", state_path(base_fingerprint, batch_id)):
+    for path in (delta_path(base_fingerprint, batch_id, create=False), state_path(base_fingerprint, batch_id)):
         path.unlink(missing_ok=True)
 
 

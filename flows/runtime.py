@@ -8,93 +8,74 @@ weights bit for bit as the model that was live when N was made.
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from kedit_core.answer import PromptRewriter, answer, model_summary
-from kedit_core.atomic import atomic_target
-from kedit_core.editors.base import EDITORS, WeightDelta, available_editors, file_sha256, get_editor
+from kedit_core.artifacts import delta_dir, file_sha256, load_editor_state, save_editor_state, state_path
+from kedit_core.editors.base import EDITORS, available_editors, get_editor
 from kedit_core.editors.update_gate import serve_as
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, load_model
+from kedit_core.weights import ChainState, DeltaRef, UnknownParameters, WeightDelta, move_to_chain
 from storage import ledger
-from storage.db import Database, default_db_path, open_db
+from storage.db import Database, open_db
+
+# Re-exported: the pipeline, tests and benchmarks/long_stream.py find the artifact helpers here.
+__all__ = ["LiveModel", "VersionError", "check_state_sha", "checked_chain", "delta_dir", "delta_refs", "ledger_link",
+           "load_delta", "load_editor_state", "load_version_state", "open_live_model", "rebuild_version",
+           "save_editor_state", "state_path", "weight_editor_attach"]
 
 
 class VersionError(KeditError):
     """A model version cannot be loaded (unknown id, missing or tampered delta)."""
 
 
-def delta_dir(base_fingerprint: str, create: bool = True) -> Path:
-    """Deltas live beside the ledger that records them (one ledger, one delta folder).
-    Readers pass `create=False`: looking a file up must not make folders."""
-    path = default_db_path(create=create).parent / "deltas" / base_fingerprint[:16]
-    if create:
-        path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @dataclass
 class LiveModel:
     """The base model with the ledger's deltas applied.
 
-    Memory stays flat however many versions accumulate: `base_originals` keeps ONE copy of
-    the base value of every tensor any applied delta touched (captured before the first
-    change), and applied deltas drop their own saved copies. `at_base()` uses it to
-    measure the unedited model without reloading it.
+    Memory stays flat however many versions accumulate: `weights` (a `ChainState`) keeps
+    ONE copy of the base value of every tensor any applied delta touched (captured before
+    the first change), and applied deltas drop their own saved copies. `at_base()` uses it
+    to measure the unedited model without reloading it.
     """
 
     lm: LoadedModel
     db: Database | None  # None: no ledger (a read-only look at the unedited base)
     version_id: int | None  # None: the base, which no ledger has recorded yet
     base_version_id: int | None
-    applied: list[WeightDelta] = field(default_factory=list)
     rewriter: PromptRewriter | None = None
-    base_originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    weights: ChainState = field(default_factory=ChainState, repr=False)
 
-    def record_applied(self, delta: WeightDelta) -> None:
-        """Keep an applied delta (already applied to the model) as part of the live version."""
-        for name, original in delta.release().items():
-            self.base_originals.setdefault(name, original)  # first touch = base value
-        self.applied.append(delta)
+    def record_applied(self, delta: WeightDelta, link: DeltaRef | None = None) -> None:
+        """Keep an applied delta (already applied to the model) as part of the live version.
+        `link`: the delta as the ledger recorded it (`ledger_link`), so a later `rebuild_to`
+        that extends this chain applies only the new links; without one, the next rebuild
+        replays the whole chain from the base."""
+        self.weights.adopt(delta, link or DeltaRef(f"unrecorded-{len(self.weights.links)}", None, None))
 
-    @torch.no_grad()
     def restore_base(self) -> None:
         """Put the base weights back exactly and forget the applied deltas."""
-        params = dict(self.lm.model.named_parameters())
-        for name, original in self.base_originals.items():
-            params[name].copy_(original)
-        self.base_originals.clear()
-        self.applied = []
+        self.weights.restore_base(self.lm.model)
 
     def rebuild_to(self, version_id: int) -> None:
-        """Put the model exactly at ledger version `version_id` (base weights, then its deltas)."""
-        self.restore_base()
-        for delta in rebuild_version(self.lm, self.db, version_id):
-            self.record_applied(delta)
-        attach_for_version(self.lm, self.db, version_id)
+        """Put the model exactly at ledger version `version_id` (base weights, then its deltas;
+        only the missing deltas when the model already holds a prefix of its chain)."""
+        chain = checked_chain(self.db, version_id, self.lm.fingerprint)
+        rows = {link.key: row for link, row in zip(delta_refs(chain), chain[1:])}
+        try:
+            move_to_chain(self.lm.model, self.weights, delta_refs(chain), read=lambda link: load_delta(rows[link.key]))
+        except UnknownParameters as exc:
+            raise VersionError(f"version {version_id}: {exc}") from exc
+        serve_as(self.lm, weight_editor_attach(chain))
         self.version_id = version_id
 
-    @contextlib.contextmanager
-    def at_base(self) -> Iterator[None]:
+    def at_base(self) -> contextlib.AbstractContextManager[None]:
         """Temporarily the exact base weights (e.g. to freeze a regression suite); the live
         weights come back bit for bit afterwards."""
-        params = dict(self.lm.model.named_parameters())
-        current = {n: params[n].detach().clone() for n in self.base_originals}
-        with torch.no_grad():
-            for name, original in self.base_originals.items():
-                params[name].copy_(original)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, value in current.items():
-                    params[name].copy_(value)
+        return self.weights.at_base(self.lm.model)
 
     def answer(self, question: str, max_new_tokens: int = 48) -> str:
         return answer(self.lm, question, rewriter=self.rewriter, max_new_tokens=max_new_tokens)
@@ -135,11 +116,6 @@ def load_version_state(editor: Any, row: dict[str, Any]) -> bool:
     return True
 
 
-def attach_for_version(lm: LoadedModel, db: Database, version_id: int) -> None:
-    """Serve version `version_id`'s edits as its weight editor meant (its update gate, if any)."""
-    serve_as(lm, weight_editor_attach(ledger.version_chain(db, version_id)))
-
-
 def load_delta(row: dict[str, Any]) -> WeightDelta:
     if not row.get("delta_path"):
         return WeightDelta()
@@ -152,22 +128,38 @@ def load_delta(row: dict[str, Any]) -> WeightDelta:
         raise VersionError(f"version {row['version_id']}: {exc}") from exc
 
 
-def rebuild_version(lm: LoadedModel, db: Database, version_id: int) -> list[WeightDelta]:
-    """Apply the deltas from the base up to `version_id` to an unedited `lm`, in order.
+def ledger_link(version_id: int, delta_path: str | None, delta_sha256: str | None) -> DeltaRef:
+    """A ledger version as one link of a delta chain (the key is what two chains compare)."""
+    return DeltaRef(key=f"v{version_id}", path=delta_path or None, sha256=delta_sha256)
 
-    The returned deltas still hold their saved originals; hand them to
-    `LiveModel.record_applied` (which keeps one base copy per tensor and frees the rest)."""
+
+def delta_refs(chain: list[dict[str, Any]]) -> list[DeltaRef]:
+    """The links after the base row of a ledger chain."""
+    return [ledger_link(r["version_id"], r["delta_path"], r["delta_sha256"]) for r in chain[1:]]
+
+
+def checked_chain(db: Database, version_id: int, base_fingerprint: str) -> list[dict[str, Any]]:
+    """The ledger rows from the base up to `version_id`, refused unless they belong to the
+    loaded base model."""
     try:
         chain = ledger.version_chain(db, version_id)
     except KeyError as exc:
         raise VersionError(str(exc)) from exc
-    if chain[0]["base_fingerprint"] != lm.fingerprint:
+    if chain[0]["base_fingerprint"] != base_fingerprint:
         raise VersionError(
             f"version {version_id} belongs to base {chain[0]['base_fingerprint'][:12]}, "
-            f"not the loaded model {lm.fingerprint[:12]}"
+            f"not the loaded model {base_fingerprint[:12]}"
         )
+    return chain
+
+
+def rebuild_version(lm: LoadedModel, db: Database, version_id: int) -> list[WeightDelta]:
+    """Apply the deltas from the base up to `version_id` to an unedited `lm`, in order.
+
+    The returned deltas still hold their saved originals (revert them in reverse order to
+    get the base back, as the export does)."""
     applied = []
-    for row in chain[1:]:
+    for row in checked_chain(db, version_id, lm.fingerprint)[1:]:
         delta = load_delta(row)
         if not delta.is_empty:
             delta.apply(lm.model)
@@ -211,57 +203,8 @@ def open_live_model(
 
 
 # --------------------------------------------------------------------------- editor state files
-# (beside the deltas: the pipeline writes them, the server and `kedit ask` read them)
-
-
-def state_path(base_fingerprint: str, batch_id: str) -> Path:
-    """Where an editor's sequential state after `batch_id` is kept (beside the delta).
-    Only the path: the writer (`save_editor_state`) makes the folder."""
-    return delta_dir(base_fingerprint, create=False) / f"{batch_id}.state.safetensors"
-
-
-def save_editor_state(state: dict[str, Any], path: Path, method: str) -> str:
-    """Tensors go into safetensors under their path in the dict; everything else into a
-    JSON skeleton in the metadata, with {"__tensor__": key} where a tensor was. Returns the
-    file's sha256 (recorded in the version's note and checked when the state is restored)."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-
-    def strip(obj: Any, key: str) -> Any:
-        if isinstance(obj, torch.Tensor):
-            tensors[key] = obj.detach().to("cpu").contiguous()
-            return {"__tensor__": key}
-        if isinstance(obj, dict):
-            return {str(k): strip(v, f"{key}/{k}") for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [strip(v, f"{key}/{i}") for i, v in enumerate(obj)]
-        return obj
-
-    skeleton = strip(state, "state")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_target(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"method": method, "skeleton": json.dumps(skeleton)})
-    return file_sha256(path)
-
-
-def load_editor_state(path: Path) -> tuple[str, dict[str, Any]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-
-    def fill(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            if set(obj) == {"__tensor__"}:
-                return tensors[obj["__tensor__"]]
-            return {k: fill(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [fill(v) for v in obj]
-        return obj
-
-    return meta.get("method", ""), fill(json.loads(meta.get("skeleton", "{}")))
+# (the file format and paths are in kedit_core/artifacts.py; which file a version's
+# note vouches for is the ledger's business, here)
 
 
 def check_state_sha(path: Path, row: dict[str, Any]) -> None:

@@ -206,7 +206,7 @@ def _write_hf(lm: LoadedModel, folder: Path) -> dict[str, str]:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from kedit_core.editors.base import file_sha256
+    from kedit_core.artifacts import file_sha256
 
     model = lm.model
     config = copy.deepcopy(model.config)

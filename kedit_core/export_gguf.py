@@ -50,7 +50,7 @@ def write_gguf(lm: LoadedModel, path: Path) -> dict[str, str]:
     {file name: sha256}."""
     import gguf
 
-    from kedit_core.editors.base import file_sha256
+    from kedit_core.artifacts import file_sha256
 
     check_supported(lm)
     cfg = lm.model.config

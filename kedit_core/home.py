@@ -25,3 +25,13 @@ def kedit_home(create: bool = True) -> Path:
         except OSError as exc:
             raise KeditError(f"cannot create the kedit home {home}: {exc.strerror or exc} (check KEDIT_HOME)") from exc
     return home
+
+
+def default_ledger_path(create: bool = True) -> Path:
+    """KEDIT_DB if set (e.g. the demo's own ledger), else kedit.duckdb in the kedit home
+    (which is created unless `create` is False). Here rather than in storage because the
+    artifacts the ledger records (deltas, editor states) live beside it."""
+    env = os.environ.get("KEDIT_DB")
+    if env:
+        return Path(env).expanduser()
+    return kedit_home(create=create) / "kedit.duckdb"

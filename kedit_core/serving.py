@@ -5,9 +5,10 @@ Read top to bottom:
    stored deltas, an optional prompt rewriter for memory editors, the ledger's recorded
    weights fingerprint). The flows side supplies a *version loader* (version id -> plan)
    because kedit_core never speaks SQL.
-2. `move_to_chain`: bring a model from one delta chain to another exactly (apply only the
-   new links when the target extends the current chain, else restore the touched
-   parameters' base values and replay; each delta's sha256 checked before it is read).
+2. `move_to_chain` (kedit_core/weights.py): bring a model from one delta chain to another
+   exactly (apply only the new links when the target extends the current chain, else
+   restore the touched parameters' base values and replay; each delta's sha256 checked
+   before it is read).
 3. `ServingState`: at most two copies of the model ("slots"). Requests lease the current
    slot; a swap builds the new version on the idle slot (waiting until no request still
    holds it), checks its fingerprint, then flips the reference under a lock. A request is
@@ -39,10 +40,10 @@ import torch
 
 from kedit_core.answer import TOKENIZER_LOCK as _TOKENIZER_LOCK
 from kedit_core.answer import PromptRewriter, edit_routes, keep_checked, render_chat, served_asks, states_value
-from kedit_core.editors.base import WeightDelta
 from kedit_core.editors.update_gate import routed, serve_as
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, fingerprint_model
+from kedit_core.weights import ChainState, DeltaIntegrityError, DeltaRef, UnknownParameters, move_to_chain
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +98,6 @@ class VersionConflict(ServingError):
 # --------------------------------------------------------------------------- versions
 
 
-@dataclass(frozen=True)
-class DeltaRef:
-    """One link of a version's chain: the stored delta and the sha256 the ledger recorded.
-
-    `key` identifies the link (e.g. "v7") so two chains can share their common prefix.
-    `path` is None for a link that changed no weights (a memory editor's version).
-    """
-
-    key: str
-    path: str | None
-    sha256: str | None
-
-
 @dataclass
 class VersionPlan:
     """Everything needed to serve one version, as the version loader describes it."""
@@ -128,65 +116,6 @@ class VersionPlan:
 
 VersionLoader = Callable[[int], VersionPlan]
 VersionLister = Callable[[], list[dict[str, Any]]]
-
-
-def read_delta(ref: DeltaRef) -> WeightDelta:
-    """Load one chain link, refusing a file whose sha256 is not the recorded one."""
-    if ref.path is None:
-        return WeightDelta()
-    if not ref.sha256:
-        raise VersionIntegrityError(f"delta {ref.key} ({ref.path}) has no recorded sha256: refusing to apply it")
-    try:
-        return WeightDelta.load(ref.path, expected_sha256=ref.sha256)
-    except FileNotFoundError as exc:
-        raise VersionIntegrityError(f"delta {ref.key}: file {ref.path} is missing") from exc
-    except ValueError as exc:  # sha256 mismatch
-        raise VersionIntegrityError(f"delta {ref.key}: {exc}") from exc
-
-
-@dataclass
-class ChainState:
-    """Which chain links a model copy carries, and the base value of every parameter any of
-    them touched (one copy of the touched tensors, however long the chain grows: keeping
-    each delta's own undo copies would grow with every nightly batch)."""
-
-    links: list[DeltaRef] = field(default_factory=list)
-    base: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@torch.no_grad()
-def move_to_chain(model: torch.nn.Module, state: ChainState, target: list[DeltaRef]) -> None:
-    """Take `model` from the chain in `state` to the chain `target`, exactly.
-
-    When `target` extends the current chain (the usual case: a new nightly version) only
-    the new links are applied. Otherwise the touched parameters are restored to their base
-    values and the whole target chain is replayed, which is exactly what a rebuild from the
-    ledger does. Every needed delta is read and sha-checked first, so a missing or tampered
-    file leaves the model as it was.
-    """
-    common = 0
-    while common < min(len(state.links), len(target)) and state.links[common] == target[common]:
-        common += 1
-    start = common if common == len(state.links) else 0
-    incoming = [(ref, read_delta(ref)) for ref in target[start:]]
-    params = dict(model.named_parameters())
-    unknown = sorted({n for _, d in incoming for n in d.tensors if n not in params})
-    if unknown:
-        raise VersionConflict(f"a delta names parameters the model does not have: {unknown[:5]}")
-    if start == 0 and state.links:
-        for name, original in state.base.items():
-            params[name].copy_(original)
-        state.links = []
-    for ref, delta in incoming:
-        # The same order and dtype rule as WeightDelta.apply, so the result equals a ledger
-        # rebuild bit for bit (the caller checks the fingerprint); hand-written because
-        # WeightDelta.apply keeps a per-delta undo copy that this state makes unnecessary.
-        for name in sorted(delta.tensors):
-            p = params[name]
-            if name not in state.base:
-                state.base[name] = p.detach().clone()
-            p.add_(delta.tensors[name].to(device=p.device, dtype=p.dtype))
-        state.links.append(ref)
 
 
 def version_tag(version_id: int, weights_fingerprint: str) -> str:
@@ -413,7 +342,12 @@ class ServingState:
                 f"not the served model {slot.lm.fingerprint[:12]}"
             )
         slot.version_id = None  # unknown until the build succeeds
-        move_to_chain(slot.lm.model, slot.chain, plan.chain)
+        try:
+            move_to_chain(slot.lm.model, slot.chain, plan.chain)
+        except DeltaIntegrityError as exc:
+            raise VersionIntegrityError(str(exc)) from exc
+        except UnknownParameters as exc:
+            raise VersionConflict(str(exc)) from exc
         serve_as(slot.lm, plan.attach)
         fp = fingerprint_model(slot.lm.model)
         slot.weights_fingerprint = fp

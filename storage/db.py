@@ -19,7 +19,7 @@ from pathlib import Path
 import duckdb
 
 from kedit_core.errors import KeditError
-from kedit_core.home import kedit_home
+from kedit_core.home import default_ledger_path
 from storage.schema import MIGRATIONS, SCHEMA_VERSION
 
 
@@ -30,10 +30,7 @@ class StorageError(KeditError):
 def default_db_path(create: bool = True) -> Path:
     """KEDIT_DB if set (e.g. the demo's own ledger), else kedit.duckdb in the kedit home
     (which is created unless `create` is False)."""
-    env = os.environ.get("KEDIT_DB")
-    if env:
-        return Path(env).expanduser()
-    return kedit_home(create=create) / "kedit.duckdb"
+    return default_ledger_path(create=create)
 
 
 @dataclass

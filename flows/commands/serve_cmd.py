@@ -15,21 +15,22 @@ from typing import Any, Callable, Optional
 import typer
 
 from flows.commands import MODEL_HELP
-from flows.runtime import weight_editor_attach
+from flows.runtime import delta_refs, load_version_state, weight_editor_attach
 from kedit_core.answer import PromptRewriter
-from kedit_core.model import LoadedModel
+from kedit_core.artifacts import state_path
+from kedit_core.editors.base import EDITORS, available_editors, get_editor
+from kedit_core.model import LoadedModel, fingerprint_model
 from kedit_core.serving import (
     ADMIN_TOKEN_ENV,
     API_KEY_ENV,
     MAX_BODY_BYTES,
     MAX_PENDING,
-    DeltaRef,
     VersionConflict,
-    VersionIntegrityError,
     VersionNotFound,
     VersionPlan,
     ServingState,
 )
+from kedit_core.weights import ChainState, DeltaIntegrityError, move_to_chain
 from storage import ledger
 from storage.db import Database
 
@@ -41,12 +42,6 @@ RewriterFor = Callable[[dict[str, Any]], Optional[PromptRewriter]]
 # --------------------------------------------------------------------------- ledger -> plans
 
 
-def delta_refs(chain: list[dict[str, Any]]) -> list[DeltaRef]:
-    """The links after the base row of a ledger chain, as the server's DeltaRefs."""
-    return [DeltaRef(key=f"v{r['version_id']}", path=r["delta_path"] or None, sha256=r["delta_sha256"])
-            for r in chain[1:]]
-
-
 def memory_rewriter(db: Database, chain: list[dict[str, Any]]) -> PromptRewriter | None:
     """The prompt rewriter of the newest memory-editor version in the chain, if any.
 
@@ -54,15 +49,11 @@ def memory_rewriter(db: Database, chain: list[dict[str, Any]]) -> PromptRewriter
     config comes from the version's note). A memory version whose memory cannot be
     restored is refused: serving it without its memory would silently answer wrongly.
     """
-    from kedit_core.editors.base import EDITORS, available_editors, get_editor
-
     available_editors()  # registers the built-in methods
     for row in reversed(chain[1:]):
         cls = EDITORS.get(row.get("method") or "")
         if cls is None or not getattr(cls, "is_memory_editor", False):
             continue
-        from flows.runtime import load_version_state, state_path
-
         config = ledger.version_note(row).get("config")
         editor = get_editor(row["method"], config if isinstance(config, dict) else None)
         if not load_version_state(editor, row):
@@ -150,9 +141,6 @@ def audit_ledger(lm: LoadedModel, db: Database, versions: list[int] | None = Non
 
     `lm` must be the unedited base; it is returned to the base weights exactly afterwards.
     """
-    from kedit_core.model import fingerprint_model
-    from kedit_core.serving import ChainState, move_to_chain
-
     findings: list[Finding] = []
     fresh = fingerprint_model(lm.model)
     if fresh != lm.fingerprint:
@@ -170,7 +158,7 @@ def audit_ledger(lm: LoadedModel, db: Database, versions: list[int] | None = Non
                 continue
             try:
                 move_to_chain(lm.model, applied, delta_refs(ledger.version_chain(db, vid)))
-            except VersionIntegrityError as exc:
+            except DeltaIntegrityError as exc:
                 findings.append(Finding(vid, "tampered", str(exc)))
                 continue
             fp = fingerprint_model(lm.model)
