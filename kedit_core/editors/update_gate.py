@@ -173,37 +173,31 @@ class _Segments:
         return seg
 
     def _stacked(self) -> tuple[torch.Tensor, ...]:
-        """V of every change stacked [R, in], U padded per change [B, out, r_max], where each
-        change's rows sit in the stacked R [B, r_max], the taus [B], and which of the r_max
-        are real [B, r_max] (a batch-wide einsum instead of a Python loop per change)."""
+        """Every change's factors side by side: V [R, in] (orthonormal rows), U*S [out, R],
+        S [R], which change each of the R directions belongs to [R], and the taus [B]."""
         if self._stack is None:
-            r_max = max(v.shape[0] for v in self.vs)
-            out, dev, dt = self.us[0].shape[0], self.us[0].device, self.us[0].dtype
-            u_pad = torch.zeros(len(self.us), out, r_max, dtype=dt, device=dev)
-            index = torch.zeros(len(self.us), r_max, dtype=torch.long, device=dev)
-            mask = torch.zeros(len(self.us), r_max, dtype=dt, device=dev)
-            at = 0
-            for b, (u, v) in enumerate(zip(self.us, self.vs)):
-                r = v.shape[0]
-                u_pad[b, :, :r] = u
-                index[b, :r] = torch.arange(at, at + r, device=dev)
-                mask[b, :r] = 1.0
-                at += r
-            self._stack = (torch.cat(self.vs), u_pad, index, torch.tensor(self.taus, device=dev), mask)
+            dev = self.us[0].device
+            u_all = torch.cat(self.us, dim=1)
+            owner = torch.cat([torch.full((v.shape[0],), b, dtype=torch.long, device=dev) for b, v in enumerate(self.vs)])
+            self._stack = (torch.cat(self.vs), u_all, u_all.norm(dim=0), owner, torch.tensor(self.taus, device=dev))
         return self._stack
 
     def blocked(self, k: torch.Tensor, gate: _LayerGate) -> torch.Tensor:
-        """The summed output of the changes that do not pass at each position of `k`."""
-        v_all, u_pad, index, taus, mask = self._stacked()
+        """The summed output of the changes that do not pass at each position of `k`.
+
+        A change's output is U_b S_b (V_b k) with U_b orthonormal, so its size is
+        ||S_b (V_b k)||: computed in the R-dimensional space of the factors, never as B
+        outputs of the layer's width (cost per token ~ R * (in + out), R = the changes' ranks)."""
+        v_all, u_all, s_all, owner, taus = self._stacked()
         dt = k.dtype
         z = k @ v_all.to(dt).T  # [..., R]
-        zb = z[..., index] * mask.to(dt)  # [..., B, r_max]
-        d = torch.einsum("...br,bor->...bo", zb, u_pad.to(dt))  # each change's output
-        small = d.detach().norm(dim=-1) <= taus.to(d.device)  # [..., B]
+        flat = (z.detach().float() * s_all).reshape(-1, z.shape[-1]) ** 2
+        size2 = torch.zeros(flat.shape[0], len(self.taus), device=z.device).index_add_(1, owner, flat)  # [N, B]
+        small = size2 <= taus.float() ** 2
         gate.passed += int((~small).sum())
         gate.seen += small.numel()
-        return (d * small.unsqueeze(-1).to(dt)).sum(dim=-2)
-
+        keep = small[:, owner].reshape(z.shape).to(dt)  # [..., R]: directions of the blocked changes
+        return (z * keep) @ u_all.to(dt).T
 
 @dataclass
 class EditGate:
