@@ -27,17 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.benchmarks import read_dataset  # noqa: E402
+from kedit_core.anatomy import decoder_layers  # noqa: E402
 from kedit_core.editor_settings import parse_settings  # noqa: E402
 from kedit_core.editors import get_editor  # noqa: E402
-from kedit_core.editors.memit import (  # noqa: E402
-    _subject_last_token,
-    compute_targets,
-    context_templates,
-    decoder_layers,
-    encode_rows,
-    keys_and_outputs,
-    resolve_layers,
-)
+from kedit_core.editors.memit import compute_targets, context_templates, keys_and_outputs, resolve_layers  # noqa: E402
+from kedit_core.editors.memit_rows import encode_rows, subject_last_token  # noqa: E402
 from kedit_core.model import LoadedModel, load_model  # noqa: E402
 from kedit_core.scoring import token_accuracy  # noqa: E402
 from kedit_core.types import EditCase  # noqa: E402
@@ -48,7 +42,7 @@ from stream_args import stream_parser  # noqa: E402
 def injected_accuracy(lm: LoadedModel, layer: int, prompt: str, subject: str, answer: str, delta: torch.Tensor) -> float:
     """Token accuracy of `answer` after `prompt` with `delta` added to `layer`'s output at the
     subject's last token (one prompt at a time: the hook position differs per prompt)."""
-    pos = _subject_last_token(lm.tokenizer, prompt, prompt.rindex(subject) + len(subject))
+    pos = subject_last_token(lm.tokenizer, prompt, prompt.rindex(subject) + len(subject))
 
     def hook(_m, _i, out):
         h = (out[0] if isinstance(out, tuple) else out).clone()

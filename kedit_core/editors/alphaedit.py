@@ -57,7 +57,8 @@ from typing import Any, ClassVar
 import torch
 
 from kedit_core.editors.base import EditorConfig, EditResult, register
-from kedit_core.editors.memit import EditRows, Memit, MemitConfig, fitted_keys, resolve_layers
+from kedit_core.editors.memit import Memit, MemitConfig, fitted_keys, resolve_layers
+from kedit_core.editors.memit_rows import EditRows
 from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
 

@@ -84,7 +84,8 @@ def test_keys_accumulate_and_state_roundtrips(tiny):
 
 def test_accumulated_keys_protect_earlier_edits(tiny):
     """Batch 2's update disturbs batch 1's keys less when batch 1's keys are in the state."""
-    from kedit_core.editors.memit import context_templates, encode_rows, keys_and_outputs
+    from kedit_core.editors.memit import context_templates, keys_and_outputs
+    from kedit_core.editors.memit_rows import encode_rows
 
     cfg = {**FAST, "l2": 1.0}
     first, second = _batch("a"), _batch("b")
@@ -109,7 +110,8 @@ def test_accumulated_keys_protect_earlier_edits(tiny):
 
 def test_preserve_weight_holds_earlier_edits_tighter(tiny):
     """A larger `preserve_weight` makes batch 2 move batch 1's key outputs less."""
-    from kedit_core.editors.memit import context_templates, encode_rows, keys_and_outputs
+    from kedit_core.editors.memit import context_templates, keys_and_outputs
+    from kedit_core.editors.memit_rows import encode_rows
 
     first, second = _batch("a"), _batch("b")
     moved = {}
@@ -204,7 +206,8 @@ def test_a_later_edit_of_the_same_fact_wins(tiny):
     earlier key (the same prompt) at its old output with preserve_weight, so the edited
     layers deliver a fraction of the new target's delta; with it, about all of it.
     (P = I and preserve_weight 100 make the conflict plain on a tiny random model.)"""
-    from kedit_core.editors.memit import context_templates, encode_rows, keys_and_outputs
+    from kedit_core.editors.memit import context_templates, keys_and_outputs
+    from kedit_core.editors.memit_rows import encode_rows
 
     cfg = {**FAST, "v_steps": 8, "l2": 1e-3, "cov_weight": 0.0, "nullspace_threshold": 1.01, "preserve_weight": 100.0}
     old = [_fact("a", "Borvik", "capital", "The capital of Borvik is", "Oslo"), _fact("b", "Quin", "capital", "The capital of Quin is", "Lima")]

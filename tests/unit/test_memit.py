@@ -6,7 +6,8 @@ import torch
 
 from kedit_core.anatomy import edit_site
 from kedit_core.editors import get_editor
-from kedit_core.editors.memit import MemitConfig, compute_targets, context_templates, encode_rows
+from kedit_core.editors.memit import MemitConfig, compute_targets, context_templates
+from kedit_core.editors.memit_rows import encode_rows
 from kedit_core.keystats import key_second_moment
 from kedit_core.scoring import answer_logprob
 from kedit_core.types import EditCase
@@ -142,7 +143,7 @@ def test_unknown_setting_is_rejected():
 
 
 def test_subject_first_variant_moves_the_subject_to_the_front(tiny):
-    from kedit_core.editors.memit import subject_first
+    from kedit_core.editors.memit_rows import subject_first
 
     case = _cases()[1]
     text, end, answer = subject_first(tiny, case)
@@ -161,7 +162,7 @@ def test_chat_variant_asks_the_question_as_the_server_does(tiny):
     """The `chat` row is the server's rendering of the case's question; its key is read at
     the subject inside the user turn and the answer opens the assistant's reply."""
     from kedit_core.answer import chat_prompt
-    from kedit_core.editors.memit import chat
+    from kedit_core.editors.memit_rows import chat
 
     case = _cases()[1]
     text, end, answer = chat(tiny, case)
