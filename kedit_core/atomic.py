@@ -1,4 +1,4 @@
-"""Atomic file writes, and removing the temporary files a killed writer left behind.
+"""Atomic file and folder writes, and removing the temporary files a killed writer left behind.
 
 Every file kedit reads back (deltas, editor states, caches, suites, reports) is written
 to a temporary name beside its target and renamed over it, so a reader sees the old file
@@ -51,6 +51,40 @@ def atomic_target(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Like `atomic_target` for a folder: yield an empty temporary folder beside `path` to
+    fill; on success it replaces `path` by renames (an existing `path` is first moved aside
+    and removed only once the new one is in place), on failure it is removed and `path` is
+    left as it was. A reader sees the old folder or the new one, never a half-written one."""
+    path = Path(path)
+    tmp = tmp_path_for(path)
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _swap_in(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    old = None
+    if path.exists():
+        old = path.with_name(f"{path.name}.{os.getpid()}.old{TMP_SUFFIX}")
+        _remove(old)
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        _remove(old)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 
+from kedit_core.atomic import atomic_folder
 from kedit_core.errors import KeditError
 from kedit_core.model import EMBEDDED_SPEC, ByteTokenizer, LoadedModel
 
@@ -103,8 +103,7 @@ def export_version(
     deltas = _apply_chain(lm, db, version_id)
     try:
         info = describe_version(db, chain, lm)
-        tmp = _tmp_dir(out)
-        try:
+        with atomic_folder(out) as tmp:
             if fmt == "hf":
                 files = _write_hf(lm, tmp)
             else:
@@ -120,10 +119,6 @@ def export_version(
             }
             (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1, default=str) + "\n")
             (tmp / CARD).write_text(model_card(info))
-            _put_in_place(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     finally:
         for delta in reversed(deltas):  # the caller's model goes back to its base, exactly
             if not delta.is_empty:
@@ -162,33 +157,6 @@ def _check_target(out: Path, force: bool, db: Any) -> None:
                 raise ExportError(f"refusing to replace {out}: it is or holds {p} (name a folder of its own for the export)")
     if not out.parent.exists():
         raise ExportError(f"{out.parent} does not exist: create it first, or name a folder in an existing one")
-
-
-def _tmp_dir(out: Path) -> Path:
-    from kedit_core.atomic import tmp_path_for
-
-    tmp = tmp_path_for(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _put_in_place(tmp: Path, out: Path) -> None:
-    """Replace `out` by the finished `tmp` with renames (same folder): a reader sees the old
-    folder or the new one, never a half-written one."""
-    old = None
-    if out.exists():
-        old = out.with_name(f"{out.name}.{os.getpid()}.old.tmp")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- Hugging Face folder

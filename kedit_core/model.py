@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from kedit_core.atomic import atomic_folder, atomic_write_text
 from kedit_core.errors import KeditError
 from kedit_core.home import kedit_home  # noqa: F401  (importable from here, as before)
 
@@ -207,21 +208,12 @@ def build_embedded_cache(show_progress: bool = True) -> Path:
     missing = [m for m in missing if not m.endswith("lm_head.weight")]  # tied embeddings
     if missing or unexpected:
         raise ModelLoadError(f"GGUF weights do not match the model config: missing={missing} unexpected={unexpected}")
-    tmp = target.with_name(target.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    fresh.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "kedit_cache.json").write_text(
-        json.dumps({"gguf": str(gguf), "gguf_size": gguf.stat().st_size, "format": CACHE_FORMAT_VERSION})
-    )
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)  # atomic: a crash mid-write never leaves a half cache in place
+    with atomic_folder(target) as tmp:  # a crash mid-write never leaves a half cache in place
+        fresh.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "kedit_cache.json").write_text(
+            json.dumps({"gguf": str(gguf), "gguf_size": gguf.stat().st_size, "format": CACHE_FORMAT_VERSION})
+        )
     bar.update(1)
     bar.close()
     log.info("embedded model cached at %s in %.1fs", target, time.perf_counter() - t0)
@@ -312,8 +304,6 @@ def fingerprint_cached(model: Any, model_dir: Path) -> str:
         return known[key]["fingerprint"]
     fp = fingerprint_model(model)
     known[key] = {"stamp": stamp, "fingerprint": fp}
-    from kedit_core.atomic import atomic_write_text
-
     atomic_write_text(memo, json.dumps(known, indent=1))
     return fp
 
