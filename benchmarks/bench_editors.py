@@ -26,14 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kedit_core.anatomy import decoder_layers  # noqa: E402
 from kedit_core.editors import get_editor  # noqa: E402
-from kedit_core.editors.memit import (  # noqa: E402
-    EditRows,
-    MemitConfig,
-    Targets,
-    _first,
-    decoder_layers,
-)
+from kedit_core.editors.memit import MemitConfig, Targets  # noqa: E402
+from kedit_core.editors.memit_rows import EditRows  # noqa: E402
+from kedit_core.editors.memit_speedups import hidden_of  # noqa: E402
 
 
 class PeakRSS:
@@ -78,7 +75,7 @@ def naive_targets(lm, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets
         state: dict = {}
 
         def hook(_m, _i, out):
-            h = _first(out)
+            h = hidden_of(out)
             state["z_init"] = h[0, look[0]].detach()
             h = h.index_put((torch.arange(len(sel)), look), delta.expand(len(sel), -1), accumulate=True)
             return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h

@@ -25,22 +25,11 @@ The idea in four steps, for a batch of edits "subject -> new answer":
    (`mom2_update_weight`). Solved in float64: C is badly conditioned and float32 loses
    the small directions that keep unrelated knowledge intact.
 
-Speed on CPU (why the code is shaped like this):
-- all cases of a batch are optimised together: ONE forward/backward per step over every
-  case x context template; each case's loss is summed (not averaged) so Adam sees exactly
-  the per-case gradients, and cases that reached the early-stop threshold leave the batch;
-- nothing below layer L depends on `delta`, so layers 0..L run once; per step only layers
-  L+1.. run (layers 0..L are temporarily swapped for stand-ins that replay the cached
-  output of layer L), and the model's weights get no gradients (only `delta` does), so the
-  backward pass is about as cheap as the forward (attention on the plain math kernel: the
-  CPU flash-attention backward is slow for these short rows);
-- nothing BEFORE the subject's last token depends on `delta` either (causal attention):
-  rows are re-padded so that token sits in one column for every row, the columns before
-  it run once into a KV cache, and each step runs only the suffix (subject's last token,
-  rest of the prompt, answer) - about 3x fewer tokens per step on zsRE;
-- the vocabulary projection is computed only at the answer positions and the KL position;
-- `bf16=True` runs that upper-layer forward/backward under bfloat16 autocast (~2x faster on
-  CPUs with AVX512-BF16); the closed-form solve always stays in float64.
+Speed on CPU: step 1 runs all cases of a batch in one forward/backward per step, and per
+step only the layers above L over the tokens from the subject's last token on, with no
+weight gradients and optional bfloat16 autocast (`memit_speedups.py`: what each trick
+skips and why the skipped work cannot depend on delta). How cases and their contexts
+become token rows (prompt variants, the KL row, answer positions): `memit_rows.py`.
 
 Subjects edited again (kedit's, `revisit_subjects`): cases of one subject share one delta
 (`share_subject_delta`), so a later batch that edits a subject edited before would optimise
@@ -54,24 +43,22 @@ AlphaEdit (`alphaedit.py`) reuses steps 1-3 and replaces the closed form in step
 """
 from __future__ import annotations
 
-import copy
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kedit_core.anatomy import StopForward, decoder_layers, edit_site, stop_after
 from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditResult, WeightDelta, register
 from kedit_core.editors.edit_scope import EditScope
 from kedit_core.editors.memit_rows import EditRows, check_prompt_variants, encode_rows
+from kedit_core.editors.memit_speedups import UpperLayers, UpperOutput, hidden_of
 from kedit_core.editors.update_gate import install_gate, installed_gate, remove_gate
 from kedit_core.keystats import key_second_moment
-from kedit_core.model import LoadedModel, kv_cache_kwargs, kv_cache_of
+from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
 
 
@@ -184,7 +171,7 @@ def resolve_layers(cfg: MemitConfig, model: torch.nn.Module) -> list[int]:
     return layers
 
 
-# --------------------------------------------------------------------------- context templates
+# --------------------------------------------------------------------------- step 1: target vectors
 
 _TEMPLATE_CACHE: dict[tuple, list[str]] = {}
 _STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -212,39 +199,141 @@ def context_templates(lm: LoadedModel, n: int, length: int, seed: int = 0) -> li
     return templates
 
 
-# --------------------------------------------------------------------------- running parts of the model
+@dataclass
+class Targets:
+    z: torch.Tensor  # [n_cases, H] float32: h_L + delta
+    z_init: torch.Tensor  # [n_cases, H] h_L at the subject's last token (bare prompt)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Replay(torch.nn.Module):
-    """Stands in for a decoder layer: returns `fn(hidden_states)` instead of computing it."""
-
-    def __init__(self, fn, as_tuple: bool) -> None:
-        super().__init__()
-        self.fn, self.as_tuple = fn, as_tuple
-
-    def forward(self, hidden_states, *args, **kwargs):
-        out = self.fn(hidden_states)
-        return (out,) if self.as_tuple else out
+# The signature of step 1, so benchmarks can hand the editor another implementation.
+TargetFn = Callable[[LoadedModel, EditRows, int, MemitConfig], Targets]
 
 
-@contextmanager
-def _replaying_below(model: torch.nn.Module, layer: int, output_fn, as_tuple: bool) -> Iterator[None]:
-    """Swap layers 0..layer for stand-ins: layers < `layer` pass their input through, layer
-    `layer` returns `output_fn(...)` (the cached output plus delta). Restored on exit."""
-    layers = decoder_layers(model)
-    originals = [layers[i] for i in range(layer + 1)]
-    try:
-        for i in range(layer):
-            layers[i] = _Replay(lambda h: h, as_tuple)
-        layers[layer] = _Replay(lambda h: output_fn(), as_tuple)
-        yield
-    finally:
-        for i, mod in enumerate(originals):
-            layers[i] = mod
+@dataclass
+class DeltaGroups:
+    """Which delta each case optimises: one per subject with `share_subject_delta` (cases of
+    one subject move together and stop together), else one per case (singleton groups make
+    this exactly the per-case method)."""
+
+    of_case: torch.Tensor  # [n_cases] the group of each case (CPU)
+    of_case_d: torch.Tensor  # the same on the model's device
+    size: torch.Tensor  # [n_groups] cases per group
+    init_norm: torch.Tensor  # [n_groups] mean ||h_L|| of the group's cases: the scale of its clamp
+    n: int
+
+    @classmethod
+    def of(cls, rows: EditRows, shared: bool, init_norm: torch.Tensor) -> DeltaGroups:
+        device = init_norm.device
+        group = rows.subject_group if shared and rows.subject_group is not None else torch.arange(rows.n_cases)
+        n_groups = int(group.max()) + 1
+        group_d = group.to(device)
+        size = torch.bincount(group, minlength=n_groups).to(device)
+        norm = torch.zeros(n_groups, device=device).index_add_(0, group_d, init_norm) / size
+        return cls(group, group_d, size, norm, n_groups)
 
 
-def _first(x):
-    return x[0] if isinstance(x, tuple) else x
+def answer_nll(out: UpperOutput, n: int) -> torch.Tensor:
+    """Per case [n]: the NLL of its answer tokens, a mean over answer tokens and contexts."""
+    logp, token, weight, case = out.answer_logprobs()
+    tok_nll = -logp.gather(1, token[:, None]).squeeze(1)
+    return torch.zeros(n, device=logp.device).index_add(0, case, tok_nll * weight)
+
+
+def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets:
+    """Optimise one residual per case (per subject with `share_subject_delta`), all cases in
+    one batched forward/backward per step (how that is cheap: memit_speedups.py)."""
+    n, device = rows.n_cases, lm.device
+    upper = UpperLayers(lm, rows, z_layer, cfg.bf16)
+    bare = (rows.template_of_row == 0).nonzero()[:, 0].to(device)  # one per case, in case order
+    z_init = upper.output_at_subject(bare).float()
+    init_norm = z_init.norm(dim=1)  # [n]
+    groups = DeltaGroups.of(rows, cfg.share_subject_delta, init_norm)
+    delta_g = torch.zeros(groups.n, z_init.shape[-1], device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta_g], lr=cfg.v_lr)
+    done_g = torch.zeros(groups.n, dtype=torch.bool)
+    steps = [0] * n
+    curves: list[list[float]] = [[] for _ in range(n)]
+    last: dict[str, torch.Tensor] = {}
+    kl_init: torch.Tensor | None = None
+
+    with upper.optimising():
+        for step in range(cfg.v_steps + 1):
+            done = done_g[groups.of_case]
+            active = (~done).nonzero()[:, 0]
+            if len(active) == 0:
+                break
+            delta = delta_g[groups.of_case_d]  # [n, H], each case's view of its group's delta
+            out = upper.run(delta, ~done)
+
+            # The objective, per case: NLL of the new answer in every context ...
+            nll = answer_nll(out, n)
+            # ... plus KL on "{subject} is a" to what the unedited model predicted (the subject keeps its identity) ...
+            k_logp = out.kl_logprobs()
+            if kl_init is None:  # step 0: delta is zero, so this is the unedited distribution
+                kl_init = k_logp.detach()
+            kl = torch.zeros(n, device=device)
+            kl[active.to(device)] = F.kl_div(k_logp, kl_init[active.to(device)], log_target=True, reduction="none").sum(-1)
+            # ... plus weight decay on ||delta|| relative to ||h_L||^2, counted once per group.
+            wd = cfg.weight_decay * delta.norm(dim=1) / init_norm**2 / groups.size[groups.of_case_d]
+            loss = nll + cfg.kl_factor * kl + wd
+
+            for c in active.tolist():
+                curves[c].append(float(loss[c].detach()))
+            last = {"nll": nll.detach(), "kl": kl.detach()}
+            # a group has converged when every case in it has
+            pending = (nll.detach().cpu() >= cfg.early_stop_nll).long()
+            newly_g = torch.zeros(groups.n, dtype=torch.long).index_add_(0, groups.of_case, pending) == 0
+            if step == cfg.v_steps:
+                break
+            update_g = (~done_g) & ~newly_g
+            done_g |= newly_g
+            if not update_g.any():
+                break
+            update = _adam_step(opt, delta_g, loss, update_g, groups, cfg.clamp_norm_factor)
+            for c in update.nonzero()[:, 0].tolist():
+                steps[c] += 1
+
+    done = done_g[groups.of_case]
+    d = delta_g.detach()[groups.of_case_d]
+    z = z_init + d
+    diags = [
+        {
+            "loss_curve": curves[c],
+            "steps": steps[c],
+            "target_norm": float(z[c].norm()),
+            "delta_norm": float(d[c].norm()),
+            "init_norm": float(init_norm[c]),
+            "final_nll": float(last["nll"][c]) if last else None,
+            "converged": bool(done[c]),
+        }
+        for c in range(n)
+    ]
+    return Targets(z=z, z_init=z_init, diagnostics=diags)
+
+
+def _adam_step(opt: torch.optim.Optimizer, delta_g: torch.Tensor, loss: torch.Tensor, update_g: torch.Tensor,
+               groups: DeltaGroups, clamp_norm_factor: float) -> torch.Tensor:
+    """One Adam step for the groups in `update_g`; the others keep their delta (Adam's
+    momentum would move them), and every delta is clamped to `clamp_norm_factor` times its
+    group's ||h_L||. Returns which cases were updated."""
+    device = delta_g.device
+    update = update_g[groups.of_case]
+    opt.zero_grad(set_to_none=True)
+    loss[update.to(device)].sum().backward()
+    keep = delta_g.detach().clone()
+    opt.step()
+    with torch.no_grad():
+        frozen = (~update_g).to(device)
+        delta_g[frozen] = keep[frozen]
+        max_norm = clamp_norm_factor * groups.init_norm
+        norms = delta_g.norm(dim=1)
+        scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+        delta_g.mul_(scale[:, None])
+    return update
+
+
+# --------------------------------------------------------------------------- step 2: keys
 
 
 @torch.no_grad()
@@ -269,7 +358,7 @@ def row_keys_and_outputs(
         handles.append(site.module.register_forward_pre_hook(pre_hook))
 
     def out_hook(out):
-        zout["z"] = _first(out)[idx, lookup].detach().double()
+        zout["z"] = hidden_of(out)[idx, lookup].detach().double()
 
     width = int(rows.lengths[tmpl_rows].max())
     try:
@@ -322,227 +411,6 @@ def fitted_keys(
     case_of = rows.case_of_row[rows.template_of_row >= 0]
     return {layer: k * w for layer, k in raw.items()}, z * w, case_of
 
-
-# --------------------------------------------------------------------------- step 1: target vectors
-
-
-@dataclass
-class Targets:
-    z: torch.Tensor  # [n_cases, H] float32: h_L + delta
-    z_init: torch.Tensor  # [n_cases, H] h_L at the subject's last token (bare prompt)
-    diagnostics: list[dict[str, Any]] = field(default_factory=list)
-
-
-@contextmanager
-def _frozen_weights(model: torch.nn.Module) -> Iterator[None]:
-    """No parameter gradients while optimising delta: the backward pass then computes only
-    activation gradients (about half the work)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
-@dataclass
-class _Aligned:
-    """Rows re-padded so every row's subject-last token sits in the same column `split`.
-
-    Nothing before that token depends on delta (causal attention), so the columns before
-    `split` are run once (their keys/values cached for every layer) and each step only
-    runs the suffix - the subject's last token, the rest of the prompt and the answer -
-    through the layers above L. On zsRE prompts with a context prefix that is ~3x fewer
-    tokens per step."""
-
-    input_ids: torch.Tensor  # [R, W] left-padded before `split`, right-padded after
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    split: int
-    suffix_len: torch.Tensor  # [R] real tokens from `split` on
-
-
-def _align_at_lookup(rows: EditRows, pad: int) -> _Aligned:
-    n, look = rows.lengths, rows.lookup
-    split = int(look.max())
-    width = split + int((n - look).max())
-    R = rows.input_ids.shape[0]
-    ids = torch.full((R, width), pad, dtype=torch.long)
-    att = torch.zeros((R, width), dtype=torch.long)
-    for r in range(R):
-        a = split - int(look[r])
-        ids[r, a : a + int(n[r])] = rows.input_ids[r, : int(n[r])]
-        att[r, a : a + int(n[r])] = 1
-    pos = (att.cumsum(1) - 1).clamp_min(0)
-    return _Aligned(ids, att, pos, split, n - look)
-
-
-def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets:
-    """Optimise one residual per case (per subject with `share_subject_delta`), all cases in
-    one batched forward/backward per step."""
-    model, device = lm.model, lm.device
-    body, head = model.base_model, model.get_output_embeddings()
-    n = rows.n_cases
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    al = _align_at_lookup(rows, pad)
-    ids_all, att_all, pos_all = al.input_ids.to(device), al.attention_mask.to(device), al.position_ids.to(device)
-    S = al.split
-    R = ids_all.shape[0]
-
-    # Once: every layer over the prefix columns (kept as a KV cache), then layers 0..L over
-    # the suffix columns (their layer-L output is what the stand-ins replay each step).
-    prefix_cache = None
-    with torch.no_grad():
-        if S > 0:
-            # Under the steps' autocast the cache comes out in bfloat16, like the keys and
-            # values each step appends to it: a float32 cache was promoted (copied) in every
-            # layer of every step, and copied whole per step at twice the size.
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                prefix_cache = kv_cache_of(body(
-                    input_ids=ids_all[:, :S], attention_mask=att_all[:, :S], position_ids=pos_all[:, :S], use_cache=True
-                ))
-        captured: dict[str, Any] = {}
-
-        def grab(out):
-            captured["h"], captured["tuple"] = _first(out).detach(), isinstance(out, tuple)
-
-        try:
-            with stop_after(model, z_layer, grab):
-                body(input_ids=ids_all[:, S:], attention_mask=att_all, position_ids=pos_all[:, S:],
-                     **kv_cache_kwargs(body, copy.deepcopy(prefix_cache)), use_cache=prefix_cache is not None)
-        except StopForward:
-            pass
-    cached, as_tuple = captured["h"], captured["tuple"]  # [R, W - S, H]; column 0 is the subject's last token
-
-    case_of = rows.case_of_row.to(device)
-    bare = (rows.template_of_row == 0).nonzero()[:, 0].to(device)  # one per case, in case order
-    z_init = cached[bare, 0].float()
-    init_norm = z_init.norm(dim=1)  # [n]
-    # One delta per group: per subject when shared (cases of one subject move together and
-    # stop together), else per case. Singleton groups make this exactly the per-case method.
-    shared = cfg.share_subject_delta and rows.subject_group is not None
-    group = rows.subject_group if shared else torch.arange(n)
-    n_groups = int(group.max()) + 1
-    group_d = group.to(device)
-    group_size = torch.bincount(group, minlength=n_groups).to(device)
-    group_norm = torch.zeros(n_groups, device=device).index_add_(0, group_d, init_norm) / group_size
-    delta_g = torch.zeros(n_groups, cached.shape[-1], device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta_g], lr=cfg.v_lr)
-    done_g = torch.zeros(n_groups, dtype=torch.bool)
-    steps = [0] * n
-    curves: list[list[float]] = [[] for _ in range(n)]
-    last: dict[str, torch.Tensor] = {}
-    kl_init: torch.Tensor | None = None
-    tgt_case = case_of[rows.tgt_row.to(device)]
-    tgt_col = rows.tgt_pos - rows.lookup[rows.tgt_row]  # answer positions in suffix coordinates
-    kl_col = rows.kl_pos - rows.lookup[rows.kl_row]
-
-    # Attention on its plain math kernel: for these few short rows the CPU flash-attention
-    # backward cost 15x its forward, a quarter of each step (math: ~20% faster steps on the
-    # embedded model, docs/editing.md, eighth round).
-    with _frozen_weights(model), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-        for step in range(cfg.v_steps + 1):
-            done = done_g[group]
-            active = (~done).nonzero()[:, 0]
-            if len(active) == 0:
-                break
-            delta = delta_g[group_d]  # [n, H], each case's view of its group's delta
-            # rows of the still-active cases, trimmed to their longest suffix
-            act_mask = (~done)[rows.case_of_row]
-            sub = act_mask.nonzero()[:, 0]
-            width = int(al.suffix_len[sub].max())
-            remap = torch.full((R,), -1, dtype=torch.long)
-            remap[sub] = torch.arange(len(sub))
-            sub_d = sub.to(device)
-            h_sub = cached[sub_d, :width]
-            cases_sub = case_of[sub_d]
-            cache = None
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)  # each step appends the suffix to its own copy
-                cache.batch_select_indices(sub_d)
-
-            def output_fn():
-                return h_sub.index_put(
-                    (torch.arange(len(sub), device=device), torch.zeros(len(sub), dtype=torch.long, device=device)),
-                    delta[cases_sub],
-                    accumulate=True,
-                )
-
-            with _replaying_below(model, z_layer, output_fn, as_tuple), torch.autocast(
-                device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16
-            ):
-                hidden = body(
-                    input_ids=ids_all[sub_d, S : S + width],
-                    attention_mask=att_all[sub_d, : S + width],
-                    position_ids=pos_all[sub_d, S : S + width],
-                    **kv_cache_kwargs(body, cache),
-                    use_cache=cache is not None,
-                ).last_hidden_state
-
-            # NLL of the answer tokens (vocabulary logits only at these positions)
-            tsel = act_mask[rows.tgt_row].nonzero()[:, 0]
-            t_rows = remap[rows.tgt_row[tsel]].to(device)
-            t_pos = tgt_col[tsel].to(device)
-            logp = torch.log_softmax(head(hidden[t_rows, t_pos].to(head.weight.dtype)).float(), -1)
-            tok_nll = -logp.gather(1, rows.tgt_tok[tsel].to(device)[:, None]).squeeze(1)
-            nll = torch.zeros(n, device=device).index_add(0, tgt_case[tsel.to(device)], tok_nll * rows.tgt_weight[tsel].to(device))
-
-            # KL on "{subject} is a": keep the subject's identity
-            k_rows = remap[rows.kl_row[active]].to(device)
-            k_logp = torch.log_softmax(head(hidden[k_rows, kl_col[active].to(device)].to(head.weight.dtype)).float(), -1)
-            if kl_init is None:  # step 0: delta is zero, so this is the unedited distribution
-                kl_init = k_logp.detach()
-            ref = kl_init[active.to(device)]
-            kl = torch.zeros(n, device=device)
-            kl[active.to(device)] = F.kl_div(k_logp, ref, log_target=True, reduction="none").sum(-1)
-            wd = cfg.weight_decay * delta.norm(dim=1) / init_norm**2 / group_size[group_d]  # once per group
-            loss = nll + cfg.kl_factor * kl + wd
-
-            for c in active.tolist():
-                curves[c].append(float(loss[c].detach()))
-            last = {"nll": nll.detach(), "kl": kl.detach()}
-            # a group has converged when every case in it has
-            pending = (nll.detach().cpu() >= cfg.early_stop_nll).long()
-            newly_g = torch.zeros(n_groups, dtype=torch.long).index_add_(0, group, pending) == 0
-            if step == cfg.v_steps:
-                break
-            update_g = (~done_g) & ~newly_g
-            done_g |= newly_g
-            if not update_g.any():
-                break
-            update = update_g[group]
-            opt.zero_grad(set_to_none=True)
-            loss[update.to(device)].sum().backward()
-            keep = delta_g.detach().clone()
-            opt.step()
-            with torch.no_grad():
-                frozen = (~update_g).to(device)
-                delta_g[frozen] = keep[frozen]  # converged groups keep their delta (Adam momentum would move them)
-                max_norm = cfg.clamp_norm_factor * group_norm
-                norms = delta_g.norm(dim=1)
-                scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-                delta_g.mul_(scale[:, None])
-            for c in update.nonzero()[:, 0].tolist():
-                steps[c] += 1
-
-    done = done_g[group]
-    d = delta_g.detach()[group_d]
-    z = z_init + d
-    diags = [
-        {
-            "loss_curve": curves[c],
-            "steps": steps[c],
-            "target_norm": float(z[c].norm()),
-            "delta_norm": float(d[c].norm()),
-            "init_norm": float(init_norm[c]),
-            "final_nll": float(last["nll"][c]) if last else None,
-            "converged": bool(done[c]),
-        }
-        for c in range(n)
-    ]
-    return Targets(z=z, z_init=z_init, diagnostics=diags)
 
 
 # --------------------------------------------------------------------------- step 4: the closed form
