@@ -1,7 +1,7 @@
 """`kedit serve`, `kedit audit` and `kedit server ...`: serve the live model over HTTP,
 check that what is served is what the ledger says, and drive a running server.
 
-The serving app lives in kedit_core/serving.py and knows nothing about the ledger; this
+The serving app lives in kedit_core/serving/ and knows nothing about the ledger; this
 module gives it a *version loader* that reads the ledger (version id -> delta chain with
 sha256s, recorded weights fingerprint, memory-editor rewriter).
 """

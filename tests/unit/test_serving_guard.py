@@ -15,6 +15,8 @@ import requests
 import torch
 
 import kedit_core.serving as serving
+import kedit_core.serving.app as serving_app
+import kedit_core.serving.generation as serving_generation
 from kedit_core.serving import (
     BackgroundServer,
     Generation,
@@ -92,7 +94,7 @@ def test_context_is_checked_on_characters_before_tokenising(state, monkeypatch):
     def no_tokenising(*a, **k):
         raise AssertionError("tokenised a prompt that cannot fit")
 
-    monkeypatch.setattr(serving, "encode_prompt", no_tokenising)
+    monkeypatch.setattr(serving_app, "encode_prompt", no_tokenising)
     with serve(state) as srv:
         long = {**CHAT, "messages": [{"role": "user", "content": "x" * 900_000}]}
         err = _error(requests.post(srv.url + "/v1/chat/completions", json=long), 400)
@@ -138,7 +140,7 @@ def test_stop_takes_at_most_four_and_valid_values_still_work(state):
 
 def test_admission_queue_is_bounded_429_with_retry_after(state, monkeypatch):
     held = HeldGeneration()
-    monkeypatch.setattr(serving, "generate_text", held)
+    monkeypatch.setattr(serving_generation, "generate_text", held)
     with serve(state, max_pending=2) as srv:
         results = []
         workers = [threading.Thread(target=lambda: results.append(
@@ -158,7 +160,7 @@ def test_admission_queue_is_bounded_429_with_retry_after(state, monkeypatch):
 
 def test_non_streaming_client_disconnect_cancels_its_generation(state, monkeypatch):
     held = HeldGeneration()
-    monkeypatch.setattr(serving, "generate_text", held)
+    monkeypatch.setattr(serving_generation, "generate_text", held)
     with serve(state) as srv:
         body = json.dumps(CHAT).encode()
         sock = socket.create_connection((srv.host, srv.port))
