@@ -151,7 +151,13 @@ class _Segments:
         scale = float(change.norm())
         undone = torch.zeros_like(change)
         for n in range(1, len(self.us) + 1):  # a rollback of the last n changes?
-            undone -= self.us[-n] @ self.vs[-n]
+            u, v = self.us[-n], self.vs[-n]
+            # <change, U_n V_n> = trace(U_n^T change V_n^T): a rollback of change n gives
+            # -||U_n V_n||^2, a new batch ~0; stop at the first change not being undone
+            # (cheap: r x r, no dense rebuild of every earlier change per batch)
+            if float(torch.trace(u.T @ change @ v.T)) > -0.5 * float(u.norm()) ** 2:
+                break
+            undone -= u @ v
             if float((change - undone).norm()) <= 1e-3 * scale:
                 del self.us[-n:], self.vs[-n:], self.taus[-n:]
                 self._stack = None
