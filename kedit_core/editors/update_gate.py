@@ -120,6 +120,24 @@ class _LayerGate:
         return out - d * small.to(d.dtype)
 
 
+def _low_rank(change: torch.Tensor, rel: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """`change` [out, in] as U*S [out, r] times V [r, in] (V's rows orthonormal), keeping the
+    singular values above `rel` of the largest. Through the eigendecomposition of the Gram
+    matrix on the smaller side in float64 rather than an SVD: ~25x faster here (a full SVD
+    of one 576 x 1536 layer took longer than a tenth of an edit), and float64 keeps the
+    kept singular values (>= 1e-6 of the largest, so >= 1e-12 in the Gram) exact enough."""
+    c = change.double()
+    wide = c.shape[0] <= c.shape[1]
+    lam, q = torch.linalg.eigh(c @ c.T if wide else c.T @ c)  # ascending
+    keep = lam > lam[-1] * rel ** 2
+    s, q = lam[keep].sqrt(), q[:, keep]
+    if wide:  # q: left singular vectors; V = S^-1 U^T c
+        u_s, v = q * s, (q.T @ c) / s[:, None]
+    else:  # q: right singular vectors; U S = c V^T
+        u_s, v = c @ q, q.T
+    return u_s.to(change.dtype), v.to(change.dtype).contiguous()
+
+
 class _Segments:
     """The applied changes of one layer's weights, each gated on its own (per-batch mode).
 
@@ -131,8 +149,8 @@ class _Segments:
     passes only where it is itself large: out = W_base k + sum_b [||dW_b k|| > tau_b] dW_b k.
 
     A change is stored as low-rank factors (a batch of n facts updates a layer with rank at
-    most n: MEMIT/AlphaEdit solve for one key per fact), from an SVD of the change that keeps
-    singular values above 1e-6 of the largest (float32 rounding of W + dW sits far below).
+    most its number of key rows: 10-20 for 10 facts here), keeping singular values above
+    1e-6 of the largest (float32 rounding of W + dW sits far below; `_low_rank`).
     A change that undoes the last ones (a rollback) removes them.
     """
 
@@ -162,10 +180,9 @@ class _Segments:
                 del self.us[-n:], self.vs[-n:], self.taus[-n:]
                 self._stack = None
                 return
-        u, s, vh = torch.linalg.svd(change.double(), full_matrices=False)
-        r = max(1, int((s > s[0] * 1e-6).sum()))
-        self.us.append((u[:, :r] * s[:r]).to(change.dtype))
-        self.vs.append(vh[:r].to(change.dtype).contiguous())
+        u, v = _low_rank(change)
+        self.us.append(u)
+        self.vs.append(v)
         self.taus.append(threshold(change))
         self._stack = None
 
