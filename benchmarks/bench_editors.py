@@ -119,8 +119,8 @@ def run(lm, method: str, cases, batch_size: int, settings: dict, naive: bool = F
     from kedit_core.scoring import token_accuracy
 
     editor = get_editor(method, settings)
-    if naive:
-        editor.compute_targets = naive_targets  # type: ignore[method-assign]
+    if naive:  # the same editor and settings, step 1 swapped for the straightforward version
+        editor = type(editor)(editor.config, compute_targets=naive_targets)  # type: ignore[call-arg]
     for layer in editor.config.layers or []:
         editor.covariance(lm, layer)  # key statistics are a one-off cost, not per edit
     results = []

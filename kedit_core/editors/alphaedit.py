@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 import torch
 
 from kedit_core.editors.base import EditorConfig, EditResult, register
-from kedit_core.editors.memit import Memit, MemitConfig, fitted_keys, resolve_layers
+from kedit_core.editors.memit import EditBatch, Memit, MemitConfig, TargetFn, compute_targets, fitted_keys, resolve_layers
 from kedit_core.editors.memit_rows import EditRows
 from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
@@ -131,22 +131,21 @@ class AlphaEditConfig(MemitConfig):
 class AlphaEdit(Memit):
     config_class: ClassVar[type[EditorConfig]] = AlphaEditConfig
 
-    def __init__(self, config: AlphaEditConfig | None = None) -> None:
-        super().__init__(config)
+    def __init__(self, config: AlphaEditConfig | None = None, compute_targets: TargetFn = compute_targets) -> None:
+        super().__init__(config, compute_targets)
         self._proj: dict[tuple[str, int], torch.Tensor] = {}
         self.prev_keys: dict[int, torch.Tensor] = {}  # layer -> sum of k k^T of earlier edits (float64)
         self.n_edits = 0
         self._batch_keys: dict[str, dict[int, torch.Tensor]] = {}  # for exact-as-possible rollback
-        self._lifted: dict[int, torch.Tensor] = {}  # during edit(): per layer, K K^T of the batch subjects' earlier facts
 
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+    def start_batch(self, lm: LoadedModel, cases: list[EditCase]) -> EditBatch:
+        """The batch, with the Gram matrices of its subjects' earlier facts (`lifted`) taken
+        under the weights as they are before this batch touches anything."""
         cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
-        earlier = self.remembered_facts(list(cases)) if cfg.revisit_subjects and self.prev_keys else []
-        self._lifted = self.key_grams(lm, earlier) if earlier else {}
-        try:
-            return super().edit(lm, cases)
-        finally:
-            self._lifted = {}
+        batch = super().start_batch(lm, cases)
+        earlier = self.remembered_facts(cases) if cfg.revisit_subjects and self.prev_keys else []
+        batch.lifted = self.key_grams(lm, earlier) if earlier else {}
+        return batch
 
     @torch.no_grad()
     def key_grams(self, lm: LoadedModel, cases: list[EditCase]) -> dict[int, torch.Tensor]:
@@ -170,15 +169,16 @@ class AlphaEdit(Memit):
             self._proj[key] = U @ U.T
         return self._proj[key]
 
-    def solve_update(self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    def solve_update(self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor,
+                     batch: EditBatch) -> torch.Tensor:
         cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
         P = self.projector(lm, layer).to(keys.device)
         K = keys.double().T  # [inter, n]
         prev = self.prev_keys.get(layer)
         if prev is not None:
             prev = prev.to(K.device)
-            if layer in self._lifted:  # earlier facts of this batch's subjects are re-fitted here, not preserved
-                prev = psd_part(prev - self._lifted[layer].to(K.device))
+            if layer in batch.lifted:  # earlier facts of this batch's subjects are re-fitted here, not preserved
+                prev = psd_part(prev - batch.lifted[layer].to(K.device))
         KK = K @ K.T + (cfg.preserve_weight * prev if prev is not None else 0.0)
         if cfg.cov_weight:
             KK = KK + cfg.cov_weight * self.covariance(lm, layer).double().to(K.device)
@@ -186,20 +186,20 @@ class AlphaEdit(Memit):
         X = torch.linalg.solve(A, P @ K @ resid.double())  # [inter, H]; X = P X by construction
         return X.T
 
-    def after_edit(self, lm: LoadedModel, rows: EditRows, layers: list[int]) -> dict[str, Any]:
+    def after_edit(self, lm: LoadedModel, rows: EditRows, layers: list[int], batch: EditBatch) -> dict[str, Any]:
         # Keys of this batch under the edited weights (as the paper does) join the preserved set.
         cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
         # Kept facts' keys joined the preserved set in their own batch; only the new cases' join now.
         keys, _, case_of = fitted_keys(lm, rows, layers, layers[-1], cfg.per_template_keys)
-        own = (case_of < self._n_new).cpu()
+        own = (case_of < batch.n_new).cpu()
         added = {}
         for layer, k in keys.items():
             k = k[own.to(k.device)].double()
             kk = k.T @ k
             self.prev_keys[layer] = self.prev_keys[layer] + kk if layer in self.prev_keys else kk
             added[layer] = kk
-        self.n_edits += self._n_new
-        self._batch_keys[self._token] = added
+        self.n_edits += batch.n_new
+        self._batch_keys[batch.token] = added
         return {"alphaedit_n_edits": self.n_edits}
 
     def rollback(self, lm: LoadedModel, result: EditResult) -> None:

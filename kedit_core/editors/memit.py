@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -145,8 +145,6 @@ class MemitConfig(EditorConfig):
             raise ValueError(f"keep_facts_per_subject must be >= 0, got {self.keep_facts_per_subject}")
 
     def stronger(self) -> MemitConfig:
-        from dataclasses import replace
-
         return replace(self, v_steps=self.v_steps * 2, clamp_norm_factor=self.clamp_norm_factor * 1.5)
 
 
@@ -412,8 +410,9 @@ def fitted_keys(
     return {layer: k * w for layer, k in raw.items()}, z * w, case_of
 
 
-
 # --------------------------------------------------------------------------- step 4: the closed form
+# (step 3, spreading the residual over the layers lowest first, is `Memit.spread_updates`:
+# it calls the closed form once per layer through `solve_update`, which AlphaEdit replaces)
 
 
 def memit_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam: float) -> torch.Tensor:
@@ -432,31 +431,48 @@ def memit_solve(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam:
 # --------------------------------------------------------------------------- the editor
 
 
+@dataclass
+class EditBatch:
+    """What one `edit` call hands from step to step (targets, spread and solve, after_edit),
+    passed explicitly rather than left on the editor between calls."""
+
+    token: str  # the batch's id in the editor's rollback records (EditResult.info["batch_token"])
+    n_new: int  # the batch's own cases come first, kept facts of revisited subjects after them
+    # AlphaEdit: per layer, K K^T of the earlier facts of the batch's subjects, measured before
+    # anything changes; the solve re-fits those facts instead of preserving them (alphaedit.py)
+    lifted: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 @register("memit")
 class Memit(Editor):
     """MEMIT: batched closed-form edits of the MLP output projections of `layers`."""
 
     config_class: ClassVar[type[EditorConfig]] = MemitConfig
 
-    def __init__(self, config: MemitConfig | None = None) -> None:
+    def __init__(self, config: MemitConfig | None = None, compute_targets: TargetFn = compute_targets) -> None:
         super().__init__(config)
         self._cov: dict[tuple[str, int], torch.Tensor] = {}
-        # Step 1 as an attribute, so benchmarks can swap in a naive per-case version.
+        # Step 1 is a constructor argument so benchmarks/bench_editors.py can time a naive
+        # per-case version against it (everything else the same).
         self.compute_targets = compute_targets
         # subject label -> relation -> [subject, prompt, answer, question]: the facts this editor put in
         # and that still hold (a later edit of the same relation replaces its entry)
         self.facts: dict[str, dict[str, list[str]]] = {}
         self._batch_facts: dict[str, dict[str, dict[str, list[str]] | None]] = {}  # token -> what it replaced
         self._scope: EditScope | None = None  # built from `facts` (edit_scope.py)
-        self._n_new = 0  # during edit(): the batch's own cases come first, kept facts after them
-        self._token = ""  # during edit(): the batch's id in the editor's rollback records
 
     # The one thing AlphaEdit changes: how a layer's residual becomes a weight update.
-    def solve_update(self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    def solve_update(self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor,
+                     batch: EditBatch) -> torch.Tensor:
         cfg: MemitConfig = self.config  # type: ignore[assignment]
         return memit_solve(keys, resid, self.covariance(lm, layer), cfg.mom2_update_weight)
 
-    def after_edit(self, lm: LoadedModel, rows: EditRows, layers: list[int]) -> dict[str, Any]:
+    def start_batch(self, lm: LoadedModel, cases: list[EditCase]) -> EditBatch:
+        """Hook run first in `edit`, before the gate is attached (AlphaEdit measures the keys
+        of the batch subjects' earlier facts here)."""
+        return EditBatch(token=uuid.uuid4().hex, n_new=len(cases))
+
+    def after_edit(self, lm: LoadedModel, rows: EditRows, layers: list[int], batch: EditBatch) -> dict[str, Any]:
         """Hook run once the batch is applied (AlphaEdit records the new keys here)."""
         return {}
 
@@ -538,19 +554,19 @@ class Memit(Editor):
     def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
         """Edit `cases` (with the kept facts of any subject edited before) and remember them."""
         cfg: MemitConfig = self.config  # type: ignore[assignment]
-        self.attach(lm)
         cases = list(cases)
+        batch = self.start_batch(lm, cases)
+        self.attach(lm)
         if not cases:
             return EditResult(method=self.name, delta=WeightDelta(meta={"method": self.name}), applied=True)
         keep = self.facts_to_keep(cases) if cfg.revisit_subjects else []
-        self._n_new, self._token = len(cases), uuid.uuid4().hex
-        result = self._edit_batch(lm, cases + keep)
+        result = self._edit_batch(lm, cases + keep, batch)
         if keep:  # the kept facts are context for this batch, not its edits
             result.diagnostics = result.diagnostics[: len(cases)]
             result.delta.meta["cases"] = [c.case_id for c in cases]
             result.info["kept_facts"] = [c.case_id for c in keep]
-        result.info["batch_token"] = self._token
-        self._batch_facts[self._token] = self._record_facts(cases)
+        result.info["batch_token"] = batch.token
+        self._batch_facts[batch.token] = self._record_facts(cases)
         self.sync_scope(lm)
         return result
 
@@ -581,20 +597,15 @@ class Memit(Editor):
         templates = context_templates(lm, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
         return templates, encode_rows(lm, cases, templates, tuple(cfg.prompt_variants))
 
-    def _edit_batch(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+    def spread_updates(self, lm: LoadedModel, rows: EditRows, targets: Targets, layers: list[int],
+                       batch: EditBatch) -> dict[str, torch.Tensor]:
+        """Steps 2-4, lowest layer first: the keys under the edits made so far, this layer's
+        share of the residual still left, the closed form (`solve_update`). Returns each
+        edited parameter's addition; the weights themselves are left as they were."""
         cfg: MemitConfig = self.config  # type: ignore[assignment]
-        t0 = time.perf_counter()
         model = lm.model
-        layers = resolve_layers(cfg, model)
         z_layer = layers[-1]
         sites = [edit_site(model, l_) for l_ in layers]
-        for l_ in layers:  # key statistics first: their progress bar should not interrupt editing
-            self.covariance(lm, l_)
-        templates, rows = self.encode(lm, cases)
-
-        targets = self.compute_targets(lm, rows, z_layer, cfg)
-        t_targets = time.perf_counter() - t0
-
         params = dict(model.named_parameters())
         originals = {s.param_name: params[s.param_name].detach().clone() for s in sites}
         tensors: dict[str, torch.Tensor] = {}
@@ -609,7 +620,7 @@ class Memit(Editor):
                         delta_z = (targets.z - targets.z_init).double()[case_of.to(cur_z.device)]
                         goal = cur_z + delta_z * rows.per_context_scale
                     resid = (goal - cur_z) / (len(sites) - i)  # this layer's share of what is left
-                    upd = self.solve_update(lm, site.layer, keys[site.layer], resid)  # [H, inter] float64
+                    upd = self.solve_update(lm, site.layer, keys[site.layer], resid, batch)  # [H, inter] float64
                     p = params[site.param_name]
                     upd = (upd.T if site.transposed else upd).to(p.dtype)
                     p.add_(upd)  # the layers above see this edit when their keys are computed
@@ -622,12 +633,27 @@ class Memit(Editor):
                 for name, orig in originals.items():
                     params[name].copy_(orig)
             raise
+        return tensors
+
+    def _edit_batch(self, lm: LoadedModel, cases: list[EditCase], batch: EditBatch) -> EditResult:
+        cfg: MemitConfig = self.config  # type: ignore[assignment]
+        t0 = time.perf_counter()
+        model = lm.model
+        layers = resolve_layers(cfg, model)
+        for l_ in layers:  # key statistics first: their progress bar should not interrupt editing
+            self.covariance(lm, l_)
+        templates, rows = self.encode(lm, cases)
+
+        targets = self.compute_targets(lm, rows, layers[-1], cfg)  # step 1
+        t_targets = time.perf_counter() - t0
+        tensors = self.spread_updates(lm, rows, targets, layers, batch)  # steps 2-4
+
         delta = WeightDelta(
             tensors=tensors,
             meta={"method": self.name, "layers": layers, "cases": [c.case_id for c in cases], "config": cfg.to_dict()},
         )
         delta.apply(model)
-        info = self.after_edit(lm, rows, layers)
+        info = self.after_edit(lm, rows, layers, batch)
         diags = []
         for c, d in zip(cases, targets.diagnostics):
             diags.append(
