@@ -203,3 +203,23 @@ def test_per_batch_gate_state_restores_over_the_same_weights(tiny):
     gate.load_segments_state(state)
     assert all(len(g.segments.taus) == 2 for g in gate.gates)
     assert torch.equal(_logits(tiny, TEXT + " The capital of Tessaly is"), before)
+
+
+def test_per_batch_gate_rebuilt_from_the_chains_deltas_serves_as_the_live_one(tiny):
+    """A server or a new night rebuilds a version from the ledger's deltas: the per-batch
+    gate takes its changes from those links and answers as the process that applied them."""
+    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
+    links = [ed.edit(tiny, _cases()).delta.tensors, ed.edit(tiny, _more_cases()).delta.tensors]
+    gate = installed_gate(tiny)
+    text = TEXT + " The capital of Tessaly is"
+    live = _logits(tiny, text)
+    live_taus = {g.layer: list(g.segments.taus) for g in gate.gates}
+    for g in gate.gates:  # a fresh process: one merged change
+        g.segments, g.version = None, None
+    gate.refresh()
+    assert all(len(g.segments.taus) == 1 for g in gate.gates)
+    gate.load_links(links)
+    for g in gate.gates:
+        assert len(g.segments.taus) == 2
+        assert g.segments.taus == pytest.approx(live_taus[g.layer], rel=1e-4)
+    assert torch.allclose(_logits(tiny, text), live, atol=1e-4)
