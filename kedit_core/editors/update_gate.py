@@ -94,6 +94,15 @@ class _LayerGate:
                     self.tau = self.threshold(self.delta)
         self.version = stamp
 
+    def factor_link(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """One stored delta's change of this layer as (U*S, V, tau), or None if it has none."""
+        if self.param_name not in tensors:
+            return None
+        change = tensors[self.param_name].to(self.base.device, self.base.dtype)
+        change = (change.T if self.transposed else change).contiguous()
+        u, v = _low_rank(change)
+        return u, v, self.threshold(change)
+
     def threshold(self, delta: torch.Tensor) -> float:
         """tau for an update `delta` ([out, in]): its `quantile` on ordinary text, and never
         below what ordinary served chats hold (every request has the template)."""
@@ -217,11 +226,14 @@ class _Segments:
 
     def push(self, change: torch.Tensor, threshold: Callable[[torch.Tensor], float]) -> None:
         """Add one applied change ([out, in]) with the tau it has now."""
-        u, v = _low_rank(change)
+        self.add(*_low_rank(change), threshold(change))
+
+    def add(self, u: torch.Tensor, v: torch.Tensor, tau: float) -> None:
+        """Add one change given as factors (U*S [out, r], V [r, in]) and its tau."""
         self.us.append(u)
         self.vs.append(v)
-        self.taus.append(threshold(change))
-        self.total = change.clone() if self.total is None else self.total + change
+        self.taus.append(tau)
+        self.total = u @ v if self.total is None else self.total + u @ v
         self._stack = None
 
     def state(self) -> dict[str, Any]:
@@ -270,6 +282,7 @@ class EditGate:
     gates: list[_LayerGate] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     scope: Any = None  # edit_scope.EditScope of the editor that installed it; None: no routing
+    link_cache: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = field(default_factory=dict)
 
     def in_scope(self, questions: list[str]) -> list[bool | None]:
         """Per question, how it is routed (None for all when the gate has no scope)."""
@@ -290,20 +303,28 @@ class EditGate:
     def per_batch(self) -> bool:
         return any(g.per_batch for g in self.gates)
 
-    def load_links(self, links: list[dict[str, torch.Tensor]]) -> None:
-        """Per-batch gates: take each applied change from the version chain's deltas (in
-        chain order, each {parameter name: W_new - W_old}) rather than from what this
-        process saw applied, for a model rebuilt at a version. The weights must already be
-        base + those links."""
+    def load_links(self, links: list[tuple[str, Callable[[], dict[str, torch.Tensor]]]]) -> None:
+        """Per-batch gates: take each applied change from the version chain's deltas rather
+        than from what this process saw applied, for a model rebuilt at a version. `links`
+        in chain order, each (a key unique to the stored delta, a function reading its
+        {parameter name: W_new - W_old}); a link seen before is not read again (its factors
+        and taus are kept on the gate: a server moving along its chain factors each link
+        once). The weights must already be base + those links."""
+        if not self.per_batch:
+            return
+        for key, read in links:
+            if key not in self.link_cache:
+                tensors = read()
+                with torch.no_grad():
+                    self.link_cache[key] = {g.layer: g.factor_link(tensors) for g in self.gates if g.per_batch}
         for g in self.gates:
             if not g.per_batch:
                 continue
             g.version, g.segments = None, _Segments()
-            with torch.no_grad():
-                for link in links:
-                    if g.param_name in link:
-                        change = link[g.param_name].to(g.base.device, g.base.dtype)
-                        g.segments.push((change.T if g.transposed else change).contiguous(), g.threshold)
+            for key, _ in links:
+                part = self.link_cache[key].get(g.layer)
+                if part is not None:
+                    g.segments.add(*part)
             g.refresh()  # the summed update now; float rounding of the sum is not a new change
 
     def segments_state(self) -> dict[int, dict[str, Any]]:

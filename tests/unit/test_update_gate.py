@@ -218,7 +218,10 @@ def test_per_batch_gate_rebuilt_from_the_chains_deltas_serves_as_the_live_one(ti
         g.segments, g.version = None, None
     gate.refresh()
     assert all(len(g.segments.taus) == 1 for g in gate.gates)
-    gate.load_links(links)
+    reads = []
+    gate.load_links([(f"v{i}", lambda t=t, i=i: reads.append(i) or t) for i, t in enumerate(links)])
+    gate.load_links([(f"v{i}", lambda t=t, i=i: reads.append(i) or t) for i, t in enumerate(links)])
+    assert reads == [0, 1], "a link already factored was read again"
     for g in gate.gates:
         assert len(g.segments.taus) == 2
         assert g.segments.taus == pytest.approx(live_taus[g.layer], rel=1e-4)
