@@ -15,7 +15,7 @@ from typing import Any, Callable
 from kedit_core.answer import PromptRewriter, answer, model_summary
 from kedit_core.artifacts import delta_dir, file_sha256, load_editor_state, save_editor_state, state_path
 from kedit_core.editors.base import EDITORS, available_editors, get_editor
-from kedit_core.editors.update_gate import serve_as
+from kedit_core.editors.update_gate import installed_gate, serve_as
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, load_model
 from kedit_core.weights import ChainState, DeltaRef, UnknownParameters, WeightDelta, move_to_chain
@@ -99,8 +99,23 @@ def weight_editor_attach(chain: list[dict[str, Any]]) -> Callable[[LoadedModel],
         config = ledger.version_note(row).get("config")
         editor = get_editor(row["method"], config if isinstance(config, dict) else None)
         load_version_state(editor, row)  # the facts its edit scope routes by
-        return editor.attach
+        return _attach_with_links(editor, chain)
     return None
+
+
+def _attach_with_links(editor: Any, chain: list[dict[str, Any]]) -> Callable[[LoadedModel], None]:
+    """`editor.attach`, then, for a per-batch update gate, the chain's links as its changes
+    (each version's delta gated on its own; read only for links the gate has not factored)."""
+    links = [(f"v{row['version_id']}:{row.get('delta_sha256')}", lambda row=row: load_delta(row).tensors)
+             for row in chain[1:] if row.get("delta_path")]
+
+    def attach(lm: LoadedModel) -> None:
+        editor.attach(lm)
+        gate = installed_gate(lm)
+        if gate is not None and gate.per_batch:
+            gate.load_links(links)
+
+    return attach
 
 
 def load_version_state(editor: Any, row: dict[str, Any]) -> bool:

@@ -226,3 +226,29 @@ def test_per_batch_gate_rebuilt_from_the_chains_deltas_serves_as_the_live_one(ti
         assert len(g.segments.taus) == 2
         assert g.segments.taus == pytest.approx(live_taus[g.layer], rel=1e-4)
     assert torch.allclose(_logits(tiny, text), live, atol=1e-4)
+
+
+def test_a_version_rebuilt_from_the_ledger_gates_each_of_its_batches_on_its_own(tiny, tmp_path):
+    """The runtime and the server serve a version through `weight_editor_attach`: with a
+    per-batch gate in the version's config, the chain's stored deltas become its changes."""
+    from flows import runtime
+    from kedit_core.editors.update_gate import remove_gate
+
+    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
+    note = json.dumps({"config": ed.config.to_dict()}, default=str)
+    chain = [{"version_id": 1, "method": None, "delta_path": None, "delta_sha256": None, "note": None}]
+    for version, cases in ((2, _cases()), (3, _more_cases())):
+        path = tmp_path / f"v{version}.safetensors"
+        sha = ed.edit(tiny, cases).delta.save(path)
+        chain.append({"version_id": version, "method": "alphaedit", "delta_path": str(path), "delta_sha256": sha,
+                      "note": note, "batch_id": None, "base_fingerprint": tiny.fingerprint})
+    text = TEXT + " The capital of Ostrel is"
+    live = _logits(tiny, text)
+    live_taus = {g.layer: list(g.segments.taus) for g in installed_gate(tiny).gates}
+    remove_gate(tiny)  # as a new process finds it: the weights at version 3, no gate
+    runtime.weight_editor_attach(chain)(tiny)
+    gate = installed_gate(tiny)
+    assert gate is not None and gate.per_batch
+    for g in gate.gates:
+        assert g.segments.taus == pytest.approx(live_taus[g.layer], rel=1e-4)
+    assert torch.allclose(_logits(tiny, text), live, atol=1e-4)
