@@ -258,12 +258,7 @@ def _prepare_chat(state: ServingState, req: ChatRequest) -> Prepared:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
                 for m in req.messages]
     stop = _stops(req.stop)
-    held = state.acquire()
-    try:
-        input_ids, params = _chat_inputs(state, held, req, messages, stop)
-    except BaseException:
-        state.release(held)
-        raise
+    held, (input_ids, params) = _leased(state, lambda held: _chat_inputs(state, held, req, messages, stop))
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     base = {"id": rid, "created": created, "model": state.model_name, "system_fingerprint": held.tag}
     if req.stream:
@@ -292,6 +287,17 @@ def _prepare_chat(state: ServingState, req: ChatRequest) -> Prepared:
         return JSONResponse(body, headers=_headers_for(held))
 
     return run
+
+
+def _leased(state: ServingState, prepare: Callable[[Lease], Any]) -> tuple[Lease, Any]:
+    """Take a lease on the served copy and prepare the request on it; a request refused
+    while preparing gives the lease back (a held lease blocks the next version swap)."""
+    held = state.acquire()
+    try:
+        return held, prepare(held)
+    except BaseException:
+        state.release(held)
+        raise
 
 
 def _chat_inputs(state: ServingState, held: Lease, req: ChatRequest, messages: list[dict[str, str]],
@@ -326,12 +332,7 @@ def _prepare_completion(state: ServingState, req: CompletionRequest) -> Prepared
     if req.stream and len(prompts) > 1:
         raise ServingError("streaming takes one prompt", param="prompt", code="invalid_value")
     stop = _stops(req.stop)
-    held = state.acquire()
-    try:
-        encoded = _completion_inputs(state, held, req, prompts, stop)
-    except BaseException:
-        state.release(held)
-        raise
+    held, encoded = _leased(state, lambda held: _completion_inputs(state, held, req, prompts, stop))
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     base = {"id": rid, "created": created, "model": state.model_name, "system_fingerprint": held.tag}
     if req.stream:
