@@ -1,4 +1,5 @@
-"""`kedit export`: one ledger version's weights as a folder other tools load.
+"""`kedit export`: one ledger version's weights as a folder other tools load (the writing;
+`flows/export.py` reads the version from the ledger, rebuilds it and calls this module).
 
 What is written (into DIR, which appears whole or not at all: everything is built in a
 temporary folder beside it and renamed into place):
@@ -34,13 +35,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kedit_core.atomic import atomic_folder
 from kedit_core.errors import KeditError
 from kedit_core.model import EMBEDDED_SPEC, ByteTokenizer, LoadedModel
 
@@ -66,79 +65,10 @@ class ExportResult:
     relied_on: list[str] = field(default_factory=list)  # serving features the export lacks
 
 
-# --------------------------------------------------------------------------- entry point
-
-
-def export_version(
-    version_id: int,
-    out_dir: str | os.PathLike[str],
-    db: Any,
-    fmt: str = "hf",
-    force: bool = False,
-    spec: str | None = None,
-    lm: LoadedModel | None = None,
-    show_progress: bool = True,
-) -> ExportResult:
-    """Write ledger version `version_id` of `db` (a read-only handle) to `out_dir`.
-
-    The base model is the version's recorded `base_spec` unless `spec` names another
-    location of the same base (checked by fingerprint), or `lm` is an unedited loaded base
-    (tests: in-memory models); `lm` is given back unedited."""
-    from storage import ledger
-
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    out = Path(out_dir).expanduser()
-    _check_target(out, force, db)
-    row = ledger.get_version(db, version_id)
-    if row is None:
-        raise ExportError(f"model version {version_id} is not in the ledger {db.path} (see `kedit versions`)")
-    chain = ledger.version_chain(db, version_id)
-    if lm is None:
-        from kedit_core.model import load_model
-
-        lm = load_model(spec or chain[0]["base_spec"], show_progress=show_progress)
-    if fmt == "gguf":
-        _check_gguf_supported(lm)
-    deltas = _apply_chain(lm, db, version_id)
-    try:
-        info = describe_version(db, chain, lm)
-        with atomic_folder(out) as tmp:
-            if fmt == "hf":
-                files = _write_hf(lm, tmp)
-            else:
-                from kedit_core.export_gguf import write_gguf
-
-                files = write_gguf(lm, tmp / "model.gguf")
-            info["export"] = {
-                "format": fmt,
-                "files": files,
-                "exported": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "kedit_version": _kedit_version(),
-                "weights_checked": "every tensor of the written file(s) equals the rebuilt version's, bit for bit",
-            }
-            (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1, default=str) + "\n")
-            (tmp / CARD).write_text(model_card(info))
-    finally:
-        for delta in reversed(deltas):  # the caller's model goes back to its base, exactly
-            if not delta.is_empty:
-                delta.revert(lm.model)
-    return ExportResult(path=out, version_id=version_id, format=fmt, files=files, n_cases=info["n_cases"],
-                        chain=[int(r["version_id"]) for r in chain], relied_on=info["serving"]["not_carried"])
-
-
-def _apply_chain(lm: LoadedModel, db: Any, version_id: int) -> list:
-    """Bring the unedited `lm` to `version_id` (the runtime's exact rebuild; no gate is
-    attached: the export needs the weights only)."""
-    from flows.runtime import rebuild_version
-
-    return rebuild_version(lm, db, version_id)
-
-
 # --------------------------------------------------------------------------- the target folder
 
 
-def _check_target(out: Path, force: bool, db: Any) -> None:
+def check_target(out: Path, force: bool, db: Any) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file, not a folder: name a new or empty folder")
     if out.is_dir() and any(out.iterdir()):
@@ -162,7 +92,7 @@ def _check_target(out: Path, force: bool, db: Any) -> None:
 # --------------------------------------------------------------------------- Hugging Face folder
 
 
-def _write_hf(lm: LoadedModel, folder: Path) -> dict[str, str]:
+def write_hf(lm: LoadedModel, folder: Path) -> dict[str, str]:
     """config.json, generation_config.json, model.safetensors and the tokenizer files.
 
     Written directly rather than by `save_pretrained`: the embedded model's config still
@@ -244,76 +174,6 @@ def byte_level_tokenizer() -> Any:
 
 
 # --------------------------------------------------------------------------- what the version is
-
-
-def describe_version(db: Any, chain: list[dict[str, Any]], lm: LoadedModel) -> dict[str, Any]:
-    """Everything the model card states, from the ledger (read-only)."""
-    from storage import ledger
-
-    versions = []
-    for row in chain:
-        note = ledger.version_note(row)
-        versions.append({
-            "version_id": int(row["version_id"]),
-            "parent_id": None if row["parent_id"] is None else int(row["parent_id"]),
-            "status": row["status"],
-            "method": row["method"],
-            "batch_id": row["batch_id"],
-            "created": str(row["created"])[:19],
-            "n_cases": note.get("n_cases"),
-            "delta_sha256": row["delta_sha256"],
-            "weights_fingerprint": row["weights_fingerprint"],
-            "config": note.get("config") if isinstance(note.get("config"), dict) else None,
-        })
-    batch_ids = [v["batch_id"] for v in versions if v["batch_id"]]
-    cases = _applied_cases(db, batch_ids)
-    n_cases = sum(int(v["n_cases"] or 0) for v in versions[1:])
-    target = versions[-1]
-    return {
-        "version": target["version_id"],
-        "ledger": str(db.path),
-        "base": {"spec": chain[0]["base_spec"], "fingerprint": chain[0]["base_fingerprint"],
-                 "architecture": lm.arch, "n_params": sum(p.numel() for p in lm.model.parameters()),
-                 "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", "")},
-        "chain": versions,
-        "n_cases": n_cases,
-        "cases": cases,
-        "metrics": _metrics(db, [v["version_id"] for v in versions]),
-        "serving": serving_features(versions),
-    }
-
-
-def _applied_cases(db: Any, batch_ids: list[str]) -> list[dict[str, Any]]:
-    if not batch_ids:
-        return []
-    marks = ", ".join("?" for _ in batch_ids)
-    with db.connect(read_only=True) as con:
-        rows = con.execute(
-            f"SELECT case_id, batch_id, body FROM edit_cases WHERE status = 'applied' AND batch_id IN ({marks}) "
-            "ORDER BY created, case_id", batch_ids).fetchall()
-    out = []
-    for case_id, batch_id, body in rows:
-        try:
-            d = json.loads(body)
-        except ValueError:
-            d = {}
-        out.append({"case_id": case_id, "batch_id": batch_id, "subject": d.get("subject"),
-                    "relation": d.get("relation"), "question": d.get("question") or d.get("prompt"),
-                    "target_new": d.get("target_new"), "target_old": d.get("target_old")})
-    return out
-
-
-def _metrics(db: Any, version_ids: list[int]) -> dict[str, dict[str, float | None]]:
-    """{metric: {version id: the latest value recorded with that version}}."""
-    marks = ", ".join("?" for _ in version_ids)
-    with db.connect(read_only=True) as con:
-        rows = con.execute(
-            f"SELECT metric, version_id, value FROM metrics WHERE version_id IN ({marks}) ORDER BY created",
-            version_ids).fetchall()
-    out: dict[str, dict[str, float | None]] = {}
-    for metric, vid, value in rows:
-        out.setdefault(metric, {})[str(vid)] = value
-    return out
 
 
 def serving_features(versions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -475,13 +335,13 @@ def _md(text: Any) -> str:
     return " ".join(str(text or "").split()).replace("|", "\\|")
 
 
-def _check_gguf_supported(lm: LoadedModel) -> None:
+def check_gguf_supported(lm: LoadedModel) -> None:
     from kedit_core.export_gguf import check_supported
 
     check_supported(lm)
 
 
-def _kedit_version() -> str:
+def kedit_version() -> str:
     import importlib.metadata
 
     try:

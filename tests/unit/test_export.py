@@ -1,4 +1,4 @@
-"""`kedit export` (kedit_core/export.py): a ledger version written as a standard Hugging Face
+"""`kedit export` (flows/export.py, kedit_core/export.py): a ledger version written as a standard Hugging Face
 folder (and GGUF) holds the version's weights bit for bit, reloads with plain transformers,
 carries a model card saying what it contains and what kedit's serving adds, and never
 touches the ledger (issue 21, point 3)."""
@@ -16,7 +16,7 @@ from gatekit import single_thread  # noqa: F401  (autouse fixture)
 from flows.runtime import delta_dir, open_live_model
 from kedit_core.editors import get_editor
 from kedit_core.errors import KeditError
-from kedit_core.export import export_version
+from flows.export import export_version
 from kedit_core.model import ByteTokenizer, fingerprint_model, tiny_model
 from kedit_core.types import EditCase
 from storage import ledger
