@@ -185,7 +185,8 @@ def test_an_unreadable_model_fails_with_a_clear_message():
 
 # The modules of the editing path: each imports the model anatomy at top level.
 MODULES = ["kedit_core.anatomy", "kedit_core.routing", "kedit_core.keystats", "kedit_core.editors.update_gate",
-           "kedit_core.editors.base", "kedit_core.editors.memit", "kedit_core.editors.alphaedit", "kedit_core.editors.finetune",
+           "kedit_core.editors.base", "kedit_core.editors.memit", "kedit_core.editors.memit_rows",
+           "kedit_core.editors.memit_speedups", "kedit_core.editors.alphaedit", "kedit_core.editors.finetune",
            "kedit_core.answer", "kedit_core.serving"]
 
 
@@ -196,7 +197,8 @@ def test_each_module_imports_alone(module):
 
 
 EDIT_PATH = ["kedit_core/keystats.py", "kedit_core/editors/update_gate.py", "kedit_core/editors/base.py",
-             "kedit_core/editors/memit.py", "kedit_core/editors/alphaedit.py", "kedit_core/editors/finetune.py",
+             "kedit_core/editors/memit.py", "kedit_core/editors/memit_rows.py",
+             "kedit_core/editors/memit_speedups.py", "kedit_core/editors/alphaedit.py", "kedit_core/editors/finetune.py",
              "kedit_core/answer.py", "kedit_core/serving/versions.py", "kedit_core/serving/generation.py",
              "kedit_core/serving/app.py"]
 # what used to be imported inside functions to dodge the cycles memit -> keystats/update_gate -> memit and
