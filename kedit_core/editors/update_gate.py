@@ -27,6 +27,11 @@ GRACE, T-Patcher route or threshold on activations); this form of it, a threshol
 closed-form update's own output, is kedit's, chosen by measurement (docs/editing.md,
 "The update gate").
 
+Per-batch mode (`update_gate_per_batch`, opt-in; `_Segments`; docs/editing.md "Each batch
+gated on its own"): each applied change of a layer is gated on its own with the tau it got
+when applied, so the gate is a function of the version chain (each link's delta), not of
+the summed weights alone; a rebuilt version gets its links through `EditGate.load_links`.
+
 Where the base weights come from: the model's own weight files (read tensor by tensor;
 exact, whatever version is live), or for in-memory test models a snapshot taken when
 they were built (`LoadedModel.base_tensor`).
@@ -271,6 +276,7 @@ class _Segments:
         gate.seen += small.numel()
         keep = small[:, owner].reshape(z.shape).to(dt)  # [..., R]: directions of the blocked changes
         return (z * keep) @ u_all.to(dt).T
+
 
 @dataclass
 class EditGate:
