@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from kedit_core.atomic import atomic_folder, atomic_write_text
+from kedit_core.device import resolve as resolve_device_dtype
 from kedit_core.errors import KeditError
 from kedit_core.home import kedit_home  # noqa: F401  (importable from here, as before)
 
@@ -60,6 +61,10 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     @property
     def arch(self) -> str:
@@ -254,17 +259,20 @@ def resolve_model_dir(spec: str | None, show_progress: bool = True) -> Path:
 
 def load_model(
     spec: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     show_progress: bool = True,
 ) -> LoadedModel:
-    """Load a causal LM for editing and serving, in eval mode, with its fingerprint."""
+    """Load a causal LM for editing and serving, in eval mode, with its fingerprint.
+
+    `device` / `dtype`: names or torch objects; None reads KEDIT_DEVICE / KEDIT_DTYPE, else
+    cpu / float32 (`kedit_core/device.py`, which refuses a device this machine lacks). The
+    fingerprint covers the dtype, so a bfloat16 load is its own base in the ledger."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device, dtype = resolve_device_dtype(device, dtype)
     if spec in TINY_SPECS:  # test models, built in memory (flows are tested on these)
-        lm = tiny_model(TINY_SPECS[spec])
-        lm.model.to(device)
-        return lm
+        return tiny_model(TINY_SPECS[spec], device=device, dtype=dtype)
     model_dir = resolve_model_dir(spec, show_progress=show_progress)
     _silence_transformers_progress()
     try:
@@ -275,7 +283,7 @@ def load_model(
     model.to(device)
     model.eval()
     _prepare_tokenizer(tokenizer)
-    fp = fingerprint_cached(model, model_dir)
+    fp = fingerprint_cached(model, model_dir, dtype)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -286,16 +294,20 @@ def load_model(
     )
 
 
-def fingerprint_cached(model: Any, model_dir: Path) -> str:
-    """Fingerprint a model loaded from `model_dir`, memoised beside the weights by mtime+size.
+def fingerprint_cached(model: Any, model_dir: Path, dtype: torch.dtype = torch.float32) -> str:
+    """Fingerprint a model loaded from `model_dir` in `dtype`, memoised beside the weights by
+    mtime+size.
 
     The memo is only a speed-up: it is keyed by the weight files' size and mtime, so a
-    changed file is hashed afresh.
+    changed file is hashed afresh, and by the dtype the weights were loaded in (a bfloat16
+    load hashes to another fingerprint than the float32 one).
     """
     weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
     stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]
     memo = kedit_home() / "fingerprints.json"
     key = str(model_dir.resolve())
+    if dtype != torch.float32:  # float32 keeps the key memos written before dtypes existed
+        key += f"#{str(dtype).removeprefix('torch.')}"
     try:
         known = json.loads(memo.read_text())
     except (OSError, ValueError):
@@ -325,11 +337,13 @@ def _prepare_tokenizer(tokenizer: Any) -> None:
 # --------------------------------------------------------------------------- tiny models
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int | None = None, **overrides: Any) -> LoadedModel:
+def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **overrides: Any) -> LoadedModel:
     """A tiny randomly initialised model for unit tests (no files, no downloads).
 
     The tokenizer is a byte-level stand-in built in memory (see `ByteTokenizer`), so tests
-    can use real text with any architecture.
+    can use real text with any architecture. Built in float32 from the seed, then moved to
+    `device` and cast to `dtype` (the fingerprint and base snapshot are of the cast weights).
     """
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -367,13 +381,14 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int | None = None
         model = GPT2LMHeadModel(cfg)
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; use 'llama' or 'gpt2'")
+    model.to(device=device, dtype=dtype)
     model.eval()
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         spec=f"tiny-{arch}",
         fingerprint=fingerprint_model(model),
-        info={"n_params": sum(p.numel() for p in model.parameters()), "dtype": "torch.float32"},
+        info={"n_params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype)},
         base_snapshot={n: p.detach().clone() for n, p in model.named_parameters()},
     )
 
