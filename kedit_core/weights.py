@@ -89,13 +89,20 @@ class WeightDelta:
 
     @torch.no_grad()
     def apply(self, model: torch.nn.Module) -> None:
-        """Add the delta in place, keeping exact copies of the touched tensors for `revert`."""
+        """Add the delta in place, keeping exact copies of the touched tensors for `revert`.
+
+        The delta's tensors are first cast to their parameters' dtype (what `add_delta` adds
+        anyway), so a delta saved after it was applied stores exactly the tensors that were
+        added, in the model's dtype: a bfloat16 model's deltas are bfloat16, and replaying
+        them from the ledger gives the served weights bit for bit."""
         if self._saved is not None:
             raise RuntimeError("delta is already applied to a model; revert it first")
         params = dict(model.named_parameters())
         missing = _check_names(params, self.tensors)
         if missing:
             raise KeyError(f"delta names parameters the model does not have: {missing}")
+        if any(t.dtype != params[n].dtype for n, t in self.tensors.items()):
+            self.tensors = {n: t.to(dtype=params[n].dtype) for n, t in self.tensors.items()}
         self._saved = {n: params[n].detach().clone() for n in sorted(self.tensors)}
         add_delta(params, self.tensors)
 

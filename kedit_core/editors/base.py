@@ -26,10 +26,12 @@ __all__ = ["EDITORS", "CaseDiagnostics", "EditResult", "Editor", "EditorConfig",
 
 @dataclass
 class EditorConfig:
-    """Settings shared by every method; each method subclasses this with its own."""
+    """Settings shared by every method; each method subclasses this with its own.
+
+    There is no device setting: an editor works where the model it edits is (`lm.device`,
+    set with `--device` / KEDIT_DEVICE when the model is loaded), in the model's dtype."""
 
     method: ClassVar[str] = "base"
-    device: str = "cpu"
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -38,7 +40,12 @@ class EditorConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EditorConfig:
         names = {f.name for f in fields(cls)}
-        unknown = set(d) - names - {"method"}
+        # "device": configs saved before the setting was removed carry device="cpu" (it was
+        # never read); any other value asks for something editors do not do
+        if d.get("device", "cpu") != "cpu":
+            raise ValueError(f"{cls.__name__}: device is not an editor setting: an editor edits the model where "
+                             "it is loaded (--device / KEDIT_DEVICE)")
+        unknown = set(d) - names - {"method", "device"}
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown settings {sorted(unknown)}; known: {sorted(names)}")
         return cls(**{k: v for k, v in d.items() if k in names})

@@ -289,7 +289,7 @@ class LTEEditor(RAGEditor):
         cfg = self.config
         # max_seconds is part of the key: a time-bounded (shorter) alignment must never be
         # reused by a run that asked for a longer one
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ("k", "threshold", "memory_name", "device")}
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ("k", "threshold", "memory_name")}
         h = hashlib.sha256()
         h.update(lm.fingerprint.encode())
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())

@@ -35,6 +35,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kedit_core.anatomy import StopForward, decoder_layers, stop_after
+from kedit_core.device import autocast_bf16
 from kedit_core.editors.memit_rows import EditRows
 from kedit_core.model import LoadedModel, kv_cache_kwargs, kv_cache_of
 
@@ -126,6 +127,9 @@ class UpperLayers:
 
     @torch.no_grad()
     def __init__(self, lm: LoadedModel, rows: EditRows, z_layer: int, bf16: bool) -> None:
+        # The bfloat16 autocast is a float32 model's speed-up only (a bfloat16 model runs in it
+        # anyway; a float16 model's activations must not be cast to another half type).
+        bf16 = autocast_bf16(lm.device, lm.dtype, bf16)
         self.model, self.device, self.rows, self.z_layer, self.bf16 = lm.model, lm.device, rows, z_layer, bf16
         self.body, self.head = lm.model.base_model, lm.model.get_output_embeddings()
         device, body = self.device, self.body
@@ -193,7 +197,7 @@ class UpperLayers:
         def output_fn():
             return h_sub.index_put(
                 (torch.arange(len(sub), device=device), torch.zeros(len(sub), dtype=torch.long, device=device)),
-                delta[cases_sub],
+                delta[cases_sub].to(h_sub.dtype),  # a float32 delta into a half-precision model's stream
                 accumulate=True,
             )
 

@@ -92,8 +92,10 @@ class _LayerGate:
                 if self.per_batch:
                     if self.segments is None:
                         self.segments = _Segments()
-                    # float32 W + dW rounds each entry by <= half an ulp of W: ~1e-7 |W|
-                    self.segments.account(self.delta, self.threshold, rounding=1e-6 * float(w.detach().norm()))
+                    # float32 W + dW rounds each entry by <= half an ulp of W: ~1e-7 |W| (1e-6 leaves
+                    # room); a bfloat16 / float16 weight by half its own epsilon
+                    rel = max(1e-6, 0.5 * torch.finfo(w.dtype).eps)
+                    self.segments.account(self.delta, self.threshold, rounding=rel * float(w.detach().norm()))
                     self.tau = self.segments.taus[-1] if self.segments.taus else 0.0
                 else:
                     self.tau = self.threshold(self.delta)
@@ -111,10 +113,12 @@ class _LayerGate:
     def threshold(self, delta: torch.Tensor) -> float:
         """tau for an update `delta` ([out, in]): its `quantile` on ordinary text, and never
         below what ordinary served chats hold (every request has the template)."""
-        norms = (self.keys.to(delta.dtype) @ delta.T).norm(dim=-1)
+        dt = _at_least_float32(delta.dtype)  # a half-precision model's tau is measured in float32
+        delta = delta.to(dt)
+        norms = (self.keys.to(dt) @ delta.T).norm(dim=-1)
         tau = float(torch.quantile(norms.float(), self.quantile))
         if self.served_keys is not None and self.served_keys.numel():
-            served = (self.served_keys.to(delta.dtype) @ delta.T).norm(dim=-1).float()
+            served = (self.served_keys.to(dt) @ delta.T).norm(dim=-1).float()
             tau = max(tau, float(served.max() if self.served_quantile >= 1.0
                                  else torch.quantile(served, self.served_quantile)))
         return tau
@@ -136,6 +140,11 @@ class _LayerGate:
         return out - d * small.to(d.dtype)
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for a half-precision weight (bfloat16, float16), else the weight's own type."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _low_rank(change: torch.Tensor, rel: float = 1e-6, sketch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """`change` [out, in] as U*S [out, r] times V [r, in] (V's rows orthonormal), keeping the
     singular values above `rel` of the largest, in float64.
@@ -145,7 +154,10 @@ def _low_rank(change: torch.Tensor, rel: float = 1e-6, sketch: int = 64) -> tupl
     576 x 1536 layer here (14 ms against 125 ms, alone on the cores), which matters when a
     rebuilt version factors every link of its chain. Where the sketch misses more than `rel`
     of the change (rank above it), the full SVD is taken. (The sketch's own generator, not
-    torch's global one, so serving and sampling see the same random stream as without it.)"""
+    torch's global one, so serving and sampling see the same random stream as without it.)
+    The factors come back in the change's dtype, at least float32 (a bfloat16 model's
+    factors would otherwise lose most of their digits before the gate sums them)."""
+    out = _at_least_float32(change.dtype)
     c = change.double()
     if min(c.shape) > 2 * sketch:
         gen = torch.Generator(device=c.device).manual_seed(0)
@@ -154,9 +166,9 @@ def _low_rank(change: torch.Tensor, rel: float = 1e-6, sketch: int = 64) -> tupl
         small = q.T @ c
         if float((c - q @ small).norm()) <= rel * float(c.norm()):
             u_s, v = _factors(small, rel)
-            return (q @ u_s).to(change.dtype), v.to(change.dtype).contiguous()
+            return (q @ u_s).to(out), v.to(out).contiguous()
     u_s, v = _factors(c, rel)
-    return u_s.to(change.dtype), v.to(change.dtype).contiguous()
+    return u_s.to(out), v.to(out).contiguous()
 
 
 def _factors(c: torch.Tensor, rel: float) -> tuple[torch.Tensor, torch.Tensor]:
