@@ -107,12 +107,15 @@ def write_output(path: Path, run_id: str, data: str, limit: int | None, batch_si
 
 def run_comparison(plan: list[tuple[str, str]], settings: list[str], data: str, limit: int | None = None,
                    batch_size: int = 10, model: str = "smollm2", per_batch: bool = False, greedy: bool = True,
-                   output: Path | None = None, lock_wait_s: float | None = None) -> dict[str, Any]:
+                   output: Path | None = None, lock_wait_s: float | None = None, device: str | None = None,
+                   dtype: str | None = None) -> dict[str, Any]:
     """The comparison behind `kedit compare` and the kedit-compare-methods flow (one code path,
     so a scheduled comparison is the one the CLI runs): `plan` as from `parse_methods`,
     `settings` as `--set METHOD.key=value`. Returns the run id, status, rows (one per method)
     and whether the base weights were restored after the last method. Holds the ledger's
-    writer lock throughout (waiting `lock_wait_s`, default KEDIT_LOCK_WAIT_S or 0)."""
+    writer lock throughout (waiting `lock_wait_s`, default KEDIT_LOCK_WAIT_S or 0). `device` /
+    `dtype`: where the model runs (default KEDIT_DEVICE / KEDIT_DTYPE, else cpu / float32)."""
+    from kedit_core.device import resolve
     from kedit_core.editor_settings import editor_from_settings
     from flows.settings import PipelineSettings
     from kedit_core.errors import KeditError
@@ -121,6 +124,7 @@ def run_comparison(plan: list[tuple[str, str]], settings: list[str], data: str, 
 
     if batch_size < 1:
         raise KeditError(f"--batch-size must be >= 1, got {batch_size}")
+    resolve(device, dtype)  # a missing device stops the run before any work, in one line
     per_method = split_settings(list(settings), [lbl for lbl, _ in plan])
     editors = {}
     for label, method in plan:  # configuration errors stop the run before any work
@@ -128,10 +132,12 @@ def run_comparison(plan: list[tuple[str, str]], settings: list[str], data: str, 
     db = open_db()
     wait = PipelineSettings.from_env().lock_wait_s if lock_wait_s is None else lock_wait_s
     with ledger_lock(db.path, "compare", wait_s=wait):
-        return _compare_locked(plan, editors, db, data, limit, batch_size, model, per_batch, greedy, output)
+        return _compare_locked(plan, editors, db, data, limit, batch_size, model, per_batch, greedy, output,
+                               (device, dtype))
 
 
-def _compare_locked(plan, editors, db, data, limit, batch_size, model, per_batch, greedy, output) -> dict[str, Any]:
+def _compare_locked(plan, editors, db, data, limit, batch_size, model, per_batch, greedy, output,
+                    placement=(None, None)) -> dict[str, Any]:
     from connectors.benchmarks import ReadReport, read_dataset
     from kedit_core.errors import KeditError
     from kedit_core.model import fingerprint_model, load_model
@@ -141,17 +147,19 @@ def _compare_locked(plan, editors, db, data, limit, batch_size, model, per_batch
     cases = read_dataset(data, limit=limit, report=report)
     if not cases:
         raise KeditError(f"{data}: no usable cases")
-    lm = load_model(model)
+    device, dtype = placement
+    lm = load_model(model, device=device, dtype=dtype)
     base_fp = lm.fingerprint
     run_id = f"compare-{uuid.uuid4().hex[:8]}"
     methods = ",".join(lbl if lbl == m else f"{lbl}={m}" for lbl, m in plan)
     start_run(db, run_id, "compare", {"methods": methods, "data": data, "limit": limit, "batch_size": batch_size,
-                                      "configs": {lbl: e.config.to_dict() for lbl, e in editors.items()}}, base_fp)
+                                      "configs": {lbl: e.config.to_dict() for lbl, e in editors.items()},
+                                      "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")}, base_fp)
     rows: list[dict[str, Any]] = []
     try:
         with _sigterm_as_interrupt():
             status, lm = _run_methods(plan, editors, cases, lm, model, base_fp, db, run_id, batch_size, per_batch,
-                                      greedy, output, data, limit, rows)
+                                      greedy, output, data, limit, rows, placement)
     except BaseException:
         finish_run(db, run_id, "interrupted")
         raise
@@ -184,7 +192,7 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 
 
 def _run_methods(plan, editors, cases, lm, model, base_fp, db, run_id, batch_size, per_batch, greedy, output, data,
-                 limit, rows) -> tuple[str, Any]:
+                 limit, rows, placement=(None, None)) -> tuple[str, Any]:
     """Each method in turn from the same base weights; returns the run's status and the model."""
     from kedit_core.model import fingerprint_model, load_model
     from kedit_core.stream import run_stream
@@ -196,7 +204,7 @@ def _run_methods(plan, editors, cases, lm, model, base_fp, db, run_id, batch_siz
         print(f"== {label} ({method}): {len(cases)} edits in batches of {batch_size}", file=sys.stderr, flush=True)
         if fingerprint_model(lm.model) != base_fp:  # never compare from a drifted model
             log.warning("model differs from the base before %s: reloading", label)
-            lm = load_model(model)
+            lm = load_model(model, device=placement[0], dtype=placement[1])
 
         def on_batch(rec, label=label) -> None:
             values = {**rec.metrics, "seconds": rec.seconds}

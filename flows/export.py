@@ -41,12 +41,16 @@ def export_version(
     spec: str | None = None,
     lm: LoadedModel | None = None,
     show_progress: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> ExportResult:
     """Write ledger version `version_id` of `db` (a read-only handle) to `out_dir`.
 
     The base model is the version's recorded `base_spec` unless `spec` names another
     location of the same base (checked by fingerprint), or `lm` is an unedited loaded base
-    (tests: in-memory models); `lm` is given back unedited."""
+    (tests: in-memory models); `lm` is given back unedited. `device` / `dtype`: how the base
+    is loaded (the dtype must be the one the version was edited in: it is part of the base's
+    fingerprint)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     out = Path(out_dir).expanduser()
@@ -58,7 +62,7 @@ def export_version(
     if lm is None:
         from kedit_core.model import load_model
 
-        lm = load_model(spec or chain[0]["base_spec"], show_progress=show_progress)
+        lm = load_model(spec or chain[0]["base_spec"], device=device, dtype=dtype, show_progress=show_progress)
     if fmt == "gguf":
         check_gguf_supported(lm)
     deltas = _apply_chain(lm, db, version_id)

@@ -214,17 +214,22 @@ def compare_methods(
     model: str = "smollm2",
     settings: list[str] | None = None,
     greedy: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """`kedit compare` as a flow: one stream of edits (e.g. "zsre:data/benchmarks/zsre_mend_train_1k.json")
     through several editors, each from the same base, in one ledger run (so the drift report
-    shows them side by side); metrics per batch go to DuckDB. `settings`: METHOD.key=value."""
-    return compare_task(stream, methods, limit, batch_size, model, settings, greedy)
+    shows them side by side); metrics per batch go to DuckDB. `settings`: METHOD.key=value.
+    `device` / `dtype`: default KEDIT_DEVICE / KEDIT_DTYPE, else cpu / float32."""
+    return compare_task(stream, methods, limit, batch_size, model, settings, greedy, device, dtype)
 
 
 @task(name="compare-methods")
 def compare_task(stream: str, methods: list[str], limit: int, batch_size: int, model: str,
-                 settings: list[str] | None, greedy: bool) -> dict[str, Any]:
-    result = steps.compare(stream, methods, limit, batch_size, model, settings=settings, greedy=greedy)
+                 settings: list[str] | None, greedy: bool, device: str | None = None,
+                 dtype: str | None = None) -> dict[str, Any]:
+    result = steps.compare(stream, methods, limit, batch_size, model, settings=settings, greedy=greedy,
+                           device=device, dtype=dtype)
     get_run_logger().info("compare run %s: %s", result["run_id"], result["status"])
     return result
 

@@ -163,7 +163,8 @@ def checked_chain(db: Database, version_id: int, base_fingerprint: str) -> list[
     if chain[0]["base_fingerprint"] != base_fingerprint:
         raise VersionError(
             f"version {version_id} belongs to base {chain[0]['base_fingerprint'][:12]}, "
-            f"not the loaded model {base_fingerprint[:12]}"
+            f"not the loaded model {base_fingerprint[:12]} (the fingerprint covers the weights' dtype: "
+            "load the base with the --dtype it was edited in)"
         )
     return chain
 
@@ -186,18 +187,23 @@ def open_live_model(
     spec: str | None = "smollm2",
     version: int | None = None,
     db: Database | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     lm: LoadedModel | None = None,
     read_only: bool = False,
+    dtype: str | None = None,
 ) -> LiveModel:
     """Load the base model and bring it to the live version (or `version`).
+
+    `device` / `dtype` (names; default KEDIT_DEVICE / KEDIT_DTYPE, else cpu / float32): where
+    the base is loaded and its weights' type. The ledger knows a base by its fingerprint,
+    which covers the dtype: a bfloat16 load has its own version chain.
 
     A writer (the pipeline, the server) records the base as version 0 of its chain the first
     time it sees it. `read_only=True` (`kedit ask`, `kedit model info`) writes nothing: `db`
     is a read-only handle or None (no ledger yet), and a base the ledger has never seen is
     answered as the unedited base with no version number."""
     if read_only:
-        lm = lm or load_model(spec, device=device, show_progress=True)
+        lm = lm or load_model(spec, device=device, dtype=dtype, show_progress=True)
         row = ledger.live_version(db, lm.fingerprint) if db is not None else None
         if row is None:
             if version is not None:
@@ -207,7 +213,7 @@ def open_live_model(
         base_id = int(ledger.version_chain(db, int(row["version_id"]))[0]["version_id"])
     else:
         db = db or open_db()
-        lm = lm or load_model(spec, device=device, show_progress=True)
+        lm = lm or load_model(spec, device=device, dtype=dtype, show_progress=True)
         base_id = ledger.ensure_base_version(db, lm.fingerprint, lm.spec)
         row = ledger.live_version(db, lm.fingerprint)
     if version is None:

@@ -12,6 +12,9 @@ WIKIDATA_API = "https://www.wikidata.org/w/api.php"
 @dataclass
 class PipelineSettings:
     model: str = "smollm2"
+    # Where the model runs and its weights' type (KEDIT_DEVICE / KEDIT_DTYPE; kedit_core/device.py)
+    device: str = "cpu"
+    dtype: str = "float32"
     method: str = "alphaedit"
     batch_size: int = 10
     # Wikidata
@@ -68,9 +71,13 @@ class PipelineSettings:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        from kedit_core.device import check_names
         from kedit_core.filters import parse_follow
 
         parse_follow(self.follow)  # a bad scope fails here, in one line, before anything runs
+        # unknown names fail here too; whether the device is present is checked where the
+        # model loads (a scheduler may build settings for a worker on another machine)
+        self.device, self.dtype = check_names(self.device, self.dtype)
 
     def wikidata_client(self) -> Any:
         """The Wikidata client these settings describe (endpoint, etiquette, limits)."""

@@ -31,10 +31,10 @@ def db() -> Database:
 
 def live_model(settings: PipelineSettings) -> LiveModel:
     database = db()
-    key = (settings.model, str(database.path))
+    key = (settings.model, str(database.path), settings.device, settings.dtype)
     live = _LIVE.get(key)
     if live is None:
-        live = open_live_model(settings.model, db=database)
+        live = open_live_model(settings.model, db=database, device=settings.device, dtype=settings.dtype)
         _LIVE[key] = live
     return live
 
@@ -415,14 +415,15 @@ def write_report(since: datetime | None = None, html: str | None = None) -> dict
 
 
 def compare(stream: str, methods: list[str], limit: int | None, batch_size: int, model: str,
-            settings: list[str] | None = None, greedy: bool = True) -> dict[str, Any]:
+            settings: list[str] | None = None, greedy: bool = True, device: str | None = None,
+            dtype: str | None = None) -> dict[str, Any]:
     """`kedit compare` as a step: one ledger run, every method from the same base. `methods`
     entries may be `label=method`, `settings` are `METHOD.key=value`, as on the command line.
     Returns per method its final metrics (or its error), not the full rows."""
     from flows.comparison import parse_methods, run_comparison
 
     result = run_comparison(parse_methods(",".join(methods)), settings or [], stream, limit=limit,
-                            batch_size=batch_size, model=model, greedy=greedy)
+                            batch_size=batch_size, model=model, greedy=greedy, device=device, dtype=dtype)
     methods_out = {r["label"]: ({"error": r["error"]} if r.get("error") else
                                 {"metrics": r["metrics"], "seconds_per_edit": r["seconds_per_edit"]})
                    for r in result["rows"]}

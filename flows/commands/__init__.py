@@ -3,3 +3,17 @@
 MODEL_HELP = "Model: 'smollm2' (embedded default) or a local Hugging Face model directory."
 DB_HELP = "Ledger file (default: KEDIT_HOME/kedit.duckdb)."
 WAIT_HELP = "Seconds to wait for another run that holds the ledger (default: fail at once, naming it)."
+
+
+def _placement_options():
+    """`--device` and `--dtype`, defined once and shared by every command that loads a model
+    (None: KEDIT_DEVICE / KEDIT_DTYPE, else cpu / float32; checked in kedit_core/device.py)."""
+    import typer
+
+    from kedit_core.device import DEVICE_HELP, DTYPE_HELP
+
+    return (typer.Option(None, "--device", help=DEVICE_HELP, show_default=False),
+            typer.Option(None, "--dtype", help=DTYPE_HELP, show_default=False))
+
+
+DEVICE_OPTION, DTYPE_OPTION = _placement_options()

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.commands import MODEL_HELP, WAIT_HELP
+from flows.commands import DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP, WAIT_HELP
 from flows.comparison import format_table, parse_methods, run_comparison
 
 
@@ -25,10 +25,13 @@ def register(app: typer.Typer) -> None:
         output: Optional[Path] = typer.Option(None, "--output", help="Also write all results as JSON here."),
         markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown."),
         wait: float = typer.Option(0.0, "--wait", help=WAIT_HELP),
+        device: Optional[str] = DEVICE_OPTION,
+        dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """Run the same edit stream through several methods and compare them side by side."""
         result = run_comparison(parse_methods(methods), settings, data, limit=limit, batch_size=batch_size,
-                                model=model, per_batch=per_batch, greedy=greedy, output=output, lock_wait_s=wait)
+                                model=model, per_batch=per_batch, greedy=greedy, output=output, lock_wait_s=wait,
+                                device=device, dtype=dtype)
         typer.echo(format_table(result["rows"], markdown=markdown))
         typer.echo(f"run {result['run_id']}: {result['cases']} cases from {data}, batch size {batch_size}, model {model} "
                    f"({result['fingerprint'][:12]}); base restored after the last method: {result['restored']}; "

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.commands import MODEL_HELP
+from flows.commands import DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP
 from kedit_core.editor_settings import editor_from_settings
 
 
@@ -27,13 +27,17 @@ def register(app: typer.Typer) -> None:
         per_batch: bool = typer.Option(False, "--per-batch", help="Also score all edits so far after every batch."),
         greedy: bool = typer.Option(True, "--greedy/--no-greedy", help="Also report greedy exact match."),
         record: bool = typer.Option(True, "--record/--no-record", help="Write metrics to the DuckDB ledger."),
+        device: Optional[str] = DEVICE_OPTION,
+        dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """Edit a benchmark stream in batches on one model and print the metrics as JSON."""
         from connectors.benchmarks import ReadReport, read_dataset
+        from kedit_core.device import resolve
         from kedit_core.errors import KeditError
         from kedit_core.model import load_model
         from kedit_core.stream import run_stream
 
+        resolve(device, dtype)  # a missing device is one line before the data is read
         if batch_size < 1:
             raise KeditError(f"--batch-size must be >= 1, got {batch_size}")
         editor = editor_from_settings(method, settings)
@@ -41,7 +45,7 @@ def register(app: typer.Typer) -> None:
         cases = read_dataset(data, limit=limit, report=report)
         if not cases:
             raise KeditError(f"{data}: no usable cases")
-        lm = load_model(model)
+        lm = load_model(model, device=device, dtype=dtype)
         run_id = f"evaluate-{method}-{uuid.uuid4().hex[:8]}"
         db = None
         if record:
@@ -71,6 +75,8 @@ def register(app: typer.Typer) -> None:
             "method": method,
             "data": data,
             "model": model,
+            "device": str(lm.device),
+            "dtype": str(lm.dtype).removeprefix("torch."),
             "fingerprint": result.fingerprint,
             "n_cases": result.n_cases,
             "skipped_records": len(report.skipped),

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from flows.commands import DB_HELP
+from flows.commands import DB_HELP, DEVICE_OPTION, DTYPE_OPTION
 
 
 def register(app: typer.Typer) -> None:
@@ -19,13 +19,15 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = typer.Option(None, "--model", "-m",
                                             help="Where the base model is (default: the spec the ledger recorded for it; checked by fingerprint)."),
         db_path: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
+        device: Optional[str] = DEVICE_OPTION,
+        dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """Write a version's weights (base + its deltas, bit for bit) with a model card; the ledger is only read."""
         from flows.export import export_version
         from storage.db import open_db
 
         db = open_db(db_path, create=False)  # read-only: an export never writes the ledger
-        res = export_version(version, out_dir, db, fmt=fmt.lower(), force=force, spec=model)
+        res = export_version(version, out_dir, db, fmt=fmt.lower(), force=force, spec=model, device=device, dtype=dtype)
         typer.echo(f"exported version {res.version_id} (chain {' -> '.join(map(str, res.chain))}, "
                    f"{res.n_cases} edit cases) to {res.path} [{res.format}]")
         for name, sha in res.files.items():

@@ -6,19 +6,23 @@ from typing import Optional
 
 import typer
 
-from flows.commands import MODEL_HELP
+from flows.commands import DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP
 
 
 def register(app: typer.Typer) -> None:
     model_app = typer.Typer(help="Inspect and prepare the model kedit edits.", no_args_is_help=True)
 
     @model_app.command("info")
-    def info(model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP)) -> None:
+    def info(
+        model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
+        device: Optional[str] = DEVICE_OPTION,
+        dtype: Optional[str] = DTYPE_OPTION,
+    ) -> None:
         """What is loaded: architecture, size, fingerprint, cache path, live version."""
         from flows.runtime import open_live_model
         from storage.db import open_if_exists
 
-        live = open_live_model(model, db=open_if_exists(), read_only=True)
+        live = open_live_model(model, db=open_if_exists(), read_only=True, device=device, dtype=dtype)
         summary = live.summary()
         for key, value in summary.items():
             typer.echo(f"{key:>20}: {value}")
@@ -41,6 +45,8 @@ def register(app: typer.Typer) -> None:
         server: Optional[str] = typer.Option(None, "--server", help="Ask a running `kedit serve` at this URL instead."),
         max_new_tokens: int = typer.Option(48, help="Longest answer in tokens."),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON object with the version used."),
+        device: Optional[str] = DEVICE_OPTION,
+        dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """Greedy answer from the current model version (or a given one)."""
         if server:
@@ -50,10 +56,12 @@ def register(app: typer.Typer) -> None:
             typer.echo(text)
             return
         from flows.runtime import open_live_model
+        from kedit_core.device import resolve
         from kedit_core.errors import KeditError
         from storage import ledger
         from storage.db import default_db_path, open_if_exists
 
+        resolve(device, dtype)
         db = open_if_exists()
         if version is not None and db is None:
             raise KeditError(f"model version {version}: there is no ledger at {default_db_path(create=False)} "
@@ -63,7 +71,7 @@ def register(app: typer.Typer) -> None:
             known = [int(v["version_id"]) for v in ledger.list_versions(db)]
             raise KeditError(f"model version {version} is not in the ledger {db.path} "
                              f"(it has {_ranges(known) if known else 'no versions'}; see kedit versions)")
-        live = open_live_model(model, version=version, db=db, read_only=True)
+        live = open_live_model(model, version=version, db=db, read_only=True, device=device, dtype=dtype)
         text = live.answer(question, max_new_tokens=max_new_tokens)
         if as_json:
             typer.echo(json.dumps({"answer": text, "version": live.version_id, "fingerprint": live.lm.fingerprint}))

@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from flows.commands import WAIT_HELP
+from flows.commands import DEVICE_OPTION, DTYPE_OPTION, WAIT_HELP
 
 SET_HELP = "Editor setting KEY=VALUE (repeatable), as for `kedit evaluate`, e.g. --set v_steps=50."
 
@@ -20,6 +20,17 @@ def _utc(value: Optional[datetime]) -> Optional[datetime]:
 
 def _settings_overrides(**kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _placement(device: Optional[str], dtype: Optional[str]) -> dict[str, str]:
+    """`--device` / `--dtype` as pipeline settings, checked now (this machine must have the
+    device), so a missing GPU is one line before a night's ingest rather than after it."""
+    from flows.settings import PipelineSettings
+    from kedit_core.device import resolve
+
+    s = PipelineSettings.from_env(**_settings_overrides(device=device, dtype=dtype))
+    resolve(s.device, s.dtype)
+    return {"device": s.device, "dtype": s.dtype}
 
 
 def editor_overrides(method: Optional[str], pairs: List[str]) -> Optional[dict[str, Any]]:
@@ -49,13 +60,15 @@ def register(app: typer.Typer) -> None:
         html: Optional[str] = typer.Option(None, help="Where to write the HTML drift report."),
         settings: List[str] = typer.Option([], "--set", help=SET_HELP),
         wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
+        device: Optional[str] = DEVICE_OPTION,
+        dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """Run the nightly update once: ingest, build cases, edit in gated batches, report."""
         from flows.pipelines import nightly_update
 
         overrides = editor_overrides(method, settings)
         pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, server_url=server,
-                                       editor_overrides=overrides, lock_wait_s=wait)
+                                       editor_overrides=overrides, lock_wait_s=wait, **_placement(device, dtype))
         with _ledger_held("nightly", pipeline):  # refused here, in one line, before Prefect starts a run
             summary = nightly_update(window_end=_utc(window_end), window_hours=window_hours, settings=pipeline,
                                      report_html=html)
@@ -79,6 +92,8 @@ def register(app: typer.Typer) -> None:
         endpoint: Optional[str] = typer.Option(None),
         settings: List[str] = typer.Option([], "--set", help=SET_HELP),
         wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
+        device: Optional[str] = DEVICE_OPTION,
+        dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """Backfill historical Wikidata edits by date range, a chunk at a time (resumable).
 
@@ -90,7 +105,7 @@ def register(app: typer.Typer) -> None:
 
         overrides = editor_overrides(method, settings)
         pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, editor_overrides=overrides,
-                                       lock_wait_s=wait)
+                                       lock_wait_s=wait, **_placement(device, dtype))
         item_list = [i.strip() for i in items.split(",") if i.strip()] if items else None
         # A backfill that cannot work is refused here, in one line, before Prefect starts a run.
         steps.check_backfill(PipelineSettings.from_env(**pipeline), _utc(start), _utc(end), source, dump, item_list)
@@ -128,6 +143,8 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option("alphaedit", help="Editing method."),
         settings: List[str] = typer.Option([], "--set", help=SET_HELP),
         wait: float = typer.Option(0.0, "--wait", help=WAIT_HELP),
+        device: Optional[str] = DEVICE_OPTION,
+        dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """The main job: the nightly flow night by night on a recorded Wikidata week, on the embedded model.
 
@@ -137,7 +154,7 @@ def register(app: typer.Typer) -> None:
         from flows.demo import run_demo
 
         run_demo(model=model, method=method, echo=typer.echo, editor_settings=editor_overrides(method, settings),
-                 pipeline_settings={"lock_wait_s": wait})
+                 pipeline_settings={"lock_wait_s": wait, **_placement(device, dtype)})
 
 
 def deployments(cron: str) -> list:

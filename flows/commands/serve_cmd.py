@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from flows.commands import MODEL_HELP
+from flows.commands import DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP
 from flows.runtime import delta_refs, load_version_state, weight_editor_attach
 from kedit_core.answer import PromptRewriter
 from kedit_core.artifacts import state_path
@@ -232,15 +232,19 @@ def register(app: typer.Typer) -> None:
         max_body_bytes: int = typer.Option(MAX_BODY_BYTES, help="Largest request body; a larger one is refused (413)."),
         max_pending: int = typer.Option(MAX_PENDING, help="Generation requests in flight or queued at most; "
                                                           "one more is answered 429 with Retry-After."),
+        device: Optional[str] = DEVICE_OPTION,
+        dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """Serve the live model version with the OpenAI API shape (hot swaps via the admin API)."""
         import uvicorn
 
         from kedit_core.atomic import clean_kedit_home
+        from kedit_core.device import resolve
         from kedit_core.model import load_model
         from kedit_core.serving import check_admin_binding, check_inference_binding, create_app
         from storage.db import open_db
 
+        resolve(device, dtype)  # a missing device is one line before anything else
         token = os.environ.get(ADMIN_TOKEN_ENV) or None
         check_admin_binding(host, token, admin_enabled=not no_admin)
         if no_api_key and api_key:
@@ -252,7 +256,7 @@ def register(app: typer.Typer) -> None:
             log.warning("admin API disabled: set %s to enable version loading and rollback", ADMIN_TOKEN_ENV)
         db = open_db()
         clean_kedit_home(db.path.parent)  # temp files of writes a killed process left behind
-        lm = load_model(model, show_progress=True)
+        lm = load_model(model, device=device, dtype=dtype, show_progress=True)
         state = build_serving_state(lm, db, version, max_tokens_limit=max_tokens_limit)
         log.info("serving %s version %s (%s) on http://%s:%d/v1", state.model_name, state.version_id,
                  state.tag, host, port)
@@ -265,6 +269,8 @@ def register(app: typer.Typer) -> None:
         server: Optional[str] = typer.Option(None, "--server", help="Audit the weights a running server holds."),
         model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
         version: Optional[list[int]] = typer.Option(None, "--version", help="Only these versions (local audit)."),
+        device: Optional[str] = DEVICE_OPTION,
+        dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """Check served or stored weights against the ledger; exit 1 on any unexplained change."""
         from kedit_core.model import load_model
@@ -275,9 +281,11 @@ def register(app: typer.Typer) -> None:
             from connectors.served import ServedModelClient
 
             findings = audit_server(ServedModelClient(server), db,
-                                    rebuild_model=lambda spec: load_model(spec, show_progress=False))
+                                    rebuild_model=lambda spec: load_model(spec, device=device, dtype=dtype,
+                                                                          show_progress=False))
         else:
-            findings = audit_ledger(load_model(model, show_progress=True), db, version or None)
+            findings = audit_ledger(load_model(model, device=device, dtype=dtype, show_progress=True), db,
+                                    version or None)
         for f in findings:
             typer.echo(f.line())
         problems = [f for f in findings if f.is_problem]

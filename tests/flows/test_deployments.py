@@ -24,7 +24,8 @@ ZSRE = DATA / "benchmarks" / "zsre_mend_train_1k.json"
 EXPECTED = {  # deployment -> (flow function, parameters callers pass by name)
     "nightly": (pipelines.nightly_update, ["window_end", "window_hours", "settings", "report_html"]),
     "backfill": (pipelines.backfill, ["start", "end", "chunk_hours", "source", "dump_path", "items", "settings"]),
-    "compare": (pipelines.compare_methods, ["stream", "methods", "limit", "batch_size", "model", "settings", "greedy"]),
+    "compare": (pipelines.compare_methods, ["stream", "methods", "limit", "batch_size", "model", "settings", "greedy",
+                                            "device", "dtype"]),
     "report": (pipelines.drift_report, ["since", "html"]),
 }
 
