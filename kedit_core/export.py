@@ -4,9 +4,10 @@
 What is written (into DIR, which appears whole or not at all: everything is built in a
 temporary folder beside it and renamed into place):
 - `--format hf` (default): a standard Hugging Face directory, `config.json`,
-  `generation_config.json`, `model.safetensors` (float32, the dtype kedit edits in) and the
-  tokenizer files, loadable with `AutoModelForCausalLM.from_pretrained(DIR)` and
-  `AutoTokenizer.from_pretrained(DIR)`, no custom code;
+  `generation_config.json`, `model.safetensors` (in the dtype the base was loaded in:
+  float32 unless `--dtype`) and the tokenizer files, loadable with
+  `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`, no
+  custom code;
 - `--format gguf`: `model.gguf` (F32 tensors, llama.cpp's tensor names and Q/K layout, the
   tokenizer and chat template in its metadata), for llama-architecture models (the
   embedded SmolLM2 is one);
@@ -111,6 +112,7 @@ def write_hf(lm: LoadedModel, folder: Path) -> dict[str, str]:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.architectures = [type(model).__name__]
+    config.dtype = next(model.parameters()).dtype  # what the tensors are (bfloat16 for a --dtype bfloat16 base)
     config.save_pretrained(str(folder))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(folder))

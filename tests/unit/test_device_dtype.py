@@ -245,6 +245,16 @@ def test_a_bfloat16_version_rebuilds_from_the_ledger_bit_for_bit_and_is_served(d
     with pytest.raises(VersionError, match="dtype"):  # a float32 load is another base
         open_live_model("tiny-llama", db=db, device=device, dtype="float32", version=vid)
 
+    from flows.export import export_version
+    from storage.db import open_db
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "export"  # `kedit export --dtype bfloat16`: the version's bf16 weights as they are served
+    export_version(vid, out, open_db(db.path, create=False), lm=load_model("tiny-llama", device=device, dtype="bfloat16"),
+                   show_progress=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype="auto").state_dict()
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, expected[n].cpu()) for n, t in reloaded.items())
+
     state = build_serving_state(load_model("tiny-llama", device=device, dtype="bfloat16"), db, version=vid,
                                 max_tokens_limit=16)
     with BackgroundServer(create_app(state, None)) as srv:
