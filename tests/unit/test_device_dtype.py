@@ -144,6 +144,22 @@ def test_cli_reads_kedit_device_and_kedit_dtype(capsys, monkeypatch):
     assert code == 2 and "'cuda'" in one_error_line(err)
 
 
+def test_cli_evaluate_runs_and_scores_in_bfloat16(capsys, tmp_path):
+    from tests.conftest import DATA
+
+    out = tmp_path / "result.json"
+    code, _, err = kedit(capsys, "evaluate", "--method", "alphaedit", "--data",
+                         f"zsre:{DATA / 'benchmarks' / 'zsre_mend_train_1k.json'}", "--limit", "2", "--batch-size", "2",
+                         "-m", "tiny-llama", "--no-greedy", "--no-record", "--output", out, "--dtype", "bfloat16",
+                         "--set", "layers=1,2", "--set", "keystats_samples=400", "--set", "v_steps=2",
+                         "--set", "update_gate_positions=400")
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert (data["device"], data["dtype"]) == ("cpu", "bfloat16")
+    assert data["fingerprint"] == load_model("tiny-llama", dtype="bfloat16").fingerprint
+    assert 0.0 <= data["metrics"]["efficacy_acc"] <= 1.0
+
+
 def test_pipeline_settings_carry_device_and_dtype(monkeypatch):
     from flows import steps
     from flows.settings import PipelineSettings
