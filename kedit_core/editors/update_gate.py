@@ -45,6 +45,7 @@ from typing import Any, Callable
 import torch
 
 from kedit_core.anatomy import edit_site
+from kedit_core.errors import KeditError
 from kedit_core.keystats import chat_keys, generic_keys
 from kedit_core.model import LoadedModel
 from kedit_core.routing import GATE_ATTR, ROUTE, installed_gate, routed
@@ -92,10 +93,8 @@ class _LayerGate:
                 if self.per_batch:
                     if self.segments is None:
                         self.segments = _Segments()
-                    # float32 W + dW rounds each entry by <= half an ulp of W: ~1e-7 |W| (1e-6 leaves
-                    # room); a bfloat16 / float16 weight by half its own epsilon
-                    rel = max(1e-6, 0.5 * torch.finfo(w.dtype).eps)
-                    self.segments.account(self.delta, self.threshold, rounding=rel * float(w.detach().norm()))
+                    # float32 W + dW rounds each entry by <= half an ulp of W: ~1e-7 |W|
+                    self.segments.account(self.delta, self.threshold, rounding=1e-6 * float(w.detach().norm()))
                     self.tau = self.segments.taus[-1] if self.segments.taus else 0.0
                 else:
                     self.tau = self.threshold(self.delta)
@@ -154,10 +153,7 @@ def _low_rank(change: torch.Tensor, rel: float = 1e-6, sketch: int = 64) -> tupl
     576 x 1536 layer here (14 ms against 125 ms, alone on the cores), which matters when a
     rebuilt version factors every link of its chain. Where the sketch misses more than `rel`
     of the change (rank above it), the full SVD is taken. (The sketch's own generator, not
-    torch's global one, so serving and sampling see the same random stream as without it.)
-    The factors come back in the change's dtype, at least float32 (a bfloat16 model's
-    factors would otherwise lose most of their digits before the gate sums them)."""
-    out = _at_least_float32(change.dtype)
+    torch's global one, so serving and sampling see the same random stream as without it.)"""
     c = change.double()
     if min(c.shape) > 2 * sketch:
         gen = torch.Generator(device=c.device).manual_seed(0)
@@ -166,9 +162,9 @@ def _low_rank(change: torch.Tensor, rel: float = 1e-6, sketch: int = 64) -> tupl
         small = q.T @ c
         if float((c - q @ small).norm()) <= rel * float(c.norm()):
             u_s, v = _factors(small, rel)
-            return (q @ u_s).to(out), v.to(out).contiguous()
+            return (q @ u_s).to(change.dtype), v.to(change.dtype).contiguous()
     u_s, v = _factors(c, rel)
-    return u_s.to(out), v.to(out).contiguous()
+    return u_s.to(change.dtype), v.to(change.dtype).contiguous()
 
 
 def _factors(c: torch.Tensor, rel: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,6 +385,14 @@ def install_gate(
     its chat template), so unrelated questions users ask see the unedited layers."""
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"gate quantile must be between 0 and 1, got {quantile}")
+    dtype = lm.dtype
+    if per_batch and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
+        # Each batch's change is read off the weights, and a half-precision W + dW rounds by
+        # up to half an ulp of W per entry: on a bfloat16 model that is as large as a batch's
+        # whole update (on a tiny Llama one batch's update lost a quarter of its norm to it),
+        # so changes could not be told from rounding, nor a rebuilt gate's from the live one's.
+        raise KeditError(f"update_gate_per_batch needs float32 weights; this model is {str(dtype).removeprefix('torch.')} "
+                         "(load it with --dtype float32, or edit with --set update_gate_per_batch=false)")
     source = (corpus, positions, samples, served_chats, served_quantile, per_batch)
     current = installed_gate(lm)
     if current is not None and (current.quantile, current.layers, current.source) == (quantile, sorted(layers), source):

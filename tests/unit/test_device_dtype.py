@@ -280,3 +280,15 @@ def test_a_bfloat16_version_rebuilds_from_the_ledger_bit_for_bit_and_is_served(d
     body = resp.json()
     assert body["system_fingerprint"] == version_tag(vid, fp)  # the served weights are the ledger's, bit for bit
     assert isinstance(body["choices"][0]["message"]["content"], str)
+
+
+def test_the_per_batch_update_gate_is_refused_on_a_bfloat16_model_in_one_line():
+    """bfloat16 rounding of W + dW is as large as a batch's change, so the per-batch gate
+    (which reads each change off the weights) cannot work there; the summed gate does."""
+    from kedit_core.errors import KeditError
+
+    lm = load_model("tiny-llama", dtype="bfloat16")
+    before = _state(lm)
+    with pytest.raises(KeditError, match="update_gate_per_batch needs float32 weights; this model is bfloat16"):
+        get_editor("alphaedit", {**FAST, "update_gate_per_batch": True}).edit(lm, _cases())
+    assert _same(lm, before)
