@@ -60,7 +60,7 @@ def main() -> None:
             curve = d.loss_curve
             marks = " ".join(f"{curve[i]:.2f}" for i in range(0, len(curve), 10))
             print(f"  {d.case_id:>10} steps {d.steps:3d} converged {str(d.extra.get('converged')):5} "
-                  f"final nll {d.extra.get('final_nll') or 0:.3f} loss every 10 steps {marks} end {curve[-1]:.3f}")
+                  f"final nll {d.extra.get('final_nll') or 0:.3f} |d|/|h| {(d.delta_norm or 0) / (d.extra.get('init_norm') or 1):.2f} loss every 10 steps {marks} end {curve[-1]:.3f}")
     n = args.batches * args.batch_size
     print(f"{n} edits: {total / n:.2f} s per edit ({60 * n / total:.1f} per minute), "
           f"mean steps {statistics.mean(steps_all):.1f}")

@@ -21,8 +21,12 @@ full forward/backward, using what does NOT depend on delta:
   (subject's last token, rest of the prompt, answer) - about 3x fewer tokens per step on
   zsRE;
 - the vocabulary projection is computed only at the answer positions and the KL position;
-- `bf16=True` runs that upper-layer forward/backward under bfloat16 autocast (~2x faster on
-  CPUs with AVX512-BF16); the closed-form solve always stays in float64.
+- rows run in two passes of similar length where that saves more padding than a pass
+  costs (`by_width`): a batch's chat rows are about three times as long as its other rows;
+- `bf16=True` holds the weights in bfloat16 for the optimisation (`weights_in`; the float32
+  tensors are put back untouched), so the upper-layer forward/backward runs in bfloat16 on
+  CPUs with AVX512-BF16 (~1.9x faster steps than float32); the closed-form solve always stays
+  in float64.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kedit_core.anatomy import StopForward, decoder_layers, stop_after
@@ -69,6 +74,31 @@ class _Replay(torch.nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         out = self.fn(hidden_states)
         return (out,) if self.as_tuple else out
+
+
+@contextmanager
+def weights_in(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """The model's float32 parameters held in `dtype` for the duration (None: unchanged), the
+    float32 tensors themselves put back on exit (bit-exact, nothing is rounded twice).
+
+    Why not autocast: it re-casts every weight and activation around every matmul of every
+    step, and keeps the residual stream in float32; with the weights in bfloat16 the whole
+    upper-layer forward/backward runs in bfloat16 (~18% faster steps on the embedded model,
+    docs/editing.md, twelfth round). Tied parameters (the embedding and the head) are one
+    Parameter and are swapped once."""
+    if dtype is None:
+        yield
+        return
+    saved: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+    try:
+        for p in model.parameters():
+            if p.dtype == torch.float32 and id(p) not in saved:
+                saved[id(p)] = (p, p.data)
+                p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, original in saved.values():
+            p.data = original
 
 
 @contextmanager
@@ -126,11 +156,12 @@ class UpperLayers:
     optimisation step."""
 
     @torch.no_grad()
-    def __init__(self, lm: LoadedModel, rows: EditRows, z_layer: int, bf16: bool) -> None:
-        # The bfloat16 autocast is a float32 model's speed-up only (a bfloat16 model runs in it
-        # anyway; a float16 model's activations must not be cast to another half type).
+    def __init__(self, lm: LoadedModel, rows: EditRows, z_layer: int, bf16: bool, pass_cost: float = 60.0) -> None:
+        # bfloat16 steps are a float32 model's speed-up only (a bfloat16 model's weights are
+        # in it already; a float16 model's must not be mixed with another half type).
         bf16 = autocast_bf16(lm.device, lm.dtype, bf16)
         self.model, self.device, self.rows, self.z_layer, self.bf16 = lm.model, lm.device, rows, z_layer, bf16
+        self.pass_cost = pass_cost
         self.body, self.head = lm.model.base_model, lm.model.get_output_embeddings()
         device, body = self.device, self.body
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -139,10 +170,10 @@ class UpperLayers:
         S = al.split
         self.prefix_cache = None
         if S > 0:
-            # Under the steps' autocast the cache comes out in bfloat16, like the keys and
-            # values each step appends to it: a float32 cache was promoted (copied) in every
-            # layer of every step, and copied whole per step at twice the size.
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            # In the steps' dtype (`weights_in`): a float32 cache was promoted (copied) in
+            # every layer of every step, and copied whole per step at twice the size; and the
+            # steps' attention needs its keys and values in its own dtype.
+            with weights_in(self.model, torch.bfloat16 if bf16 else None):
                 self.prefix_cache = kv_cache_of(body(
                     input_ids=self.ids[:, :S], attention_mask=self.att[:, :S], position_ids=self.pos[:, :S], use_cache=True
                 ))
@@ -173,45 +204,69 @@ class UpperLayers:
         """Gradients for delta only, attention on its plain math kernel: for these few short
         rows the CPU flash-attention backward cost 15x its forward, a quarter of each step
         (math: ~20% faster steps on the embedded model, docs/editing.md, eighth round)."""
-        with frozen_weights(self.model), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+        with frozen_weights(self.model), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), \
+                weights_in(self.model, torch.bfloat16 if self.bf16 else None):
             yield
 
     def run(self, delta: torch.Tensor, live: torch.Tensor) -> UpperOutput:
         """Rows of the `live` cases ([n] bool), `delta[c]` ([n, H]) added to case c's rows,
-        trimmed to their longest suffix, through the layers above L."""
+        through the layers above L, in up to two passes of rows of similar length (`by_width`)."""
         rows, device, al = self.rows, self.device, self.aligned
-        S, R = al.split, self.ids.shape[0]
+        R = self.ids.shape[0]
         live_rows = live[rows.case_of_row]
         sub = live_rows.nonzero()[:, 0]
-        width = int(al.suffix_len[sub].max())
         remap = torch.full((R,), -1, dtype=torch.long)  # row -> its index among the live rows
         remap[sub] = torch.arange(len(sub))
-        sub_d = sub.to(device)
-        h_sub = self.cached[sub_d, :width]
-        cases_sub = self.case_of_row[sub_d]
+        lengths = al.suffix_len[sub]
+        width = int(lengths.max())
+        parts = [(part, self._pass(sub[part].to(device), int(lengths[part].max()), delta))
+                 for part in by_width(lengths, self.pass_cost)]
+        if len(parts) == 1:
+            hidden = parts[0][1]
+        else:  # stitched back in live-row order, padded to the widest part
+            hidden = torch.cat([F.pad(h, (0, 0, 0, width - h.shape[1])) for _, h in parts])
+            order = torch.cat([part for part, _ in parts])
+            hidden = hidden[torch.argsort(order).to(device)]
+        return UpperOutput(self, hidden, live, live_rows, remap)
+
+    def _pass(self, rows_d: torch.Tensor, width: int, delta: torch.Tensor) -> torch.Tensor:
+        """These rows' suffix columns (up to `width`) through the layers above L: [len, width, H]."""
+        device, S = self.device, self.aligned.split
+        h = self.cached[rows_d, :width]
+        cases = self.case_of_row[rows_d]
         cache = None
         if self.prefix_cache is not None:
-            cache = copy.deepcopy(self.prefix_cache)  # each step appends the suffix to its own copy
-            cache.batch_select_indices(sub_d)
+            cache = copy.deepcopy(self.prefix_cache)  # each pass appends its suffix to its own copy
+            cache.batch_select_indices(rows_d)
+        step_dtype = self.head.weight.dtype  # bfloat16 inside `optimising` when `bf16`
 
         def output_fn():
-            return h_sub.index_put(
-                (torch.arange(len(sub), device=device), torch.zeros(len(sub), dtype=torch.long, device=device)),
-                delta[cases_sub].to(h_sub.dtype),  # a float32 delta into a half-precision model's stream
-                accumulate=True,
-            )
+            first = (torch.arange(len(rows_d), device=device), torch.zeros(len(rows_d), dtype=torch.long, device=device))
+            return h.index_put(first, delta[cases].to(h.dtype), accumulate=True).to(step_dtype)
 
-        with replaying_below(self.model, self.z_layer, output_fn, self.as_tuple), torch.autocast(
-            device_type=device.type, dtype=torch.bfloat16, enabled=self.bf16
-        ):
-            hidden = self.body(
-                input_ids=self.ids[sub_d, S : S + width],
-                attention_mask=self.att[sub_d, : S + width],
-                position_ids=self.pos[sub_d, S : S + width],
+        with replaying_below(self.model, self.z_layer, output_fn, self.as_tuple):
+            return self.body(
+                input_ids=self.ids[rows_d, S : S + width],
+                attention_mask=self.att[rows_d, : S + width],
+                position_ids=self.pos[rows_d, S : S + width],
                 **kv_cache_kwargs(self.body, cache),
                 use_cache=cache is not None,
             ).last_hidden_state
-        return UpperOutput(self, hidden, live, live_rows, remap)
+
+
+def by_width(lengths: torch.Tensor, pass_cost: float) -> list[torch.Tensor]:
+    """The rows (indices into `lengths`) in one pass, or in two of similar length where that
+    saves more padded positions than a pass costs (`pass_cost`, in positions). Rows of a batch
+    differ by kind: the chat rows are about three times as long as the bare prompts and the
+    "{subject} is a" rows, so one pass spent about half its positions on padding."""
+    order = torch.argsort(lengths, stable=True)
+    ls = lengths[order].tolist()
+    n, best, split = len(ls), float(len(ls) * ls[-1]), 0
+    for k in range(1, n):
+        cost = k * ls[k - 1] + (n - k) * ls[-1] + pass_cost
+        if cost < best:
+            best, split = cost, k
+    return [torch.arange(n)] if split == 0 else [order[:split], order[split:]]
 
 
 @dataclass
