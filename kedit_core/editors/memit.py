@@ -81,7 +81,7 @@ class MemitConfig(EditorConfig):
     mom2_update_weight: float = 1500.0  # lambda: weight of the key covariance (preservation)
     keystats_samples: int = 20000  # token positions for the key second moment (docs/editing.md)
     keystats_corpus: str | None = None  # text file; None = shipped corpus + model samples
-    bf16: bool = True  # bfloat16 autocast for the target optimisation only
+    bf16: bool = True  # target optimisation with the weights in bfloat16 (memit_speedups.weights_in); the solve stays float64
     per_template_keys: bool = False  # fit every context template's key, not only their mean
     prompt_variants: tuple[str, ...] = ()  # extra rewordings optimised alongside the templates (memit_rows.PROMPT_VARIANTS)
     # Cases of one batch with the same subject share one delta. Wikidata revisions often
