@@ -7,7 +7,7 @@ forward pass of the whole model every step (every layer, vocabulary logits at ev
 position, gradients for all weights), then applies the same closed-form update. The
 batched path shares one forward/backward per step across the batch, runs the layers below
 the edited ones once, computes logits only at answer positions, takes no weight gradients,
-and (by default) uses bfloat16 autocast for the target optimisation.
+and (by default) holds the weights in bfloat16 for the target optimisation.
 
     nice -n 5 python benchmarks/bench_editors.py --cases 50 --baseline-cases 5
 """

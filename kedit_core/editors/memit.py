@@ -27,7 +27,7 @@ The idea in four steps, for a batch of edits "subject -> new answer":
 
 Speed on CPU: step 1 runs all cases of a batch in one forward/backward per step, and per
 step only the layers above L over the tokens from the subject's last token on, with no
-weight gradients and optional bfloat16 autocast (`memit_speedups.py`: what each trick
+weight gradients and the weights in bfloat16 (`memit_speedups.py`: what each trick
 skips and why the skipped work cannot depend on delta). How cases and their contexts
 become token rows (prompt variants, the KL row, answer positions): `memit_rows.py`.
 
