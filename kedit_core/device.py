@@ -7,8 +7,11 @@ is a `DeviceError`: one line for the CLI (no traceback), naming what is missing.
 
 Only the model's weights and activations take the dtype. Editors keep their numerics:
 key statistics and the closed-form solves run in float64, MEMIT's target vectors are
-optimised in float32, and each update is rounded to the weight's dtype once, when it is
-added (`kedit_core/weights.py`), so what the ledger stores replays bit for bit.
+float32 tensors, and each update is rounded to the weight's dtype once, when it is added
+(`kedit_core/weights.py`), so what the ledger stores replays bit for bit. On a bfloat16
+model part of a small update is lost to that rounding (the served weights are what the
+ledger replays, exactly); the per-batch update gate, which reads each batch's change off
+the weights, is refused there.
 """
 from __future__ import annotations
 
@@ -104,7 +107,8 @@ def resolve(device: str | torch.device | None = None,
 
 
 def autocast_bf16(device: torch.device, model_dtype: torch.dtype, wanted: bool) -> bool:
-    """Whether an optional bfloat16 autocast (an editor's `bf16` speed-up) should be on:
-    only for a float32 model. A bfloat16 model already runs in bfloat16, and casting a
-    float16 model's activations to bfloat16 would mix the two types."""
+    """Whether an editor's optional bfloat16 speed-up (MEMIT's `bf16`: its target steps with
+    the weights held in bfloat16; the key-statistics sampling's autocast) should be on: only
+    for a float32 model. A bfloat16 model already runs in bfloat16, and casting a float16
+    model's weights or activations to bfloat16 would mix the two half types."""
     return bool(wanted) and model_dtype == torch.float32 and device.type in ("cpu", "cuda")
