@@ -104,7 +104,7 @@ def run_demo(
         if last.get("report", {}).get("summary"):
             echo(last["report"]["summary"])
         _show_history(echo)
-        _show_answers(model, echo)
+        _show_answers(settings, echo)
         _show_quarantine(echo)
     echo(f"\ndrift report: {last['report']['html']}")
     echo(f"demo finished in {time.perf_counter() - t0:.0f} s")
@@ -171,7 +171,7 @@ def _show_history(echo: Callable[[str], Any]) -> None:
         echo(f"  {subject}, {rows[0]['case'].question or rows[0]['case'].prompt}  {first} -> {steps_}")
 
 
-def _show_answers(model: str, echo: Callable[[str], Any]) -> None:
+def _show_answers(settings: dict[str, Any], echo: Callable[[str], Any]) -> None:
     """What a user of `kedit serve` now reads: the question of each fact the week edited, at
     its current value, asked in chat to the live model (chat template, greedy, up to 48
     tokens), and whether the reply states that value (kedit_core/served_answers.py, the
@@ -185,7 +185,7 @@ def _show_answers(model: str, echo: Callable[[str], Any]) -> None:
     cases = list(current.values())
     if not cases:
         return
-    live = steps.live_model(PipelineSettings(model=model))
+    live = steps.live_model(PipelineSettings.from_env(**settings))  # the nights' model: same spec, device, dtype
     questions = [c.question or c.prompt for c in cases]
     replies = answer_many(live.lm, questions, rewriter=live.rewriter)
     stated = [states_answer(r, *case_forms(c)) for c, r in zip(cases, replies)]
