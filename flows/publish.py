@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,14 +99,17 @@ def publish_version(
     with ledger_lock(root / "kedit-publish", kind="publish", wait_s=60.0):
         state = _read_manifest(root)
         folder = root / VERSIONS / f"v{version_id}"
-        same = state.get("version_id") == version_id and state.get("format") == fmt and (folder / EXPORT_INFO).exists()
-        if not same:
+        # a version folder is only ever written whole (export_version's atomic folder), so one
+        # with its export record in this format is that version: not exported twice
+        there = _exported_format(folder) == fmt
+        same = there and state.get("version_id") == version_id and state.get("format") == fmt
+        if not there:
             (root / VERSIONS).mkdir(exist_ok=True)
             export_version(version_id, folder, db, fmt=fmt, force=True, spec=spec, lm=lm,
                            show_progress=show_progress, device=device, dtype=dtype)
         link = root / name
         _point(link, Path(VERSIONS) / folder.name)
-        result = PublishResult(version_id, folder, link, exported=not same)
+        result = PublishResult(version_id, folder, link, exported=not there)
         # an engine that took this version already is not told again; one that did not is
         targets = {"llama_server": llama_server, "command": command}
         took = {k: v for k, v in state.get("notified", {}).items()
@@ -134,6 +138,13 @@ def _live_version(db: Any) -> int:
     return int(live[0]["version_id"])
 
 
+def _exported_format(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / EXPORT_INFO).read_text())["export"]["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _weights_file(folder: Path, fmt: str) -> Path:
     return folder / "model.gguf" if fmt == "gguf" else folder
 
@@ -150,19 +161,45 @@ def _point(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
-def _reload_llama_server(url: str, name: str) -> str:
+def _reload_llama_server(url: str, name: str, wait_s: float = 300.0) -> str:
     """Ask a llama.cpp router to drop its instance of `name` and start a new one from the
-    file the link now points to. Returns "ok" or the error, in one line."""
+    file the link now points to, and wait until it runs. Returns "ok" or the error, in one
+    line. The router unloads in the background (a load right after the unload is refused
+    with "model is already running"), so each step waits for the status it asked for."""
     base = url.rstrip("/")
     try:
         # unloading a model that is not loaded is refused with 400: nothing to drop
         requests.post(f"{base}/models/unload", json={"model": name}, timeout=60)
-        reply = requests.post(f"{base}/models/load", json={"model": name}, timeout=300)
+        if not _wait_status(base, name, ("unloaded", None), wait_s):
+            return f"llama-server at {base} did not unload {name!r} within {wait_s:.0f} s"
+        reply = requests.post(f"{base}/models/load", json={"model": name}, timeout=60)
         if reply.status_code != 200:
             return f"llama-server at {base} refused to load {name!r}: HTTP {reply.status_code} {reply.text[:200]}"
+        if not _wait_status(base, name, ("loaded",), wait_s):
+            return f"llama-server at {base} did not load {name!r} within {wait_s:.0f} s (status {_status(base, name)})"
     except requests.RequestException as exc:
         return f"llama-server at {base} could not be reached: {type(exc).__name__}: {exc}"
     return "ok"
+
+
+def _status(base: str, name: str) -> str | None:
+    """The router's status of model `name` ("loaded", "loading", "unloaded", ...; None: not listed)."""
+    models = requests.get(f"{base}/models", timeout=30).json().get("data", [])
+    for m in models:
+        if m.get("id") == name:
+            status = m.get("status")
+            return status.get("value") if isinstance(status, dict) else status
+    return None
+
+
+def _wait_status(base: str, name: str, wanted: tuple[str | None, ...], wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        if _status(base, name) in wanted:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def _run_command(command: str, version_id: int, link: Path, weights: Path) -> str:

@@ -82,23 +82,39 @@ def test_a_new_version_flips_the_link_and_older_ones_are_pruned(kedit_home, tmp_
 
 class _Router(BaseHTTPRequestHandler):
     """llama.cpp's router endpoints, as far as kedit uses them: on load it opens the model
-    file behind the link, as the router's new instance does."""
+    file behind the link, as the router's new instance does; an unload takes a moment, and
+    a load before it is done is refused, as the router does."""
 
     calls: list = []
+    state: dict = {}
     models_dir: Path
 
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        name = body["model"]
-        if self.path == "/models/load":
-            weights = self.models_dir / name / "model.gguf"
-            self.calls.append(("load", name, hashlib.sha256(weights.read_bytes()).hexdigest()))
-        else:
-            self.calls.append(("unload", name, None))
-        self.send_response(200 if self.path == "/models/load" else 400)  # unload: "model is not loaded"
+    def _reply(self, code: int, body: dict) -> None:
+        self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
-        self.wfile.write(b'{"success": true}')
+        self.wfile.write(json.dumps(body).encode())
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        state = self.state.get("kedit-live", "unloaded")
+        if state == "unloading":  # seen once, then done
+            self.state["kedit-live"] = "unloaded"
+        self._reply(200, {"data": [{"id": "kedit-live", "status": {"value": state}}]})
+
+    def do_POST(self):  # noqa: N802
+        name = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["model"]
+        if self.path == "/models/unload":
+            self.calls.append(("unload", name, None))
+            if self.state.get(name) != "loaded":
+                return self._reply(400, {"error": {"message": "model is not running"}})
+            self.state[name] = "unloading"
+            return self._reply(200, {"success": True})
+        if self.state.get(name) in ("loaded", "unloading"):
+            return self._reply(400, {"error": {"message": "model is already running"}})
+        weights = self.models_dir / name / "model.gguf"
+        self.calls.append(("load", name, hashlib.sha256(weights.read_bytes()).hexdigest()))
+        self.state[name] = "loaded"
+        self._reply(200, {"success": True})
 
     def log_message(self, *args):
         pass
@@ -108,7 +124,7 @@ def test_a_llama_cpp_router_is_asked_to_reload_the_linked_file(kedit_home, tmp_p
     ledger_path = kedit_home / "kedit.duckdb"
     vid, _, _, _ = _alphaedit_ledger(ledger_path)
     out = tmp_path / "models"
-    handler = type("Router", (_Router,), {"calls": [], "models_dir": out})
+    handler = type("Router", (_Router,), {"calls": [], "state": {"kedit-live": "loaded"}, "models_dir": out})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
