@@ -75,6 +75,13 @@ def report_task(since: datetime | None, html: str | None) -> dict[str, Any]:
     return result
 
 
+@task(name="publish-to-engine")
+def engine_publish_task(settings: PipelineSettings) -> dict[str, Any]:
+    result = steps.publish_to_engine(settings)
+    get_run_logger().info("publish to %s: %s", settings.publish_dir, result)
+    return result
+
+
 @flow(name="kedit-nightly-update", log_prints=False)
 def nightly_update(
     window_end: datetime | None = None,
@@ -110,6 +117,13 @@ def _nightly(cfg: PipelineSettings, window_end: datetime | None, window_hours: f
             except Exception as exc:  # noqa: BLE001 - recorded, retried by the next run
                 get_run_logger().error("publishing to %s failed: %s", cfg.server_url, exc)
                 summary["publish"] = {"error": f"{type(exc).__name__}: {exc}", "server": cfg.server_url}
+        if cfg.publish_dir:
+            # Another engine's folder, the same way: a failure is recorded, the next run retries it
+            try:
+                summary["engine"] = engine_publish_task(cfg)
+            except Exception as exc:  # noqa: BLE001 - recorded, retried by the next run
+                get_run_logger().error("publishing to %s failed: %s", cfg.publish_dir, exc)
+                summary["engine"] = {"error": f"{type(exc).__name__}: {exc}", "folder": cfg.publish_dir}
         if steps.full_check_due(cfg):
             summary["full_check"] = full_check_task(cfg, run_id)
         summary["report"] = report_task(None, report_html)

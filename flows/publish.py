@@ -12,7 +12,9 @@ router (`llama-server --models-dir DIR`) reads, a folder per model:
 Telling the engine (both optional, in this order):
 - `llama_server=URL`: llama.cpp's router API, `POST /models/unload` then `POST
   /models/load` of the model's name; the new instance opens the file through the flipped
-  link. (A single-model `llama-server -m FILE` cannot reload: restart it with `command`.)
+  link. The router lists the folder's models when it starts, so it is started (once) after
+  the first publish. (A single-model `llama-server -m FILE` cannot reload: restart it with
+  `command`.)
 - `command`: any shell command (a process manager's restart, vLLM's or TGI's container
   restart), run with KEDIT_PUBLISHED_VERSION, KEDIT_PUBLISHED_DIR and KEDIT_PUBLISHED_FILE
   in its environment.
@@ -173,6 +175,9 @@ def _reload_llama_server(url: str, name: str, wait_s: float = 300.0) -> str:
         if not _wait_status(base, name, ("unloaded", None), wait_s):
             return f"llama-server at {base} did not unload {name!r} within {wait_s:.0f} s"
         reply = requests.post(f"{base}/models/load", json={"model": name}, timeout=60)
+        if reply.status_code == 404:  # the router lists its --models-dir once, when it starts
+            return (f"llama-server at {base} does not know {name!r}: it lists its models folder when it starts; "
+                    "start it (once) after the first publish")
         if reply.status_code != 200:
             return f"llama-server at {base} refused to load {name!r}: HTTP {reply.status_code} {reply.text[:200]}"
         if not _wait_status(base, name, ("loaded",), wait_s):

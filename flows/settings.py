@@ -45,6 +45,13 @@ class PipelineSettings:
     # Serving
     server_url: str | None = None
     admin_token: str | None = None
+    # Another engine (flows/publish.py): after each nightly run the live version is exported
+    # into this folder (KEDIT_PUBLISH_DIR, e.g. a llama-server --models-dir) and the engine told
+    publish_dir: str | None = None
+    publish_format: str = "gguf"  # gguf (llama.cpp) or hf (vLLM, TGI)
+    publish_name: str = "kedit-live"  # the model's name in the engine
+    publish_llama_server: str | None = None  # a llama.cpp router's URL: unload + load the model
+    publish_command: str | None = None  # a shell command run after each new version
     # Prefect retries of network steps (Wikidata, the server): one delay per retry
     network_retry_delays_s: list[float] = field(default_factory=lambda: [10.0, 60.0, 300.0])
     # Regression gate

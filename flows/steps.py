@@ -373,6 +373,17 @@ def publish_live_version(settings: PipelineSettings) -> dict[str, Any]:
     return {"published": live.version_id, "server": settings.server_url, "answer": client.publish(live.version_id)}
 
 
+def publish_to_engine(settings: PipelineSettings) -> dict[str, Any]:
+    """Export the live version into another engine's folder and tell the engine
+    (flows/publish.py; a version it took already is left alone, one it did not is retried)."""
+    from flows.publish import publish_version
+
+    res = publish_version(settings.publish_dir, db(), fmt=settings.publish_format, name=settings.publish_name,
+                          llama_server=settings.publish_llama_server, command=settings.publish_command,
+                          spec=settings.model, show_progress=False, device=settings.device, dtype=settings.dtype)
+    return {"version": res.version_id, "folder": str(res.folder), "exported": res.exported, "notified": res.notified}
+
+
 def full_check_due(settings: PipelineSettings) -> bool:
     """The full regression check runs every `full_check_every` nightly runs (and the first)."""
     n = len(ledger.list_runs(db(), kind="nightly"))

@@ -167,3 +167,22 @@ def test_nightly_cli_passes_editor_settings_and_rejects_unknown_ones_before_inge
     run = ledger.list_runs(open_db(ledger_path), kind="nightly")[-1]
     assert json.loads(run["config"])["editor_overrides"] == {"scale": 0.0002, "pause_s": 0}
     assert ledger.list_batches(open_db(ledger_path))  # the editor ran with them
+
+
+def test_the_nightly_publishes_the_live_version_into_another_engines_folder(prefect_api, ledger_path, replay, tmp_path):
+    """KEDIT_PUBLISH_DIR (flows/publish.py): each run exports the live version there and runs
+    the publish command; a rerun with nothing new exports nothing and announces nothing."""
+    from flows.pipelines import nightly_update
+
+    folder, marker = tmp_path / "engine-models", tmp_path / "announced"
+    extra = {"publish_dir": str(folder), "publish_format": "hf",
+             "publish_command": f'echo "$KEDIT_PUBLISHED_VERSION" >> {marker}'}
+    out = nightly_update(window_end=DAY_END, window_hours=24, settings=_settings(replay, **extra))
+    live = out["edits"]["live_version"]
+    assert out["engine"] == {"version": live, "folder": str(folder / "versions" / f"v{live}"), "exported": True,
+                             "notified": {"command": "ok"}}
+    assert (folder / "kedit-live").resolve().name == f"v{live}" and (folder / "kedit-live" / "model.safetensors").exists()
+    assert marker.read_text().split() == [str(live)]
+    again = nightly_update(window_end=DAY_END, window_hours=24, settings=_settings(replay, **extra))
+    assert again["engine"]["version"] == live and again["engine"]["exported"] is False
+    assert marker.read_text().split() == [str(live)]  # not announced twice
