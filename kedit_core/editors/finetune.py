@@ -31,7 +31,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from kedit_core.anatomy import edit_sites
+from kedit_core.anatomy import edit_site, edit_sites
 from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditResult, WeightDelta, register
 from kedit_core.model import LoadedModel
 from kedit_core.scoring import encode_pairs, hidden_and_head
@@ -233,7 +233,7 @@ class LoRAConfig(EditorConfig):
     method: ClassVar[str] = "lora"
     rank: int = 8
     alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=lambda: ["down_proj"])  # Llama names; mapped for GPT-2
+    target_modules: list[str] = field(default_factory=lambda: ["down_proj"])  # down_proj: the MLP output, found by structure
     layers: list[int] | None = None  # None: every layer
     lr: float = 5e-3
     steps: int = 40
@@ -246,11 +246,32 @@ class LoRAConfig(EditorConfig):
 
 
 def lora_target_regex(model: torch.nn.Module, modules: list[str], layers: list[int] | None) -> str:
-    """A peft `target_modules` regex for the chosen module kinds in the chosen layers."""
+    """A peft `target_modules` regex for the chosen module kinds in the chosen layers.
+
+    "down_proj" (the default) is the MLP output projection found by structure
+    (anatomy.edit_site: `mlp.c_proj` in GPT-2, `mlp.dense_4h_to_h` in GPT-NeoX, ...), so the
+    default works for every family the editors support; other names are module names
+    (GPT-2's mapped from the Llama ones), checked to match something in `check_lora_targets`."""
     arch = getattr(model.config, "model_type", "")
-    names = sorted({_GPT2_NAMES.get(m, m) if arch == "gpt2" else m for m in modules})
+    mlp_out = _layer_relative(edit_site(model, 0).param_name.removesuffix(".weight"))
+    names = sorted({mlp_out if m == "down_proj" else (_GPT2_NAMES.get(m, m) if arch == "gpt2" else m) for m in modules})
     layer_part = r"\d+" if layers is None else "(?:" + "|".join(str(i) for i in layers) + ")"
     return rf".*\.{layer_part}\.(?:[^.]+\.)*(?:{'|'.join(re.escape(n) for n in names)})$"
+
+
+def _layer_relative(module_name: str) -> str:
+    """"model.layers.0.mlp.down_proj" -> "mlp.down_proj": the path inside a decoder layer."""
+    return re.sub(r"^.*?\.\d+\.", "", module_name, count=1)
+
+
+def check_lora_targets(model: torch.nn.Module, regex: str, modules: list[str]) -> None:
+    """Fail in one line when the target names match no module of this model (peft's own
+    error names neither the model nor what it has)."""
+    names = [n for n, _ in model.named_modules()]
+    if not any(re.fullmatch(regex, n) for n in names):
+        layer0 = sorted({_layer_relative(n) for n in names if re.search(r"\.0\.[^.]+", n) and _layer_relative(n) != n})
+        raise ValueError(f"LoRA target_modules {modules} match no module of this {type(model).__name__}; "
+                         f"its layers hold: {', '.join(layer0[:16])}")
 
 
 def train_lora_delta(
@@ -277,8 +298,10 @@ def train_lora_delta(
 
     torch.manual_seed(seed)
     flags = _grad_flags(lm.model)
+    regex = lora_target_regex(lm.model, target_modules, layers)
+    check_lora_targets(lm.model, regex, target_modules)
     peft_cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                          target_modules=lora_target_regex(lm.model, target_modules, layers),
+                          target_modules=regex,
                           fan_in_fan_out=getattr(lm.model.config, "model_type", "") == "gpt2")
     # get_peft_model injects the adapters into lm.model in place; unload() takes them out.
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix

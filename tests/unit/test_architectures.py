@@ -216,3 +216,23 @@ def test_no_function_local_imports_dodge_the_cycle(path):
         for node in ast.walk(fn) if isinstance(node, ast.ImportFrom) and node.module in CYCLE_PRONE
     ]
     assert not local, f"{path} imports inside functions: {local}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lora_targets_each_family_s_mlp_output_by_structure(family):
+    """LoRA's default target ("down_proj") is the MLP output projection found by structure,
+    whatever the family calls it (GPT-NeoX's dense_4h_to_h, GPT-2's c_proj, ...)."""
+    lm = tiny_family(family)
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    ed = get_editor("lora", {"steps": 2, "layers": [1], "stop_loss": None})
+    result = ed.edit(lm, _cases())
+    assert list(result.delta.tensors) == [edit_site(lm.model, 1).param_name]
+    ed.rollback(lm, result)
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+
+
+def test_a_lora_target_the_model_lacks_fails_in_one_line():
+    lm = tiny_family("gpt_neox")
+    with pytest.raises(ValueError, match=r"LoRA target_modules \['q_proj'\] match no module of this GPTNeoXForCausalLM; "
+                                         r"its layers hold: .*query_key_value"):
+        get_editor("lora", {"steps": 1, "target_modules": ["q_proj"]}).edit(lm, _cases())
