@@ -264,13 +264,15 @@ def _layer_relative(module_name: str) -> str:
     return re.sub(r"^.*?\.\d+\.", "", module_name, count=1)
 
 
-def check_lora_targets(model: torch.nn.Module, regex: str, modules: list[str]) -> None:
-    """Fail in one line when the target names match no module of this model (peft's own
-    error names neither the model nor what it has)."""
+def check_lora_targets(model: torch.nn.Module, modules: list[str], layers: list[int] | None) -> None:
+    """Fail in one line when a target name matches no module of this model (peft's own
+    error names neither the model nor what it has; a name that matches nothing next to one
+    that does would be dropped silently)."""
     names = [n for n, _ in model.named_modules()]
-    if not any(re.fullmatch(regex, n) for n in names):
+    missing = [m for m in modules if not any(re.fullmatch(lora_target_regex(model, [m], layers), n) for n in names)]
+    if missing:
         layer0 = sorted({_layer_relative(n) for n in names if re.search(r"\.0\.[^.]+", n) and _layer_relative(n) != n})
-        raise ValueError(f"LoRA target_modules {modules} match no module of this {type(model).__name__}; "
+        raise ValueError(f"LoRA target_modules {missing} match no module of this {type(model).__name__}; "
                          f"its layers hold: {', '.join(layer0[:16])}")
 
 
@@ -299,7 +301,7 @@ def train_lora_delta(
     torch.manual_seed(seed)
     flags = _grad_flags(lm.model)
     regex = lora_target_regex(lm.model, target_modules, layers)
-    check_lora_targets(lm.model, regex, target_modules)
+    check_lora_targets(lm.model, target_modules, layers)
     peft_cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
                           target_modules=regex,
                           fan_in_fan_out=getattr(lm.model.config, "model_type", "") == "gpt2")

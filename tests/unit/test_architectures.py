@@ -235,4 +235,4 @@ def test_a_lora_target_the_model_lacks_fails_in_one_line():
     lm = tiny_family("gpt_neox")
     with pytest.raises(ValueError, match=r"LoRA target_modules \['q_proj'\] match no module of this GPTNeoXForCausalLM; "
                                          r"its layers hold: .*query_key_value"):
-        get_editor("lora", {"steps": 1, "target_modules": ["q_proj"]}).edit(lm, _cases())
+        get_editor("lora", {"steps": 1, "target_modules": ["q_proj", "down_proj"]}).edit(lm, _cases())
