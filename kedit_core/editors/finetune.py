@@ -254,9 +254,24 @@ def lora_target_regex(model: torch.nn.Module, modules: list[str], layers: list[i
     (GPT-2's mapped from the Llama ones), checked to match something in `check_lora_targets`."""
     arch = getattr(model.config, "model_type", "")
     mlp_out = _layer_relative(edit_site(model, 0).param_name.removesuffix(".weight"))
-    names = sorted({mlp_out if m == "down_proj" else (_GPT2_NAMES.get(m, m) if arch == "gpt2" else m) for m in modules})
+    names = sorted({mlp_out if m == "down_proj" else (_GPT2_NAMES.get(m, m) if arch == "gpt2" else _fused(model, m))
+                    for m in modules})
     layer_part = r"\d+" if layers is None else "(?:" + "|".join(str(i) for i in layers) + ")"
     return rf".*\.{layer_part}\.(?:[^.]+\.)*(?:{'|'.join(re.escape(n) for n in names)})$"
+
+
+# Families that compute queries, keys and values in one projection (Phi-3, GPT-NeoX, Baichuan):
+# a q_proj / k_proj / v_proj target means that projection there (GPT-2's c_attn: _GPT2_NAMES).
+_FUSED_QKV = ("qkv_proj", "query_key_value", "W_pack")
+
+
+def _fused(model: torch.nn.Module, name: str) -> str:
+    if name not in ("q_proj", "k_proj", "v_proj"):
+        return name
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if name in leaves:
+        return name
+    return next((f for f in _FUSED_QKV if f in leaves), name)
 
 
 def _layer_relative(module_name: str) -> str:

@@ -233,6 +233,23 @@ def test_lora_targets_each_family_s_mlp_output_by_structure(family):
 
 def test_a_lora_target_the_model_lacks_fails_in_one_line():
     lm = tiny_family("gpt_neox")
-    with pytest.raises(ValueError, match=r"LoRA target_modules \['q_proj'\] match no module of this GPTNeoXForCausalLM; "
+    with pytest.raises(ValueError, match=r"LoRA target_modules \['o_proj'\] match no module of this GPTNeoXForCausalLM; "
                                          r"its layers hold: .*query_key_value"):
-        get_editor("lora", {"steps": 1, "target_modules": ["q_proj", "down_proj"]}).edit(lm, _cases())
+        get_editor("lora", {"steps": 1, "target_modules": ["o_proj", "down_proj"]}).edit(lm, _cases())
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox", "llama"])
+def test_lte_s_attention_targets_reach_fused_projections(family):
+    """LTE's alignment adapters (q_proj, v_proj, down_proj) land on Phi-3's qkv_proj and
+    GPT-NeoX's query_key_value, where queries, keys and values are one projection."""
+    from kedit_core.editors.finetune import lora_target_regex
+
+    lm = tiny_family(family)
+    rx = lora_target_regex(lm.model, ["q_proj", "v_proj", "down_proj"], [1])
+    import re
+
+    hit = sorted(n.split(".1.", 1)[1] for n, _ in lm.model.named_modules() if re.fullmatch(rx, n))
+    expected = {"phi3": ["mlp.down_proj", "self_attn.qkv_proj"],
+                "gpt_neox": ["attention.query_key_value", "mlp.dense_4h_to_h"],
+                "llama": ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]}[family]
+    assert hit == expected
