@@ -278,7 +278,7 @@ def ingest_window(client: WikidataClient, db: Database, start: datetime | str, e
     """Fetch, diff, filter and store every revision of [start, end). Re-running adds nothing;
     a killed run resumes from its cursor (`resume=False` re-reads the whole window, still
     skipping stored revisions). Results are committed every `commit_revisions` revisions
-    (with the cursor, in one transaction); a kill loses at most that much work, redone on resume. Edits up to `settle_window_h` after `end` are read
+    (with the cursor, in one transaction); a kill loses at most that much work, redone on resume. Edits up to `settle_hours` after `end` are read
     too, only to see whether an edit of the window was reverted."""
     cfg = filter_config or FilterConfig()
     t0, req0 = time.monotonic(), client.stats.requests
@@ -291,7 +291,7 @@ def ingest_window(client: WikidataClient, db: Database, start: datetime | str, e
         if state.get("start") == start_s and state.get("end") == end_s and state.get("done_until"):
             begin = state["done_until"]
             report.resumed_from = begin
-    lookahead = iso(_parse(end_s) + timedelta(hours=cfg.settle_window_h))
+    lookahead = iso(_parse(end_s) + timedelta(hours=cfg.settle_hours))
     refs = sorted(client.recent_changes(begin, lookahead), key=lambda r: (r.timestamp, r.revid))
     in_window = [r for r in refs if r.timestamp < end_s]
     report.revisions_seen = len(in_window)

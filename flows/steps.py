@@ -73,7 +73,7 @@ def filter_config(settings: PipelineSettings):
 
     items, min_sitelinks = parse_follow(settings.follow)
     return FilterConfig(
-        settle_window_h=settings.settle_hours, allow_bots=settings.allow_bots, allow_anon=settings.allow_anonymous,
+        settle_hours=settings.settle_hours, allow_bots=settings.allow_bots, allow_anonymous=settings.allow_anonymous,
         follow_items=items, min_sitelinks=min_sitelinks,
     )
 

@@ -45,9 +45,9 @@ PROFANE_WORDS = ("cunt", "crap", "piss", "twat", "slut", "whore", "poop", "penis
 
 @dataclass
 class FilterConfig:
-    settle_window_h: float = 48.0  # an edit counts only if it survived this long
+    settle_hours: float = 48.0  # an edit counts only if it survived this long
     allow_bots: bool = False  # bot edits are mostly imports and identifiers: noise for QA
-    allow_anon: bool = False  # most vandalism on Wikidata comes from logged-out edits
+    allow_anonymous: bool = False  # most vandalism on Wikidata comes from logged-out edits
     require_english_labels: bool = True
     english_text_only: bool = True  # monolingual text in other languages cannot be asked in English
     max_value_chars: int = 80
@@ -133,10 +133,10 @@ def reverted_revisions(refs: Iterable[RevisionRef], config: FilterConfig) -> dic
     A revert whose target is not found within the window is left out: it is a late revert,
     judged by content against what the ledger applied (`kedit_core.corrections`).
 
-    `refs` should reach `settle_window_h` past the window being ingested, so reverts of its last
+    `refs` should reach `settle_hours` past the window being ingested, so reverts of its last
     edits are seen."""
     refs = sorted(refs, key=lambda r: (r.timestamp, r.revid))
-    window = timedelta(hours=config.settle_window_h)
+    window = timedelta(hours=config.settle_hours)
     out: dict[int, str] = {}
     by_item: dict[str, list[RevisionRef]] = {}
     for r in refs:
@@ -162,7 +162,7 @@ def reverted_revisions(refs: Iterable[RevisionRef], config: FilterConfig) -> dic
             else:  # a tagged revert without a readable summary: the edit just before it
                 targets = earlier[-1:]
             for p in targets:
-                out.setdefault(p.revid, f"reverted within {config.settle_window_h:g}h by revision {r.revid}")
+                out.setdefault(p.revid, f"reverted within {config.settle_hours:g}h by revision {r.revid}")
             if targets:
                 out.setdefault(r.revid, REVERT_REASON)
     return out
@@ -177,8 +177,8 @@ def revision_verdict(ref: RevisionRef, config: FilterConfig, reverted: Mapping[i
     # A revert not in `reverted` is a late one: diffed, and judged against the ledger later.
     if ref.is_bot and not config.allow_bots:
         return _filtered("bot edit (policy: allow_bots=False)")
-    if ref.is_anon and not config.allow_anon:
-        return _filtered("anonymous edit (policy: allow_anon=False)")
+    if ref.is_anon and not config.allow_anonymous:
+        return _filtered("anonymous edit (policy: allow_anonymous=False)")
     return ACCEPT
 
 
@@ -321,8 +321,8 @@ class RevertTracker:
     Y->X on the same fact. Stateful so ingestion can feed it batch by batch."""
 
     def __init__(self, config: FilterConfig):
-        self.window = timedelta(hours=config.settle_window_h)
-        self.hours = config.settle_window_h
+        self.window = timedelta(hours=config.settle_hours)
+        self.hours = config.settle_hours
         self._last: dict[tuple[str, str, str], FactChange] = {}
 
     def observe(self, c: FactChange) -> tuple[FactChange, str, str] | None:

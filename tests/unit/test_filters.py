@@ -57,7 +57,7 @@ def test_reverted_by_tag_undo_and_rollback_within_the_settle_window():
     assert "by revision 12" in rev[11]
     assert "by revision 22" in rev[20] and "by revision 22" in rev[21]
     assert 30 not in rev  # undone 72 h later: outside the 48 h settle window
-    assert 30 in reverted_revisions(refs, FilterConfig(settle_window_h=96))
+    assert 30 in reverted_revisions(refs, FilterConfig(settle_hours=96))
     v = revision_verdict(refs[1], CFG, rev)
     assert v.status == "filtered" and "reverted within 48h" in v.reason
     assert "a revert" in revision_verdict(refs[2], CFG, rev).reason
@@ -72,8 +72,8 @@ def test_bot_and_anonymous_policy_is_configurable():
     bot = ref(1, "2024-05-01T00:00:00Z", user="KrBot", is_bot=True)
     anon = ref(2, "2024-05-01T00:00:00Z", user="203.0.113.5", is_anon=True)
     assert revision_verdict(bot, CFG, {}).reason == "bot edit (policy: allow_bots=False)"
-    assert revision_verdict(anon, CFG, {}).reason == "anonymous edit (policy: allow_anon=False)"
-    lenient = FilterConfig(allow_bots=True, allow_anon=True)
+    assert revision_verdict(anon, CFG, {}).reason == "anonymous edit (policy: allow_anonymous=False)"
+    lenient = FilterConfig(allow_bots=True, allow_anonymous=True)
     assert revision_verdict(bot, lenient, {}).accepted and revision_verdict(anon, lenient, {}).accepted
 
 
