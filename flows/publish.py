@@ -112,7 +112,8 @@ def publish_version(
         link = root / name
         _point(link, Path(VERSIONS) / folder.name)
         result = PublishResult(version_id, folder, link, exported=not there)
-        # an engine that took this version already is not told again; one that did not is
+        # an engine that took this version already is not told again; one that did not is told
+        # again (it was down, or the command failed), and so is a new engine or command
         targets = {"llama_server": llama_server, "command": command}
         took = {k: v for k, v in state.get("notified", {}).items()
                 if same and state.get("name") == name and state.get("targets", {}).get(k) == targets[k]}
