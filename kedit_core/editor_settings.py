@@ -3,6 +3,8 @@ benchmarks: one parser, so a setting means the same thing everywhere."""
 from __future__ import annotations
 
 import json
+import tomllib
+from pathlib import Path
 from typing import Any
 
 
@@ -36,3 +38,35 @@ def editor_from_settings(method: str, pairs: list[str], label: str | None = None
         return get_editor(method, parse_settings(pairs))
     except (ValueError, TypeError) as exc:
         raise KeditError(f"{label}: {exc}" if label else str(exc)) from exc
+
+
+def settings_file(path: str | Path, method: str) -> list[str]:
+    """Per-model editor settings kept in a file (`--config FILE`, as EasyEdit's hparams files
+    are): TOML or YAML, top-level keys for any method plus an optional table per method
+    (`[alphaedit]`, `[memit]`, ...) whose keys win for that method. Returned as `key=value`
+    pairs to put before the command's own `--set` pairs, which win over the file."""
+    from kedit_core.editors import available_editors
+    from kedit_core.errors import KeditError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise KeditError(f"--config {p}: no such file")
+    if p.suffix not in (".toml", ".yaml", ".yml"):
+        raise KeditError(f"--config {p}: give a .toml or .yaml file")
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(p.read_text())
+        else:
+            import yaml
+
+            data = yaml.safe_load(p.read_text()) or {}
+    except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError: both one line here
+        raise KeditError(f"--config {p}: not valid {p.suffix[1:].upper()}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise KeditError(f"--config {p}: expected settings (key = value), got a {type(data).__name__}")
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    unknown = sorted(set(tables) - set(available_editors()))
+    if unknown:
+        raise KeditError(f"--config {p}: tables {unknown} name no editing method; known: {sorted(available_editors())}")
+    merged = {**{k: v for k, v in data.items() if not isinstance(v, dict)}, **tables.get(method, {})}
+    return [f"{k}={json.dumps(v)}" for k, v in merged.items()]

@@ -17,3 +17,24 @@ def _placement_options():
 
 
 DEVICE_OPTION, DTYPE_OPTION = _placement_options()
+
+
+def _config_option():
+    import typer
+
+    return typer.Option(None, "--config", show_default=False,
+                        help="Editor settings from a TOML or YAML file (top-level keys, and a table per method); "
+                             "--set wins over it.")
+
+
+CONFIG_OPTION = _config_option()
+
+
+def with_config(config, method: str | None, settings: list[str]) -> list[str]:
+    """The `--config` file's settings for `method` (default: the pipeline's), then `--set`'s."""
+    if config is None:
+        return list(settings)
+    from flows.settings import PipelineSettings
+    from kedit_core.editor_settings import settings_file
+
+    return settings_file(config, method or PipelineSettings.from_env().method) + list(settings)

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from flows.commands import DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP
+from flows.commands import CONFIG_OPTION, DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP, with_config
 from kedit_core.editor_settings import editor_from_settings
 
 
@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
         output: Optional[Path] = typer.Option(None, "--output", help="Also write the JSON result here."),
         model: str = typer.Option("smollm2", "--model", "-m", help=MODEL_HELP),
         settings: List[str] = typer.Option([], "--set", help="Editor setting key=value (repeatable)."),
+        config: Optional[Path] = CONFIG_OPTION,
         per_batch: bool = typer.Option(False, "--per-batch", help="Also score all edits so far after every batch."),
         greedy: bool = typer.Option(True, "--greedy/--no-greedy", help="Also report greedy exact match."),
         record: bool = typer.Option(True, "--record/--no-record", help="Write metrics to the DuckDB ledger."),
@@ -40,7 +41,7 @@ def register(app: typer.Typer) -> None:
         resolve(device, dtype)  # a missing device is one line before the data is read
         if batch_size < 1:
             raise KeditError(f"--batch-size must be >= 1, got {batch_size}")
-        editor = editor_from_settings(method, settings)
+        editor = editor_from_settings(method, with_config(config, method, settings))
         report = ReadReport(path=data)
         cases = read_dataset(data, limit=limit, report=report)
         if not cases:

@@ -3,11 +3,12 @@ start kedit's Prefect flows."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
-from flows.commands import DEVICE_OPTION, DTYPE_OPTION, WAIT_HELP
+from flows.commands import CONFIG_OPTION, DEVICE_OPTION, DTYPE_OPTION, WAIT_HELP, with_config
 
 SET_HELP = "Editor setting KEY=VALUE (repeatable), as for `kedit evaluate`, e.g. --set v_steps=50."
 
@@ -59,6 +60,7 @@ def register(app: typer.Typer) -> None:
         server: Optional[str] = typer.Option(None, "--server", help="Publish new versions to this `kedit serve` URL."),
         html: Optional[str] = typer.Option(None, help="Where to write the HTML drift report."),
         settings: List[str] = typer.Option([], "--set", help=SET_HELP),
+        config: Optional[Path] = CONFIG_OPTION,
         wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
         device: Optional[str] = DEVICE_OPTION,
         dtype: Optional[str] = DTYPE_OPTION,
@@ -66,7 +68,7 @@ def register(app: typer.Typer) -> None:
         """Run the nightly update once: ingest, build cases, edit in gated batches, report."""
         from flows.pipelines import nightly_update
 
-        overrides = editor_overrides(method, settings)
+        overrides = editor_overrides(method, with_config(config, method, settings))
         pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, server_url=server,
                                        editor_overrides=overrides, lock_wait_s=wait, **_placement(device, dtype))
         with _ledger_held("nightly", pipeline):  # refused here, in one line, before Prefect starts a run
@@ -91,6 +93,7 @@ def register(app: typer.Typer) -> None:
         method: Optional[str] = typer.Option(None),
         endpoint: Optional[str] = typer.Option(None),
         settings: List[str] = typer.Option([], "--set", help=SET_HELP),
+        config: Optional[Path] = CONFIG_OPTION,
         wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
         device: Optional[str] = DEVICE_OPTION,
         dtype: Optional[str] = DTYPE_OPTION,
@@ -103,7 +106,7 @@ def register(app: typer.Typer) -> None:
         from flows.pipelines import backfill
         from flows.settings import PipelineSettings
 
-        overrides = editor_overrides(method, settings)
+        overrides = editor_overrides(method, with_config(config, method, settings))
         pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, editor_overrides=overrides,
                                        lock_wait_s=wait, **_placement(device, dtype))
         item_list = [i.strip() for i in items.split(",") if i.strip()] if items else None
@@ -142,6 +145,7 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2", help="Model spec (default: the embedded model)."),
         method: str = typer.Option("alphaedit", help="Editing method."),
         settings: List[str] = typer.Option([], "--set", help=SET_HELP),
+        config: Optional[Path] = CONFIG_OPTION,
         wait: float = typer.Option(0.0, "--wait", help=WAIT_HELP),
         device: Optional[str] = DEVICE_OPTION,
         dtype: Optional[str] = DTYPE_OPTION,
@@ -153,7 +157,8 @@ def register(app: typer.Typer) -> None:
         """
         from flows.demo import run_demo
 
-        run_demo(model=model, method=method, echo=typer.echo, editor_settings=editor_overrides(method, settings),
+        editor_settings = editor_overrides(method, with_config(config, method, settings))
+        run_demo(model=model, method=method, echo=typer.echo, editor_settings=editor_settings,
                  pipeline_settings={"lock_wait_s": wait, **_placement(device, dtype)})
 
 
