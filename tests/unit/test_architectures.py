@@ -253,3 +253,21 @@ def test_lte_s_attention_targets_reach_fused_projections(family):
                 "gpt_neox": ["attention.query_key_value", "mlp.dense_4h_to_h"],
                 "llama": ["mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"]}[family]
     assert hit == expected
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox"])
+def test_lte_aligns_and_rolls_back_on_fused_attention_families(family):
+    """LTE's alignment adapters train on the fused projections and merge; rollback is exact."""
+    from connectors.benchmarks import read_zsre
+    from tests.conftest import DATA
+
+    lm = tiny_family(family)
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    ed = get_editor("lte", {"max_alignment_records": 6, "steps": 2, "batch_size": 4, "base_answer_tokens": 3})
+    cases = read_zsre(DATA / "benchmarks" / "zsre_mend_train_1k.json", limit=2)
+    result = ed.edit(lm, cases)
+    touched = sorted(n.split(".1.", 1)[-1] for n in result.delta.tensors if ".1." in n)
+    fused = {"phi3": "self_attn.qkv_proj.weight", "gpt_neox": "attention.query_key_value.weight"}[family]
+    assert fused in touched
+    ed.rollback(lm, result)
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
