@@ -40,7 +40,7 @@ import requests
 
 from flows.export import export_version
 from kedit_core.export import EXPORT_INFO
-from kedit_core.atomic import atomic_target
+from kedit_core.atomic import atomic_write_text, tmp_path_for
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel
 from storage import ledger
@@ -157,7 +157,7 @@ def _point(link: Path, target: Path) -> None:
     the old version or the new one."""
     if link.exists() and not link.is_symlink():
         raise PublishError(f"{link} exists and is not kedit's link: move it away or choose another --name")
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp = tmp_path_for(link)
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(target, target_is_directory=True)
@@ -243,5 +243,4 @@ def _read_manifest(root: Path) -> dict[str, Any]:
 
 
 def _write_manifest(root: Path, state: dict[str, Any]) -> None:
-    with atomic_target(root / MANIFEST) as tmp:
-        Path(tmp).write_text(json.dumps(state, indent=1) + "\n")
+    atomic_write_text(root / MANIFEST, json.dumps(state, indent=1) + "\n")
