@@ -6,7 +6,7 @@ the same loop. For each batch of pending cases:
 1. a batch row is created (status 'applying') and the model's predictions on the batch's
    locality probes are recorded *before* the edit;
 2. the editor edits; the regression gate measures (fast check, full check every N) and
-   decides (`kedit_core.gate.decide`);
+   decides (`kedit_core.regression_gate.decide`);
 3. accepted: the delta is saved as safetensors (sha256 in the ledger), the editor's
    sequential state beside it, a new live model version is recorded, cases are 'applied';
    rejected: the edit is rolled back exactly, the editor's state restored, cases are
@@ -43,7 +43,7 @@ from kedit_core.atomic import atomic_write_text, clean_kedit_home
 from kedit_core.editors.base import Editor, EditResult
 from kedit_core.errors import KeditError
 from kedit_core.evaluate import reference_predictions
-from kedit_core.gate import GateConfig, GateDecision, decide, is_full_check
+from kedit_core.regression_gate import RegressionGateConfig, RegressionDecision, decide, is_full_check
 from kedit_core.model import fingerprint_model
 from kedit_core.regression import RegressionSuite, fast_check, freeze_suite, full_check
 from kedit_core.types import EditCase
@@ -191,7 +191,7 @@ def apply_gated_batches(
     editor: Editor,
     cases: Sequence[EditCase],
     db: Database,
-    gate_config: GateConfig,
+    gate_config: RegressionGateConfig,
     batch_size: int,
     run_id: str | None,
     suite: RegressionSuite,
@@ -275,7 +275,7 @@ def _batch_until_committed(
     editor: Editor,
     batch: list[EditCase],
     db: Database,
-    cfg: GateConfig,
+    cfg: RegressionGateConfig,
     run_id: str | None,
     suite: RegressionSuite,
     step: int,
@@ -301,7 +301,7 @@ def _gated_batch(
     editor: Editor,
     batch: list[EditCase],
     db: Database,
-    cfg: GateConfig,
+    cfg: RegressionGateConfig,
     run_id: str | None,
     suite: RegressionSuite,
     step: int,
@@ -353,7 +353,7 @@ def _gated_batch(
             check = full_check if full else fast_check
             metrics = check(lm, suite, batch, before, rewriter=rewriter, details=details)
             check_s = time.perf_counter() - t_check
-            decision: GateDecision = decide(metrics, suite.base_metrics, cfg, attempt)
+            decision: RegressionDecision = decide(metrics, suite.base_metrics, cfg, attempt)
             timing = {"edit_seconds": edit_s, "check_seconds": check_s, "delta_norm": result.delta.norm(),
                       "full_check": float(full), "accepted": float(decision.accept)}
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from kedit_core.answer import PromptRewriter, answer, model_summary
 from kedit_core.artifacts import delta_dir, file_sha256, load_editor_state, save_editor_state, state_path
 from kedit_core.editors.base import EDITORS, available_editors, get_editor
-from kedit_core.editors.update_gate import installed_gate, serve_as
+from kedit_core.editors.update_gate import installed_update_gate, serve_as
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, load_model
 from kedit_core.weights import ChainState, DeltaRef, UnknownParameters, WeightDelta, move_to_chain
@@ -111,7 +111,7 @@ def _attach_with_links(editor: Any, chain: list[dict[str, Any]]) -> Callable[[Lo
 
     def attach(lm: LoadedModel) -> None:
         editor.attach(lm)
-        gate = installed_gate(lm)
+        gate = installed_update_gate(lm)
         if gate is not None and gate.per_batch:
             gate.load_links(links)
 

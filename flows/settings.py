@@ -62,7 +62,7 @@ class PipelineSettings:
     # Schedules
     nightly_cron: str = "0 2 * * *"
     editor_overrides: dict[str, Any] = field(default_factory=dict)  # EditorConfig fields
-    gate_overrides: dict[str, Any] = field(default_factory=dict)  # GateConfig fields
+    gate_overrides: dict[str, Any] = field(default_factory=dict)  # RegressionGateConfig fields
 
     @classmethod
     def from_env(cls, **overrides: Any) -> PipelineSettings:

@@ -330,7 +330,7 @@ def edit_pending(settings: PipelineSettings, run_id: str, log: Callable[[str], A
     wait for the next run."""
     from flows.pipeline import apply_gated_batches, load_or_freeze_suite
     from kedit_core.editors import get_editor
-    from kedit_core.gate import GateConfig
+    from kedit_core.regression_gate import RegressionGateConfig
     from storage import pipeline_store
 
     database = db()
@@ -347,7 +347,7 @@ def edit_pending(settings: PipelineSettings, run_id: str, log: Callable[[str], A
     live = live_model(settings)
     editor = get_editor(settings.method, settings.editor_overrides or None)
     suite = load_or_freeze_suite(live, database, run_id)
-    gate = GateConfig.from_dict({"full_check_every": settings.full_check_every, **settings.gate_overrides})
+    gate = RegressionGateConfig.from_dict({"full_check_every": settings.full_check_every, **settings.gate_overrides})
     log(f"editing {len(todo)} pending cases with {settings.method} in batches of {settings.batch_size}")
     report = apply_gated_batches(live, editor, todo, database, gate, settings.batch_size, run_id, suite)
     return {

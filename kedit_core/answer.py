@@ -14,7 +14,7 @@ import torch
 
 from kedit_core.matching import answer_forms, states_answer
 from kedit_core.model import LoadedModel
-from kedit_core.routing import installed_gate, routed
+from kedit_core.routing import installed_update_gate, routed
 
 
 class PromptRewriter(Protocol):
@@ -165,7 +165,7 @@ def served_asks(lm: LoadedModel, questions: list[str], rewriter: PromptRewriter 
     value (kedit_core/editors/edit_scope.py)."""
     if rewriter is not None:
         return [(q, None) for q in rewrite_all(list(questions), rewriter)]
-    gate = installed_gate(lm)
+    gate = installed_update_gate(lm)
     scope = gate.scope if gate is not None else None
     if scope is None or getattr(scope, "context", None) is None:
         return [(q, None) for q in questions]
@@ -194,7 +194,7 @@ def keep_checked(first: str, second: str, value: str) -> tuple[str, bool]:
 def edit_routes(lm: LoadedModel, questions: list[str]) -> list[bool | None]:
     """Per user question: in (True) or out of (False) the scope of the live version's edits,
     None where its weight editor routes nothing (kedit_core/editors/edit_scope.py)."""
-    gate = installed_gate(lm)
+    gate = installed_update_gate(lm)
     return gate.in_scope(list(questions)) if gate is not None else [None] * len(questions)
 
 

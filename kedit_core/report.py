@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from kedit_core.gate import LOWER_IS_BETTER
+from kedit_core.regression_gate import LOWER_IS_BETTER
 
 # Served-answer metrics (free chat replies, kedit_core/served_answers.py) come first: they
 # are what users of `kedit serve` see; the teacher-forced ones follow.

@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
-    from kedit_core.editors.update_gate import EditGate
+    from kedit_core.editors.update_gate import UpdateGate
 
 GATE_ATTR = "_kedit_update_gate"  # where the installed gate hangs on the torch model
 
@@ -38,6 +38,6 @@ def routed(in_scope: bool | None) -> Iterator[None]:
         ROUTE.reset(token)
 
 
-def installed_gate(lm: Any) -> EditGate | None:
+def installed_update_gate(lm: Any) -> UpdateGate | None:
     """The update gate installed on `lm`'s model (a `LoadedModel`), if any."""
     return getattr(lm.model, GATE_ATTR, None)

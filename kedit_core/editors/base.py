@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from kedit_core.artifacts import file_sha256
-from kedit_core.editors.update_gate import remove_gate
+from kedit_core.editors.update_gate import remove_update_gate
 from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
 from kedit_core.weights import WeightDelta
@@ -101,7 +101,7 @@ class Editor(ABC):
         leave the weights' serving alone. Called before a stream or a night's edits, and
         wherever a version is loaded: the newest weight editor's config decides."""
         if not self.is_memory_editor:
-            remove_gate(lm)
+            remove_update_gate(lm)
 
     def rewrite_prompt(self, question: str) -> str:
         """How a question is asked of the edited model. Weight editors leave it unchanged."""

@@ -56,7 +56,7 @@ from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditR
 from kedit_core.editors.edit_scope import EditScope
 from kedit_core.editors.memit_rows import EditRows, check_prompt_variants, encode_rows
 from kedit_core.editors.memit_speedups import UpperLayers, UpperOutput, hidden_of
-from kedit_core.editors.update_gate import install_gate, installed_gate, remove_gate
+from kedit_core.editors.update_gate import install_update_gate, installed_update_gate, remove_update_gate
 from kedit_core.keystats import key_second_moment
 from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
@@ -529,9 +529,9 @@ class Memit(Editor):
         """Install (or remove) the update gate the config asks for."""
         cfg: MemitConfig = self.config  # type: ignore[assignment]
         if cfg.update_gate is None:
-            remove_gate(lm)
+            remove_update_gate(lm)
         else:
-            install_gate(lm, resolve_layers(cfg, lm.model), cfg.update_gate, corpus=cfg.keystats_corpus,
+            install_update_gate(lm, resolve_layers(cfg, lm.model), cfg.update_gate, corpus=cfg.keystats_corpus,
                          positions=cfg.update_gate_positions, samples=cfg.keystats_samples,
                          served_chats=cfg.update_gate_chats, served_quantile=cfg.update_gate_chat_quantile,
                          per_batch=cfg.update_gate_per_batch)
@@ -540,7 +540,7 @@ class Memit(Editor):
     def sync_scope(self, lm: LoadedModel) -> None:
         """Hang the scope of the facts this editor holds now on the installed gate."""
         cfg: MemitConfig = self.config  # type: ignore[assignment]
-        gate = installed_gate(lm)
+        gate = installed_update_gate(lm)
         if gate is None:
             return
         if cfg.edit_scope is None:

@@ -1,6 +1,6 @@
 """The update gate: a MEMIT/AlphaEdit update acts only where it is large.
 
-(Not the regression gate of `kedit_core.gate`, which accepts or rejects whole batches.)
+(Not the regression gate of `kedit_core.regression_gate`, which accepts or rejects whole batches.)
 
 Why. MEMIT writes each fact as an update of the MLP output projections of layers 3-7, fitted
 at the subject's last token. Every other token's key has a small component along the
@@ -30,7 +30,7 @@ closed-form update's own output, is kedit's, chosen by measurement (docs/editing
 Per-batch mode (`update_gate_per_batch`, opt-in; `_Segments`; docs/editing.md "Each batch
 gated on its own"): each applied change of a layer is gated on its own with the tau it got
 when applied, so the gate is a function of the version chain (each link's delta), not of
-the summed weights alone; a rebuilt version gets its links through `EditGate.load_links`.
+the summed weights alone; a rebuilt version gets its links through `UpdateGate.load_links`.
 
 Where the base weights come from: the model's own weight files (read tensor by tensor;
 exact, whatever version is live), or for in-memory test models a snapshot taken when
@@ -48,13 +48,13 @@ from kedit_core.anatomy import edit_site
 from kedit_core.errors import KeditError
 from kedit_core.keystats import chat_keys, generic_keys
 from kedit_core.model import LoadedModel
-from kedit_core.routing import GATE_ATTR, ROUTE, installed_gate, routed
+from kedit_core.routing import GATE_ATTR, ROUTE, installed_update_gate, routed
 
 log = logging.getLogger(__name__)
 
-# GATE_ATTR, routed, installed_gate: kedit_core/routing.py (imported here, so the names
+# GATE_ATTR, routed, installed_update_gate: kedit_core/routing.py (imported here, so the names
 # stay importable from this module)
-__all__ = ["GATE_ATTR", "EditGate", "install_gate", "installed_gate", "remove_gate", "routed", "serve_as"]
+__all__ = ["GATE_ATTR", "UpdateGate", "install_update_gate", "installed_update_gate", "remove_update_gate", "routed", "serve_as"]
 
 
 @dataclass
@@ -272,7 +272,7 @@ class _Segments:
 
 
 @dataclass
-class EditGate:
+class UpdateGate:
     """Installed forward hooks on the edited layers' output projections (one per layer)."""
 
     quantile: float
@@ -348,8 +348,8 @@ class EditGate:
         }
 
 
-def remove_gate(lm: LoadedModel) -> None:
-    gate = installed_gate(lm)
+def remove_update_gate(lm: LoadedModel) -> None:
+    gate = installed_update_gate(lm)
     if gate is not None:
         gate.remove()
         delattr(lm.model, GATE_ATTR)
@@ -362,13 +362,13 @@ def serve_as(lm: LoadedModel, attach: Callable[[LoadedModel], None] | None) -> N
     if attach is not None:
         attach(lm)
     else:
-        remove_gate(lm)
-    gate = installed_gate(lm)
+        remove_update_gate(lm)
+    gate = installed_update_gate(lm)
     if gate is not None:
         gate.refresh()
 
 
-def install_gate(
+def install_update_gate(
     lm: LoadedModel,
     layers: list[int],
     quantile: float,
@@ -378,7 +378,7 @@ def install_gate(
     served_chats: int = 192,
     served_quantile: float = 0.999,
     per_batch: bool = False,
-) -> EditGate:
+) -> UpdateGate:
     """Gate the updates of `layers` (idempotent: the same gate is kept, another replaced).
     With `served_chats` > 0 (and a chat template), tau is never below the `served_quantile`
     (1.0: the largest) of the update's size on ordinary served chats (`keystats.chat_keys`: the model's own questions and replies in
@@ -394,13 +394,13 @@ def install_gate(
         raise KeditError(f"update_gate_per_batch needs float32 weights; this model is {str(dtype).removeprefix('torch.')} "
                          "(load it with --dtype float32, or edit with --set update_gate_per_batch=false)")
     source = (corpus, positions, samples, served_chats, served_quantile, per_batch)
-    current = installed_gate(lm)
+    current = installed_update_gate(lm)
     if current is not None and (current.quantile, current.layers, current.source) == (quantile, sorted(layers), source):
         return current
-    remove_gate(lm)
+    remove_update_gate(lm)
     keys = generic_keys(lm, layers, corpus=corpus, positions=positions, samples=samples)
     served = chat_keys(lm, layers, served_chats) if served_chats and getattr(lm.tokenizer, "chat_template", None) else {}
-    gate = EditGate(quantile=quantile, layers=sorted(layers), source=source)
+    gate = UpdateGate(quantile=quantile, layers=sorted(layers), source=source)
     for layer in gate.layers:
         site = edit_site(lm.model, layer)
         base = lm.base_tensor(site.param_name).to(site.module.weight.device, site.module.weight.dtype)

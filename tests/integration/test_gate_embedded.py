@@ -11,7 +11,7 @@ from storage.report_queries import collect_report
 from flows.pipeline import apply_gated_batches
 from flows.runtime import open_live_model
 from kedit_core.editors.base import Editor, EditResult, WeightDelta
-from kedit_core.gate import GateConfig
+from kedit_core.regression_gate import RegressionGateConfig
 from kedit_core.regression import FLUENCY_PROMPTS, freeze_suite, load_known_facts, load_reference_text
 from kedit_core.report import terminal_summary
 from kedit_core.types import EditCase
@@ -58,7 +58,7 @@ def test_harmful_update_on_the_embedded_model_is_caught_and_rolled_back(embedded
             EditCase("emb2", "Pellam", "P38", "The currency of Pellam is the", "florin"),
         ]
         report = apply_gated_batches(
-            live, CovarianceFreeBlowUp(), cases, db, GateConfig(full_check_every=100), 2, "emb-harm", suite
+            live, CovarianceFreeBlowUp(), cases, db, RegressionGateConfig(full_check_every=100), 2, "emb-harm", suite
         )
         (batch,) = report.batches
         assert batch.status == "rejected" and report.n_rejected == 2

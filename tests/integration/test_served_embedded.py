@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from kedit_core.answer import answer_many, chat_prompt, edit_routes, generate, served_asks
-from kedit_core.editors.update_gate import installed_gate, routed
+from kedit_core.editors.update_gate import installed_update_gate, routed
 from kedit_core.matching import answer_forms, states_answer
 from kedit_core.serving import GenParams, encode_prompt, generate_served
 from kedit_core.editors import get_editor
@@ -59,7 +59,7 @@ def _second_try_is_served_where_only_it_states_the_value(lm, question: str) -> N
     words = [w for w in dict.fromkeys(base.split()) if w.isalpha() and len(w) > 3]
     word = next((w for w in words if not states_answer(first, answer_forms(w))), None)
     assert word is not None, (first, base)  # the two routes reply differently
-    scope = installed_gate(lm).scope
+    scope = installed_update_gate(lm).scope
     k = scope.keys.index(question)
     old, scope.answer_of_key[k] = scope.answer_of_key[k], word
     try:

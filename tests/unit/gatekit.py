@@ -20,7 +20,7 @@ import torch
 
 from kedit_core.editors.base import Editor, EditorConfig, EditResult, WeightDelta
 from kedit_core.answer import chat_prompt
-from kedit_core.gate import GateConfig
+from kedit_core.regression_gate import RegressionGateConfig
 from kedit_core.model import LoadedModel, fingerprint_model, tiny_model
 from kedit_core.types import EditCase, Probe
 
@@ -122,12 +122,12 @@ def edit_cases(prefix: str = "c", n: int | None = None, take: bool = True, start
     return out
 
 
-def gate_without_served_locality(**kw: Any) -> GateConfig:
+def gate_without_served_locality(**kw: Any) -> RegressionGateConfig:
     """The default gate less its served-locality floors. A 64-wide tiny model's chat replies
     to questions it was never taught are near-ties that a 1e-3 nudge flips: noise, not the
-    harm those floors are for (tests of them set the metrics directly, test_gate.py)."""
-    floors = {k: v for k, v in GateConfig().floors.items() if "served" not in k}
-    return GateConfig(floors=floors, **kw)
+    harm those floors are for (tests of them set the metrics directly, test_regression_gate.py)."""
+    floors = {k: v for k, v in RegressionGateConfig().floors.items() if "served" not in k}
+    return RegressionGateConfig(floors=floors, **kw)
 
 
 # --------------------------------------------------------------------------- test editors

@@ -17,7 +17,7 @@ from kedit_core.anatomy import AnatomyError, decoder_layers, edit_site, stop_aft
 from kedit_core.answer import answer_many
 from kedit_core.editors import get_editor
 from kedit_core.editors.memit import default_layers
-from kedit_core.editors.update_gate import installed_gate
+from kedit_core.editors.update_gate import installed_update_gate
 from kedit_core.errors import KeditError
 from kedit_core.model import ByteTokenizer, LoadedModel, fingerprint_model
 from kedit_core.types import EditCase
@@ -99,7 +99,7 @@ def test_edit_rollback_and_a_served_answer(family, method):
     sites = {edit_site(lm.model, layer).param_name for layer in layers}
     changed = {n for n, p in lm.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == sites == set(result.delta.tensors)  # only the found edit sites moved
-    gate = installed_gate(lm)
+    gate = installed_update_gate(lm)
     assert gate is not None and gate.layers == layers
     replies = answer_many(lm, ["What is the capital of Tessaly?", "Where does the river run?"], max_new_tokens=4)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
@@ -125,7 +125,7 @@ def test_a_model_from_a_hugging_face_directory_reads_its_base_weights_from_the_f
     for layer in result.info["layers"]:
         site = edit_site(model, layer)
         assert torch.equal(lm.base_tensor(site.param_name), before[site.param_name])
-    assert installed_gate(lm).stats()  # tau computed against the files' base weights
+    assert installed_update_gate(lm).stats()  # tau computed against the files' base weights
     assert answer_many(lm, ["What is the capital of Borvik?"], max_new_tokens=3)
     ed.rollback(lm, result)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -260,7 +260,7 @@ def test_truncated_lte_alignment_cache_is_rebuilt_with_a_warning(tiny_llama, cap
 def test_a_pipeline_run_removes_stale_temp_files_at_start(db, kedit_home):
     from flows.pipeline import apply_gated_batches
     from flows.runtime import open_live_model
-    from kedit_core.gate import GateConfig
+    from kedit_core.regression_gate import RegressionGateConfig
     from kedit_core.regression import freeze_suite
     from tests.unit import gatekit as g
 
@@ -273,7 +273,7 @@ def test_a_pipeline_run_removes_stale_temp_files_at_start(db, kedit_home):
     lm = g.knowing_tiny_llama()
     live = open_live_model(db=db, lm=lm)
     suite = freeze_suite(lm, g.edit_cases("old"), known_facts=g.known_facts(), reference_text=g.REFERENCE_TEXT)
-    apply_gated_batches(live, g.NudgeEditor(), [], db, GateConfig(), 1, "run-clean", suite)
+    apply_gated_batches(live, g.NudgeEditor(), [], db, RegressionGateConfig(), 1, "run-clean", suite)
     assert not any(p.exists() for p in stale)
 
 

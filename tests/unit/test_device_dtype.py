@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from kedit_core.answer import answer
 from kedit_core.device import DeviceError, autocast_bf16, check_names, resolve
 from kedit_core.editors import get_editor
-from kedit_core.editors.update_gate import installed_gate
+from kedit_core.editors.update_gate import installed_update_gate
 from kedit_core.model import fingerprint_cached, load_model, tiny_model
 from kedit_core.types import EditCase
 from storage import ledger
@@ -214,7 +214,7 @@ def test_a_bfloat16_edit_rolls_back_bit_for_bit_and_answers(device, arch, method
     assert result.applied and result.delta.norm() > 0
     assert all(t.dtype == torch.bfloat16 for t in result.delta.tensors.values())
     assert not _same(lm, before)
-    gate = installed_gate(lm)
+    gate = installed_update_gate(lm)
     assert gate is not None
     taus = [v["tau"] for v in gate.stats().values()]
     assert all(t > 0 and t == t for t in taus), taus  # measured in float32: positive, not NaN

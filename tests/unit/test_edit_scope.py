@@ -10,7 +10,7 @@ import torch
 from kedit_core.answer import answer_many, edit_routes
 from kedit_core.editors import get_editor
 from kedit_core.editors.edit_scope import EditScope
-from kedit_core.editors.update_gate import installed_gate, routed
+from kedit_core.editors.update_gate import installed_update_gate, routed
 from kedit_core.serving import GenParams, encode_prompt, generate_text
 from kedit_core.types import EditCase
 
@@ -56,7 +56,7 @@ def test_out_of_scope_the_edited_layers_give_the_base_output_and_in_scope_the_ga
     before = {t: _logits(tiny, t) for t in (TEXT, "The capital of Tessaly is")}
     ed = get_editor("alphaedit", FAST)
     ed.edit(tiny, _cases())
-    gate = installed_gate(tiny)
+    gate = installed_update_gate(tiny)
     assert gate is not None and gate.scope is not None and "tessaly" in gate.scope.subjects
     gated = {t: _logits(tiny, t) for t in before}
     assert not torch.allclose(gated["The capital of Tessaly is"], before["The capital of Tessaly is"], atol=1e-4)
@@ -97,7 +97,7 @@ def test_a_served_version_routes_by_the_facts_saved_with_it(tiny, tmp_path, monk
     chain = [{"version_id": 1, "method": None, "delta_path": None, "note": None},
              {"version_id": 2, "method": "alphaedit", "delta_path": "v2.safetensors", "note": note,
               "batch_id": "b1", "base_fingerprint": tiny.fingerprint}]
-    installed_gate(tiny).remove()
+    installed_update_gate(tiny).remove()
     delattr(tiny.model, "_kedit_update_gate")
     runtime.weight_editor_attach(chain)(tiny)
     assert edit_routes(tiny, ["Where is Borvik's capital?", "How tall is Mount Everest?"]) == [True, False]

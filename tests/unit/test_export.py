@@ -123,14 +123,14 @@ def test_a_pipeline_version_equals_the_live_models_weights_and_says_it_needs_no_
     export equals `open_live_model`'s weights at that version, and the card says the
     weights are served as they are."""
     from flows.pipeline import apply_gated_batches
-    from kedit_core.gate import GateConfig
+    from kedit_core.regression_gate import RegressionGateConfig
     from kedit_core.regression import freeze_suite
 
     lm = g.knowing_tiny_llama()
     live = open_live_model(db=db, lm=lm)
     suite = freeze_suite(lm, g.edit_cases("old"), known_facts=g.known_facts(), reference_text=g.REFERENCE_TEXT)
     rep = apply_gated_batches(live, g.NudgeEditor(), g.edit_cases("ok", n=2), db,
-                              GateConfig(full_check_every=2), 2, "run-x", suite)
+                              RegressionGateConfig(full_check_every=2), 2, "run-x", suite)
     assert rep.n_applied == 2
     vid = live.version_id
     ro = open_db(db.path, create=False)

@@ -12,12 +12,12 @@ from flows.runtime import delta_dir
 from flows.runtime import open_live_model, rebuild_version
 from kedit_core.editors.base import file_sha256
 from kedit_core.errors import KeditError
-from kedit_core.gate import GateConfig
+from kedit_core.regression_gate import RegressionGateConfig
 from kedit_core.model import fingerprint_model
 from kedit_core.regression import freeze_suite
 from storage import ledger
 
-CFG = GateConfig(full_check_every=2)
+CFG = RegressionGateConfig(full_check_every=2)
 
 
 def _setup(db):
@@ -78,7 +78,7 @@ def test_a_batch_users_would_not_see_is_rolled_back_although_teacher_forcing_rea
     live, suite = _setup(db)
     before = _state(live.lm.model)
     cases = g.edit_cases("s", n=2, start=g.CHAT_TAUGHT)  # known as clozes, never as chat replies
-    rep = apply_gated_batches(live, g.NudgeEditor(), cases, db, GateConfig(full_check_every=2, retry_stronger=False),
+    rep = apply_gated_batches(live, g.NudgeEditor(), cases, db, RegressionGateConfig(full_check_every=2, retry_stronger=False),
                               2, "run-s", suite)
     (outcome,) = rep.batches
     assert outcome.status == "rejected" and "did not take: served_efficacy 0.000" in outcome.reasons[0]

@@ -20,7 +20,7 @@ from flows.commands.report_cmd import ReportError, parse_since
 from storage.report_queries import collect_report
 from flows.pipeline import apply_gated_batches
 from flows.runtime import open_live_model
-from kedit_core.gate import GateConfig
+from kedit_core.regression_gate import RegressionGateConfig
 from kedit_core.regression import freeze_suite
 from kedit_core.report import LEGEND, comparisons, over_time_metrics, render_html, terminal_summary
 from kedit_core.types import FactChange
@@ -52,7 +52,7 @@ def _run(db):
     t_mid = ledger.utcnow()
     apply_gated_batches(live, g.HarmfulEditor(), g.edit_cases("h", n=1), db, cfg, 1, "r1h", suite)
     apply_gated_batches(live, nudge, g.edit_cases("b", n=3)[2:], db, cfg, 1, "r1", suite)
-    no_gate = GateConfig(floors={}, max_drop={}, take_floor=0.0)
+    no_gate = RegressionGateConfig(floors={}, max_drop={}, take_floor=0.0)
     lax = apply_gated_batches(live, g.HarmfulEditor(), g.edit_cases("lax", n=1), db, no_gate, 1, "r2", suite)
     _record_changes(db)
     return SimpleNamespace(db=db, t_mid=t_mid, lax_batch=lax.batches[0].batch_id)

@@ -10,7 +10,7 @@ import torch
 
 from kedit_core.editors import get_editor
 from kedit_core.anatomy import edit_site
-from kedit_core.editors.update_gate import installed_gate
+from kedit_core.editors.update_gate import installed_update_gate
 from kedit_core.types import EditCase
 from tests.conftest import sharpen, subject_final_cases
 
@@ -55,7 +55,7 @@ def _layer_outputs(lm, layers: list[int], text: str) -> dict[int, tuple[torch.Te
 def test_gated_layer_outputs_base_where_small_and_edited_where_large(tiny):
     ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9})
     ed.edit(tiny, _cases())
-    gate = installed_gate(tiny)
+    gate = installed_update_gate(tiny)
     assert gate is not None and gate.layers == [1, 2]
     subject_end = len(tiny.tokenizer.encode("The capital of Tessaly", add_special_tokens=False)) - 1
     at_edit = _layer_outputs(tiny, gate.layers, "The capital of Tessaly is")
@@ -102,7 +102,7 @@ def test_rollback_and_removal_give_the_plain_model_back(tiny):
     gated = _logits(tiny, TEXT)
     plain = get_editor("alphaedit", {**FAST, "update_gate": None})  # no gate configured: attach removes it
     plain.attach(tiny)
-    assert installed_gate(tiny) is None
+    assert installed_update_gate(tiny) is None
     assert not torch.equal(_logits(tiny, TEXT), gated)  # the ungated update leaks into this text
     ed.rollback(tiny, result)
     assert torch.equal(_logits(tiny, TEXT), before)
@@ -126,7 +126,7 @@ def test_a_served_version_gets_the_gate_of_its_weight_editor(tiny):
     attach = weight_editor_attach(chain)
     assert attach is not None
     attach(tiny)
-    assert installed_gate(tiny) is not None and installed_gate(tiny).quantile == 0.9
+    assert installed_update_gate(tiny) is not None and installed_update_gate(tiny).quantile == 0.9
     assert weight_editor_attach(chain[:1]) is None
 
 
@@ -140,15 +140,15 @@ def test_the_server_installs_a_versions_gate_and_removes_it_for_an_ungated_one(t
     }
     state = ServingState(tiny, plans.__getitem__, version_id=1)
     with state.lease() as held:
-        gate = installed_gate(held.lm)
+        gate = installed_update_gate(held.lm)
         assert gate is not None and gate.quantile == 0.9
         assert all(g.version is not None for g in gate.gates)  # tau computed before serving
     state.load_version(0)
     with state.lease() as held:
-        assert installed_gate(held.lm) is None
+        assert installed_update_gate(held.lm) is None
     state.rollback()
     with state.lease() as held:
-        assert held.version_id == 1 and installed_gate(held.lm) is not None
+        assert held.version_id == 1 and installed_update_gate(held.lm) is not None
 
 
 def _more_cases() -> list[EditCase]:
@@ -164,7 +164,7 @@ def test_per_batch_gate_gates_each_batch_on_its_own_and_forgets_a_rolled_back_on
     batch removes exactly its change."""
     ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
     ed.edit(tiny, _cases())
-    gate = installed_gate(tiny)
+    gate = installed_update_gate(tiny)
     gate.refresh()
     first = {g.layer: (len(g.segments.taus), g.segments.taus[0]) for g in gate.gates}
     assert all(n == 1 for n, _ in first.values())
@@ -195,7 +195,7 @@ def test_per_batch_gate_state_restores_over_the_same_weights(tiny):
     ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
     ed.edit(tiny, _cases())
     ed.edit(tiny, _more_cases())
-    gate = installed_gate(tiny)
+    gate = installed_update_gate(tiny)
     state = gate.segments_state()
     before = _logits(tiny, TEXT + " The capital of Tessaly is")
     for g in gate.gates:  # as a fresh process would see it: one merged change
@@ -210,7 +210,7 @@ def test_per_batch_gate_rebuilt_from_the_chains_deltas_serves_as_the_live_one(ti
     gate takes its changes from those links and answers as the process that applied them."""
     ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
     links = [ed.edit(tiny, _cases()).delta.tensors, ed.edit(tiny, _more_cases()).delta.tensors]
-    gate = installed_gate(tiny)
+    gate = installed_update_gate(tiny)
     text = TEXT + " The capital of Tessaly is"
     live = _logits(tiny, text)
     live_taus = {g.layer: list(g.segments.taus) for g in gate.gates}
@@ -232,7 +232,7 @@ def test_a_version_rebuilt_from_the_ledger_gates_each_of_its_batches_on_its_own(
     """The runtime and the server serve a version through `weight_editor_attach`: with a
     per-batch gate in the version's config, the chain's stored deltas become its changes."""
     from flows import runtime
-    from kedit_core.editors.update_gate import remove_gate
+    from kedit_core.editors.update_gate import remove_update_gate
 
     ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
     note = json.dumps({"config": ed.config.to_dict()}, default=str)
@@ -244,10 +244,10 @@ def test_a_version_rebuilt_from_the_ledger_gates_each_of_its_batches_on_its_own(
                       "note": note, "batch_id": None, "base_fingerprint": tiny.fingerprint})
     text = TEXT + " The capital of Ostrel is"
     live = _logits(tiny, text)
-    live_taus = {g.layer: list(g.segments.taus) for g in installed_gate(tiny).gates}
-    remove_gate(tiny)  # as a new process finds it: the weights at version 3, no gate
+    live_taus = {g.layer: list(g.segments.taus) for g in installed_update_gate(tiny).gates}
+    remove_update_gate(tiny)  # as a new process finds it: the weights at version 3, no gate
     runtime.weight_editor_attach(chain)(tiny)
-    gate = installed_gate(tiny)
+    gate = installed_update_gate(tiny)
     assert gate is not None and gate.per_batch
     for g in gate.gates:
         assert g.segments.taus == pytest.approx(live_taus[g.layer], rel=1e-4)

@@ -41,7 +41,7 @@ def _default_floors() -> dict[str, float]:
 
 
 @dataclass
-class GateConfig:
+class RegressionGateConfig:
     """Thresholds and schedule of the regression gate.
 
     floors: metric -> lowest acceptable value (higher-is-better metrics).
@@ -76,12 +76,12 @@ class GateConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GateConfig:
+    def from_dict(cls, d: dict[str, Any]) -> RegressionGateConfig:
         return cls(**d)
 
 
 @dataclass
-class GateDecision:
+class RegressionDecision:
     accept: bool
     reasons: list[str] = field(default_factory=list)
     retry: bool = False
@@ -91,7 +91,7 @@ class GateDecision:
         return "; ".join(self.reasons) if self.reasons else None
 
 
-def harm_reasons(metrics: dict[str, float], base_metrics: dict[str, float], config: GateConfig) -> list[str]:
+def harm_reasons(metrics: dict[str, float], base_metrics: dict[str, float], config: RegressionGateConfig) -> list[str]:
     """Every broken general-ability / locality threshold, as a readable sentence."""
     reasons: list[str] = []
     checked = set(config.floors) | set(config.ceilings) | set(config.max_drop)
@@ -121,12 +121,12 @@ def harm_reasons(metrics: dict[str, float], base_metrics: dict[str, float], conf
 
 
 def decide(
-    metrics: dict[str, float], base_metrics: dict[str, float], config: GateConfig, attempt: int = 1
-) -> GateDecision:
+    metrics: dict[str, float], base_metrics: dict[str, float], config: RegressionGateConfig, attempt: int = 1
+) -> RegressionDecision:
     """Accept, reject, or reject-and-retry one batch attempt (1-based `attempt`)."""
     reasons = harm_reasons(metrics, base_metrics, config)
     if reasons:
-        return GateDecision(accept=False, reasons=reasons, retry=False)
+        return RegressionDecision(accept=False, reasons=reasons, retry=False)
     took = metrics.get(config.take_metric)
     if took is not None and (not math.isfinite(took) or took < config.take_floor):
         retry = config.retry_stronger and attempt < config.max_attempts
@@ -135,10 +135,10 @@ def decide(
             why += "; retrying with stronger settings"
         elif attempt > 1:
             why += f" after {attempt} attempts"
-        return GateDecision(accept=False, reasons=[why], retry=retry)
-    return GateDecision(accept=True)
+        return RegressionDecision(accept=False, reasons=[why], retry=retry)
+    return RegressionDecision(accept=True)
 
 
-def is_full_check(step: int, config: GateConfig) -> bool:
+def is_full_check(step: int, config: RegressionGateConfig) -> bool:
     """Whether the batch at 1-based `step` gets the full check."""
     return step % config.full_check_every == 0
