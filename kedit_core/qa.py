@@ -32,7 +32,7 @@ from kedit_core.types import EditCase, FactChange, Probe
 LabelLookup = Callable[[list[str]], dict[str, str]]
 # (list of item ids) -> {id: [aliases in the label's language]}; ids without aliases may be
 # absent. Optional: `build_cases` takes one as `aliases=`, or uses the label lookup's own
-# `aliases` method when it has one (`connectors.labels.CachedLabelLookup`, `dict_labels`).
+# `aliases` method when it has one (`flows.services.labels.CachedLabelLookup`, `dict_labels`).
 AliasLookup = Callable[[list[str]], dict[str, list[str]]]
 
 # Wikimedia-internal items: not facts about the world (P31 values).
@@ -268,9 +268,49 @@ def build_cases(
     aliases (numbers and dates still do)."""
     cfg = config or QAConfig()
     report = CaseBuildReport()
+    known = _lookup_labels(changes, labels, facts)
+    known_aliases = _lookup_aliases(changes, labels, facts, aliases)
+    latest = _latest_per_fact(changes)
+    changed_facts = {(ch.subject, ch.property) for ch in changes}
 
-    # 1. One label lookup for everything: subjects, values, units, property labels (for
-    #    the fallback), and whatever the locality / multi-hop facts mention.
+    for i, ch in enumerate(changes):
+        try:
+            datatype, subject = _check_fact(ch, latest[_fact_of(ch)] == i, known, facts, cfg)
+            new_answer, old_answer = _answers(ch, known, cfg)
+            template, prompt, questions = _wording(ch, subject, datatype, new_answer, known, cfg)
+        except _Drop as d:
+            report.dropped.append(DroppedChange(ch.change_id, ch.subject, ch.property, ch.kind, d.reason, d.detail))
+            continue
+        new_aliases, old_aliases = _answer_aliases(ch, new_answer, old_answer, [prompt, *questions],
+                                                   known, known_aliases)
+        probes = [Probe("paraphrase", q, new_answer, {"template": template.pid}) for q in questions]
+        if cfg.negation:
+            probes += _negation_probes(template, subject, new_answer, old_answer)
+        if facts is not None:
+            probes += _locality_other(ch, template, facts, known, changed_facts, cfg)
+            probes += _locality_same(ch, facts, known, changed_facts, cfg)
+            probes += _multihop(ch, template, subject, facts, known, cfg, known_aliases)
+        report.cases.append(_edit_case(ch, subject, template, prompt, questions[0], new_answer, old_answer,
+                                       probes, new_aliases, old_aliases))
+        if template.specific:
+            report.specific_template += 1
+        else:
+            report.fallback_template += 1
+    return report
+
+
+class _Drop(Exception):
+    """A change fails a quality filter; `build_cases` records it as a `DroppedChange`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _lookup_labels(changes: list[FactChange], labels: LabelLookup, facts: SubjectFacts | None) -> dict[str, str]:
+    """One label lookup for everything: subjects, values, units, property labels (for the
+    fallback), and whatever the locality / multi-hop facts mention."""
     wanted: set[str] = set()
     for ch in changes:
         wanted.update({ch.subject, ch.property})
@@ -282,9 +322,13 @@ def build_cases(
     missing = sorted(i for i in wanted if i not in known)
     if missing:
         known.update({k: v for k, v in (labels(missing) or {}).items() if v})
+    return known
 
-    # ... and one alias lookup for the item values a case or a multi-hop probe answers with
-    #    (entities in `facts` bring their own aliases).
+
+def _lookup_aliases(changes: list[FactChange], labels: LabelLookup, facts: SubjectFacts | None,
+                    aliases: AliasLookup | None) -> dict[str, list[str]]:
+    """One alias lookup for the item values a case or a multi-hop probe answers with
+    (entities in `facts` bring their own aliases)."""
     alias_lookup = aliases if aliases is not None else getattr(labels, "aliases", None)
     alias_ids = _item_ids(v for ch in changes for v in (ch.new_value, ch.old_value))
     if facts is not None:
@@ -294,147 +338,139 @@ def build_cases(
     alias_missing = sorted(i for i in alias_ids if i not in known_aliases)
     if alias_missing and callable(alias_lookup):
         known_aliases.update({k: list(v) for k, v in (alias_lookup(alias_missing) or {}).items() if v})
+    return known_aliases
 
-    # A later change of the same fact in the batch supersedes an earlier one.
-    def fact_of(ch: FactChange) -> tuple[str, ...]:
-        return fact_key(ch.subject, ch.property, ch.new_value)
 
-    # Among values of one single-valued fact in the same revision (e.g. populations with
-    # different "point in time" qualifiers), the most recent one by qualifier wins.
-    def recency(i: int) -> tuple[int, str, int]:
-        ch = changes[i]
-        quals = ch.qualifiers or {}
-        when = ""
-        for qp in ("P585", "P580"):
-            vals = quals.get(qp) or []
-            if vals and isinstance(vals[0], dict) and isinstance(vals[0].get("time"), str):
-                when = _sortable_time(vals[0]["time"])
-                break
-        return (ch.revid, when, i)
+def _fact_of(ch: FactChange) -> tuple[str, ...]:
+    return fact_key(ch.subject, ch.property, ch.new_value)
 
+
+def _recency(changes: list[FactChange], i: int) -> tuple[int, str, int]:
+    """Among values of one single-valued fact in the same revision (e.g. populations with
+    different "point in time" qualifiers), the most recent one by qualifier wins."""
+    ch = changes[i]
+    quals = ch.qualifiers or {}
+    when = ""
+    for qp in ("P585", "P580"):
+        vals = quals.get(qp) or []
+        if vals and isinstance(vals[0], dict) and isinstance(vals[0].get("time"), str):
+            when = _sortable_time(vals[0]["time"])
+            break
+    return (ch.revid, when, i)
+
+
+def _latest_per_fact(changes: list[FactChange]) -> dict[tuple[str, ...], int]:
+    """Index of the change that sets each fact: a later change of the same fact in the
+    batch supersedes an earlier one."""
     last_index: dict[tuple[str, ...], int] = {}
     for i, ch in enumerate(changes):
-        key = fact_of(ch)
-        if key not in last_index or recency(i) > recency(last_index[key]):
+        key = _fact_of(ch)
+        if key not in last_index or _recency(changes, i) > _recency(changes, last_index[key]):
             last_index[key] = i
-    changed_facts = {(ch.subject, ch.property) for ch in changes}
+    return last_index
 
-    def drop(ch: FactChange, reason: str, detail: str = "") -> None:
-        report.dropped.append(DroppedChange(ch.change_id, ch.subject, ch.property, ch.kind, reason, detail))
 
-    for i, ch in enumerate(changes):
-        # 2. Filters that need no wording.
-        if ch.kind == "removed" or ch.new_value is None:
-            drop(ch, "removed", "a removed statement states no new fact to teach")
-            continue
-        if last_index[fact_of(ch)] != i:
-            drop(ch, "superseded", "a later change (or a more recent value) of the same fact is in this batch")
-            continue
-        datatype = ch.datatype or ch.new_value.get("type")
-        if datatype in cfg.excluded_datatypes:
-            drop(ch, "datatype_excluded", f"{datatype} values are identifiers or media, not QA facts")
-            continue
-        subject = known.get(ch.subject)
-        if not subject:
-            drop(ch, "subject_unlabelled", f"{ch.subject} has no English label")
-            continue
-        why_meta = _meta_subject(ch.subject, subject, facts)
-        if why_meta:
-            drop(ch, "meta_subject", why_meta)
-            continue
+def _check_fact(ch: FactChange, is_latest: bool, known: dict[str, str], facts: SubjectFacts | None,
+                cfg: QAConfig) -> tuple[str | None, str]:
+    """The filters that need no wording; returns the change's datatype and subject label."""
+    if ch.kind == "removed" or ch.new_value is None:
+        raise _Drop("removed", "a removed statement states no new fact to teach")
+    if not is_latest:
+        raise _Drop("superseded", "a later change (or a more recent value) of the same fact is in this batch")
+    datatype = ch.datatype or ch.new_value.get("type")
+    if datatype in cfg.excluded_datatypes:
+        raise _Drop("datatype_excluded", f"{datatype} values are identifiers or media, not QA facts")
+    subject = known.get(ch.subject)
+    if not subject:
+        raise _Drop("subject_unlabelled", f"{ch.subject} has no English label")
+    why_meta = _meta_subject(ch.subject, subject, facts)
+    if why_meta:
+        raise _Drop("meta_subject", why_meta)
+    return datatype, subject
 
-        # 3. Answers.
+
+def _answers(ch: FactChange, known: dict[str, str], cfg: QAConfig) -> tuple[str, str | None]:
+    """The new answer (and the old one, for an update), rendered and checked."""
+    try:
+        new_answer = _render(ch.new_value, known)
+    except Unrenderable as exc:
+        raise _Drop(f"new_value_{exc.reason}", exc.detail) from None
+    old_answer: str | None = None
+    if ch.kind == "updated" and ch.old_value is not None:
         try:
-            new_answer = _render(ch.new_value, known)
-        except Unrenderable as exc:
-            drop(ch, f"new_value_{exc.reason}", exc.detail)
-            continue
-        old_answer: str | None = None
-        if ch.kind == "updated" and ch.old_value is not None:
-            try:
-                old_answer = _render(ch.old_value, known)
-            except Unrenderable:
-                old_answer = None  # an unknown old value still allows teaching the new one
-        if old_answer is not None and old_answer == new_answer:
-            drop(ch, "unchanged_answer", f"old and new both read {new_answer!r}")
-            continue
-        if new_answer.startswith(META_PREFIXES):
-            drop(ch, "meta_value", f"value {new_answer!r} is a Wikimedia page, not a fact")
-            continue
-        if not _fits(new_answer, cfg):
-            drop(ch, "answer_too_long", f"{len(new_answer)} chars / {len(new_answer.split())} words")
-            continue
-        if ch.new_value.get("id") == ch.subject:
-            drop(ch, "self_reference", "the value is the subject itself")
-            continue
+            old_answer = _render(ch.old_value, known)
+        except Unrenderable:
+            old_answer = None  # an unknown old value still allows teaching the new one
+    if old_answer is not None and old_answer == new_answer:
+        raise _Drop("unchanged_answer", f"old and new both read {new_answer!r}")
+    if new_answer.startswith(META_PREFIXES):
+        raise _Drop("meta_value", f"value {new_answer!r} is a Wikimedia page, not a fact")
+    if not _fits(new_answer, cfg):
+        raise _Drop("answer_too_long", f"{len(new_answer)} chars / {len(new_answer.split())} words")
+    if ch.new_value.get("id") == ch.subject:
+        raise _Drop("self_reference", "the value is the subject itself")
+    return new_answer, old_answer
 
-        # 4. Template and wording.
-        template = template_for(ch.property, known.get(ch.property) if cfg.use_fallback else None, datatype)
-        if template is None:
-            drop(ch, "no_template", f"{ch.property} has no template and no English label")
-            continue
-        if not template.specific and datatype == "string" and not cfg.allow_untemplated_strings:
-            drop(ch, "identifier_like", f"string value of {ch.property} ({template.label}) without a template")
-            continue
-        if ch.kind == "updated" and not template.single_valued:
-            drop(ch, "multi_valued_update",
-                 f"{template.label} is multi-valued: the old value may still hold, so this is no replacement")
-            continue
-        prompt = template.prompt(subject)
-        questions = template.question_forms(subject)
-        if subject not in prompt or any(subject not in q for q in questions):
-            drop(ch, "subject_not_in_question", prompt)
-            continue
-        if _mentions(prompt, new_answer) or any(_mentions(q, new_answer) for q in questions):
-            drop(ch, "answer_in_question", f"{new_answer!r} occurs in {prompt!r}")
-            continue
-        new_aliases, old_aliases = prune_aliases(
-            new_answer, value_aliases(ch.new_value, known, known_aliases),
-            old_answer, value_aliases(ch.old_value, known, known_aliases) if old_answer is not None else [])
-        # An alias the question itself says would be "stated" by a reply that repeats the question.
-        new_aliases = [a for a in new_aliases if not any(_mentions(q, a) for q in [prompt, *questions])]
 
-        # 5. Probes.
-        probes = [Probe("paraphrase", q, new_answer, {"template": template.pid}) for q in questions]
-        if cfg.negation:
-            probes += _negation_probes(template, subject, new_answer, old_answer)
-        if facts is not None:
-            probes += _locality_other(ch, template, facts, known, changed_facts, cfg)
-            probes += _locality_same(ch, facts, known, changed_facts, cfg)
-            probes += _multihop(ch, template, subject, facts, known, cfg, known_aliases)
+def _wording(ch: FactChange, subject: str, datatype: str | None, new_answer: str, known: dict[str, str],
+             cfg: QAConfig) -> tuple[PropertyTemplate, str, list[str]]:
+    """The property's template, the edit's cloze prompt and its questions."""
+    template = template_for(ch.property, known.get(ch.property) if cfg.use_fallback else None, datatype)
+    if template is None:
+        raise _Drop("no_template", f"{ch.property} has no template and no English label")
+    if not template.specific and datatype == "string" and not cfg.allow_untemplated_strings:
+        raise _Drop("identifier_like", f"string value of {ch.property} ({template.label}) without a template")
+    if ch.kind == "updated" and not template.single_valued:
+        raise _Drop("multi_valued_update",
+                    f"{template.label} is multi-valued: the old value may still hold, so this is no replacement")
+    prompt = template.prompt(subject)
+    questions = template.question_forms(subject)
+    if subject not in prompt or any(subject not in q for q in questions):
+        raise _Drop("subject_not_in_question", prompt)
+    if _mentions(prompt, new_answer) or any(_mentions(q, new_answer) for q in questions):
+        raise _Drop("answer_in_question", f"{new_answer!r} occurs in {prompt!r}")
+    return template, prompt, questions
 
-        report.cases.append(
-            EditCase(
-                case_id=f"wd-{ch.change_id}",
-                subject=subject,
-                relation=ch.property,
-                prompt=prompt,
-                question=questions[0],
-                target_new=new_answer,
-                target_old=old_answer,
-                probes=probes,
-                source="wikidata",
-                change_id=ch.change_id,
-                meta={
-                    "subject_id": ch.subject,
-                    "kind": ch.kind,
-                    "revid": ch.revid,
-                    "timestamp": ch.timestamp,
-                    "template": "specific" if template.specific else "fallback",
-                    "relation_label": template.label,
-                    "new_value": ch.new_value,
-                    "old_value": ch.old_value,
-                    # other renderings of the answers a free reply may use (served answers)
-                    "aliases": new_aliases,
-                    "old_aliases": old_aliases,
-                },
-            )
-        )
-        if template.specific:
-            report.specific_template += 1
-        else:
-            report.fallback_template += 1
-    return report
+
+def _answer_aliases(ch: FactChange, new_answer: str, old_answer: str | None, asked: list[str],
+                    known: dict[str, str], known_aliases: Mapping[str, list[str]]) -> tuple[list[str], list[str]]:
+    """Other renderings of the new and old answers a free reply may use."""
+    new_aliases, old_aliases = prune_aliases(
+        new_answer, value_aliases(ch.new_value, known, known_aliases),
+        old_answer, value_aliases(ch.old_value, known, known_aliases) if old_answer is not None else [])
+    # An alias the question itself says would be "stated" by a reply that repeats the question.
+    new_aliases = [a for a in new_aliases if not any(_mentions(q, a) for q in asked)]
+    return new_aliases, old_aliases
+
+
+def _edit_case(ch: FactChange, subject: str, template: PropertyTemplate, prompt: str, question: str,
+               new_answer: str, old_answer: str | None, probes: list[Probe], new_aliases: list[str],
+               old_aliases: list[str]) -> EditCase:
+    return EditCase(
+        case_id=f"wd-{ch.change_id}",
+        subject=subject,
+        relation=ch.property,
+        prompt=prompt,
+        question=question,
+        target_new=new_answer,
+        target_old=old_answer,
+        probes=probes,
+        source="wikidata",
+        change_id=ch.change_id,
+        meta={
+            "subject_id": ch.subject,
+            "kind": ch.kind,
+            "revid": ch.revid,
+            "timestamp": ch.timestamp,
+            "template": "specific" if template.specific else "fallback",
+            "relation_label": template.label,
+            "new_value": ch.new_value,
+            "old_value": ch.old_value,
+            # other renderings of the answers a free reply may use (served answers)
+            "aliases": new_aliases,
+            "old_aliases": old_aliases,
+        },
+    )
 
 
 def _negation_probes(t: PropertyTemplate, subject: str, new: str, old: str | None) -> list[Probe]:
