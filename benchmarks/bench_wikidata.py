@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=40, help="times the day's edits are repeated")
     args = ap.parse_args()
 
-    from connectors.ingest import ingest_window
+    from flows.services.ingest import ingest_window
     from connectors.wikidata import WikidataClient
     from kedit_core.diff import diff_entities, parse_entity
     from storage.db import open_db

@@ -115,7 +115,7 @@ def save_state(folder: Path, lm: Any, editor: Any, touched: set[str], progress: 
     then the progress file last: a crash mid-save leaves the previous consistent state."""
     from safetensors.torch import save_file
 
-    from flows.runtime import save_editor_state
+    from flows.services.runtime import save_editor_state
     from kedit_core.atomic import atomic_target, atomic_write_text
 
     params = dict(lm.model.named_parameters())
@@ -140,7 +140,7 @@ def save_state(folder: Path, lm: Any, editor: Any, touched: set[str], progress: 
 def restore_state(folder: Path, lm: Any, editor: Any, progress: dict[str, Any]) -> set[str]:
     from safetensors.torch import load_file
 
-    from flows.runtime import load_editor_state
+    from flows.services.runtime import load_editor_state
 
     tag = progress["saved"]
     weights = load_file(str(folder / f"weights-{tag}.safetensors"))
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from connectors.benchmarks import read_dataset
     from kedit_core.editor_settings import editor_from_settings
-    from flows.settings import PipelineSettings
+    from flows.services.settings import PipelineSettings
     from kedit_core.evaluate import reference_predictions
     from kedit_core.model import load_model
     from kedit_core.regression import load_reference_text

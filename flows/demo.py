@@ -5,7 +5,7 @@ edits) is replayed from a server on 127.0.0.1, so the real `requests` client, th
 filters, case generation, corrections, AlphaEdit in gated batches, the regression gate and
 the drift report all run for real, on the embedded model. Each night is one run of the
 `kedit-nightly-update` flow whose windows continue from the ledger's cursor
-(flows/windows.py); the demo misses one night on purpose, so the next run catches up both
+(flows/services/windows.py); the demo misses one night on purpose, so the next run catches up both
 days. The week holds a vandal edit undone after the settle window (a correction must edit
 the model back), a subject edited on several nights, a value corrected after it was
 applied, and a change held in quarantine (`kedit quarantine list`).
@@ -57,9 +57,9 @@ def run_demo(
     """Run the recorded week's nights; returns {"nights": [per-night summaries], "edits": the
     applied/rejected totals of this demo run, "report": the last night's report}."""
     from connectors.replay import ReplayServer
-    from flows import steps
-    from flows.pipelines import nightly_update
-    from flows.windows import CURSOR
+    from flows.services import steps
+    from flows.prefect_flows import nightly_update
+    from flows.services.windows import CURSOR
     from storage import ledger
     from storage.lock import ledger_lock
 
@@ -136,7 +136,7 @@ def _applied_chain() -> tuple[list[Any], dict[str, Any]]:
     """The applied Wikidata cases in revision order with their versions, and the ones the
     model should state now: a case is outdated when a later applied case of the same subject
     and relation set the same fact again or changed its value away from it."""
-    from flows import steps
+    from flows.services import steps
     from kedit_core.qa import fact_key
     from storage import correction_store
 
@@ -176,8 +176,8 @@ def _show_answers(settings: dict[str, Any], echo: Callable[[str], Any]) -> None:
     its current value, asked in chat to the live model (chat template, greedy, up to 48
     tokens), and whether the reply states that value (kedit_core/served_answers.py, the
     protocol every figure uses)."""
-    from flows import steps
-    from flows.settings import PipelineSettings
+    from flows.services import steps
+    from flows.services.settings import PipelineSettings
     from kedit_core.answer import answer_many
     from kedit_core.served_answers import case_forms, states_answer
 
@@ -198,7 +198,7 @@ def _show_answers(settings: dict[str, Any], echo: Callable[[str], Any]) -> None:
 
 def _show_quarantine(echo: Callable[[str], Any]) -> None:
     """What waits for a human: the changes held in quarantine and the command to act on them."""
-    from flows import steps
+    from flows.services import steps
     from storage import quarantine_store
 
     held = quarantine_store.quarantined(steps.db())

@@ -1,5 +1,5 @@
 """`kedit export`: one ledger version's weights as a folder other tools load (the writing;
-`flows/export.py` reads the version from the ledger, rebuilds it and calls this module).
+`flows/services/export.py` reads the version from the ledger, rebuilds it and calls this module).
 
 What is written (into DIR, which appears whole or not at all: everything is built in a
 temporary folder beside it and renamed into place):
@@ -180,7 +180,7 @@ def byte_level_tokenizer() -> Any:
 
 def serving_features(versions: list[dict[str, Any]]) -> dict[str, Any]:
     """How kedit serves this version (the newest weight editor's settings decide, as in
-    `flows.runtime.weight_editor_attach`) and which of that the exported weights lack."""
+    `flows.services.runtime.weight_editor_attach`) and which of that the exported weights lack."""
     from kedit_core.editors.base import EDITORS, available_editors
 
     available_editors()

@@ -1,6 +1,6 @@
 """How the domain asks for English names of Wikidata entities, without knowing where they come
 from: a `LabelLookup` is any callable `(ids) -> {id: label}` that leaves out ids it has no
-English label for. `connectors.labels.CachedLabelLookup` is the DuckDB-cached API one;
+English label for. `flows.services.labels.CachedLabelLookup` is the DuckDB-cached API one;
 `StaticLabels` serves a dict (tests, recorded data)."""
 from __future__ import annotations
 

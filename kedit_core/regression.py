@@ -218,7 +218,7 @@ def freeze_suite(
     seed: int = 0,
     batch_size: int = 32,
 ) -> RegressionSuite:
-    """Freeze the suite on the UNEDITED model `base_lm` (see `flows.runtime.LiveModel.at_base` for a live one).
+    """Freeze the suite on the UNEDITED model `base_lm` (see `flows.services.runtime.LiveModel.at_base` for a live one).
 
     Earlier edits are sampled (seeded) for locality drift and retention; the base model's
     predictions on their locality probes and its general-ability metrics are recorded.

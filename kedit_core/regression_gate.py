@@ -8,7 +8,7 @@ the base model's and with absolute limits. Two ways to fail, handled differently
 - *did not take*: the batch's own efficacy is below `take_floor` and nothing was harmed
   -> retry once with stronger settings, then reject.
 
-No I/O here: the pipeline (`flows/pipeline.py`) measures, calls `decide`, and acts.
+No I/O here: the pipeline (`flows/services/gated_batches.py`) measures, calls `decide`, and acts.
 """
 from __future__ import annotations
 

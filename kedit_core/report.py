@@ -94,7 +94,7 @@ class ReportData:
 
 @dataclass
 class Comparison:
-    """One `kedit compare` run as the ledger holds it (flows/comparison.py): per
+    """One `kedit compare` run as the ledger holds it (flows/services/comparison.py): per
     method, one row set per batch (step = batch index) and a final row set after the last
     batch, the step where `seconds_per_edit` is recorded; a failed method has `failed`."""
 

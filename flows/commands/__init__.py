@@ -34,7 +34,7 @@ def with_config(config, method: str | None, settings: list[str]) -> list[str]:
     """The `--config` file's settings for `method` (default: the pipeline's), then `--set`'s."""
     if config is None:
         return list(settings)
-    from flows.settings import PipelineSettings
+    from flows.services.settings import PipelineSettings
     from kedit_core.editor_settings import settings_file
 
     return settings_file(config, method or PipelineSettings.from_env().method) + list(settings)

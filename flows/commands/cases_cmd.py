@@ -102,8 +102,8 @@ def build_report(old_path: Path, new_path: Path, entity: str | None, labels_file
         static = {k: v for k, v in static.items() if isinstance(v, str) and not k.startswith("_")}
     cached = None
     if not offline:
-        from connectors.labels import CachedLabelLookup
-        from flows.settings import PipelineSettings
+        from flows.services.labels import CachedLabelLookup
+        from flows.services.settings import PipelineSettings
         from storage.db import open_if_exists
 
         client = PipelineSettings.from_env().wikidata_client()

@@ -1,5 +1,5 @@
 """`kedit compare`: one stream of edits through several methods, side by side (the logic
-is `flows/comparison.py`, shared with the kedit-compare-methods flow)."""
+is `flows/services/comparison.py`, shared with the kedit-compare-methods flow)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from flows.commands import DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP, WAIT_HELP
-from flows.comparison import format_table, parse_methods, run_comparison
+from flows.services.comparison import format_table, parse_methods, run_comparison
 
 
 def register(app: typer.Typer) -> None:

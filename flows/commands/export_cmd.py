@@ -1,4 +1,4 @@
-"""`kedit export VERSION DIR`: a ledger version's weights as a standard folder (flows/export.py, kedit_core/export.py)."""
+"""`kedit export VERSION DIR`: a ledger version's weights as a standard folder (flows/services/export.py, kedit_core/export.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """Write a version's weights (base + its deltas, bit for bit) with a model card; the ledger is only read."""
-        from flows.export import export_version
+        from flows.services.export import export_version
         from storage.db import open_db
 
         db = open_db(db_path, create=False)  # read-only: an export never writes the ledger

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """What is loaded: architecture, size, fingerprint, cache path, live version."""
-        from flows.runtime import open_live_model
+        from flows.services.runtime import open_live_model
         from storage.db import open_if_exists
 
         live = open_live_model(model, db=open_if_exists(), read_only=True, device=device, dtype=dtype)
@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
             text = ServedModelClient(server).ask(question, max_tokens=max_new_tokens)
             typer.echo(text)
             return
-        from flows.runtime import open_live_model
+        from flows.services.runtime import open_live_model
         from kedit_core.device import resolve
         from kedit_core.errors import KeditError
         from storage import ledger

@@ -26,7 +26,7 @@ def _settings_overrides(**kwargs) -> dict:
 def _placement(device: Optional[str], dtype: Optional[str]) -> dict[str, str]:
     """`--device` / `--dtype` as pipeline settings, checked now (this machine must have the
     device), so a missing GPU is one line before a night's ingest rather than after it."""
-    from flows.settings import PipelineSettings
+    from flows.services.settings import PipelineSettings
     from kedit_core.device import resolve
 
     s = PipelineSettings.from_env(**_settings_overrides(device=device, dtype=dtype))
@@ -40,7 +40,7 @@ def editor_overrides(method: Optional[str], pairs: List[str]) -> Optional[dict[s
     if not pairs:
         return None
     from kedit_core.editor_settings import editor_from_settings, parse_settings
-    from flows.settings import PipelineSettings
+    from flows.services.settings import PipelineSettings
 
     editor_from_settings(method or PipelineSettings.from_env().method, pairs)  # raises, naming a bad setting
     return parse_settings(pairs)
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = DTYPE_OPTION,
     ) -> None:
         """Run the nightly update once: ingest, build cases, edit in gated batches, report."""
-        from flows.pipelines import nightly_update
+        from flows.prefect_flows import nightly_update
 
         overrides = editor_overrides(method, with_config(config, method, settings))
         pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, server_url=server,
@@ -102,9 +102,9 @@ def register(app: typer.Typer) -> None:
 
         Recent changes reach back about 30 days: older ranges need --items or --source dump.
         """
-        from flows import steps
-        from flows.pipelines import backfill
-        from flows.settings import PipelineSettings
+        from flows.services import steps
+        from flows.prefect_flows import backfill
+        from flows.services.settings import PipelineSettings
 
         overrides = editor_overrides(method, with_config(config, method, settings))
         pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, editor_overrides=overrides,
@@ -134,7 +134,7 @@ def register(app: typer.Typer) -> None:
         """
         from prefect import serve
 
-        from flows.settings import PipelineSettings
+        from flows.services.settings import PipelineSettings
 
         cron = cron or PipelineSettings.from_env().nightly_cron
         typer.echo(f"serving kedit deployments; nightly at '{cron}' UTC (Ctrl-C to stop)")
@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
 def deployments(cron: str) -> list:
     """What `kedit schedule` serves: nightly on `cron`, the others on demand. One list, so the
     test that starts every deployment's flow sees exactly these."""
-    from flows.pipelines import backfill, compare_methods, drift_report, nightly_update
+    from flows.prefect_flows import backfill, compare_methods, drift_report, nightly_update
 
     # One run at a time per writing deployment (Prefect queues the next); across deployments
     # the ledger's lock decides (a run that finds it held fails, naming the holder).
@@ -180,8 +180,8 @@ def deployments(cron: str) -> list:
 def _ledger_held(kind: str, pipeline: dict[str, Any]):
     """The ledger's writer lock, taken by the command before it starts the flow, so a held
     ledger is one line from the CLI (the flow takes the same lock again, re-entrantly)."""
-    from flows import steps
-    from flows.settings import PipelineSettings
+    from flows.services import steps
+    from flows.services.settings import PipelineSettings
 
     return steps.hold_ledger(kind, PipelineSettings.from_env(**pipeline))
 

@@ -1,4 +1,4 @@
-"""`kedit publish DIR`: the live version into another engine's model folder, and the engine told (flows/publish.py)."""
+"""`kedit publish DIR`: the live version into another engine's model folder, and the engine told (flows/services/publish.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export the live version where another engine serves from, and tell the engine; again
         for the same version only re-announces what the engine did not take."""
-        from flows.publish import publish_version
+        from flows.services.publish import publish_version
         from storage.db import open_db
 
         db = open_db(db_path, create=False)  # read-only: publishing never writes the ledger

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from flows.commands import DEVICE_OPTION, DTYPE_OPTION, MODEL_HELP
-from flows.runtime import delta_refs, load_version_state, weight_editor_attach
+from flows.services.runtime import delta_refs, load_version_state, weight_editor_attach
 from kedit_core.answer import PromptRewriter
 from kedit_core.artifacts import state_path
 from kedit_core.editors.base import EDITORS, available_editors, get_editor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from connectors.replay import ReplayServer
-from flows import steps
+from flows.services import steps
 from tests.conftest import WIKIDATA_DAY
 
 

@@ -20,8 +20,8 @@ import pytest
 
 import tests.flows.flowkit  # noqa: F401  (registers the test editors)
 from connectors.replay import ReplayServer
-from flows import steps
-from flows.settings import WIKIDATA_API, PipelineSettings
+from flows.services import steps
+from flows.services.settings import WIKIDATA_API, PipelineSettings
 from kedit_core.errors import KeditError
 from storage import ledger, wikidata_store
 from storage.db import open_db
@@ -85,7 +85,7 @@ def test_each_day_of_one_dump_file_is_its_own_chunk_with_its_own_cursor(ledger_p
 
 
 def test_backfill_flow_replays_daily_dumps_over_three_days(prefect_api, ledger_path, wiki, tmp_path):
-    from flows.pipelines import backfill
+    from flows.prefect_flows import backfill
 
     dumps = write_daily_dumps(tmp_path / "dumps")
     settings = flow_settings(wiki.url, 4)

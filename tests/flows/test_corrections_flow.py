@@ -25,7 +25,7 @@ import pytest
 
 import tests.flows.flowkit  # noqa: F401  (registers the test editors)
 from connectors.replay import ReplayServer
-from flows import steps
+from flows.services import steps
 from storage import correction_store, ledger, wikidata_store
 from storage.db import open_db
 from tests.conftest import WIKIDATA_DAY
@@ -85,7 +85,7 @@ def _settings(url: str) -> dict:
 
 
 def _night(url: str, end: datetime, hours: float = 24) -> dict:
-    from flows.pipelines import nightly_update
+    from flows.prefect_flows import nightly_update
 
     return nightly_update(window_end=end, window_hours=hours, settings=_settings(url))
 
@@ -131,7 +131,7 @@ def test_a_vandal_edit_applied_then_reverted_after_the_settle_window_is_undone(p
 
 
 def test_a_backfill_of_an_older_day_never_overwrites_a_newer_applied_value(prefect_api, ledger_path, replay):
-    from flows.pipelines import backfill
+    from flows.prefect_flows import backfill
 
     _night(replay, at(3))  # applies 2024-05-02's P6 value (revision 2150000201)
     db = open_db(ledger_path)

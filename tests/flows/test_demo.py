@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from flows import steps
+from flows.services import steps
 from flows.demo import NIGHTS, demo_db_path, run_demo
 from storage import correction_store, ledger, report_queries, wikidata_store
 from storage.db import open_db

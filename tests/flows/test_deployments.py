@@ -11,7 +11,7 @@ from prefect import Flow
 from prefect.flows import load_flow_from_entrypoint
 
 import tests.flows.flowkit  # noqa: F401  (registers the test editors)
-from flows import pipelines
+from flows import prefect_flows
 from flows.commands.pipeline_cmds import deployments
 from storage import ledger
 from storage.db import open_db
@@ -22,11 +22,11 @@ from tests.flows.dumpdays import ACCEPTED_BY_DAY, DAYS, build_replay_folder, wri
 CRON = "0 3 * * *"
 ZSRE = DATA / "benchmarks" / "zsre_mend_train_1k.json"
 EXPECTED = {  # deployment -> (flow function, parameters callers pass by name)
-    "nightly": (pipelines.nightly_update, ["window_end", "window_hours", "settings", "report_html"]),
-    "backfill": (pipelines.backfill, ["start", "end", "chunk_hours", "source", "dump_path", "items", "settings"]),
-    "compare": (pipelines.compare_methods, ["stream", "methods", "limit", "batch_size", "model", "settings", "greedy",
+    "nightly": (prefect_flows.nightly_update, ["window_end", "window_hours", "settings", "report_html"]),
+    "backfill": (prefect_flows.backfill, ["start", "end", "chunk_hours", "source", "dump_path", "items", "settings"]),
+    "compare": (prefect_flows.compare_methods, ["stream", "methods", "limit", "batch_size", "model", "settings", "greedy",
                                             "device", "dtype"]),
-    "report": (pipelines.drift_report, ["since", "html"]),
+    "report": (prefect_flows.drift_report, ["since", "html"]),
 }
 
 

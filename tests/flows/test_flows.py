@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 import tests.flows.flowkit  # noqa: F401  (registers the test editors)
-from flows.runtime import open_live_model
+from flows.services.runtime import open_live_model
 from kedit_core.model import fingerprint_model
 from storage import ledger
 from storage.db import open_db
@@ -36,7 +36,7 @@ def _live_weights_match_ledger(db) -> None:
 
 
 def test_nightly_applies_the_day_and_a_rerun_applies_nothing(prefect_api, ledger_path, replay):
-    from flows.pipelines import nightly_update
+    from flows.prefect_flows import nightly_update
 
     first = nightly_update(window_end=DAY_END, window_hours=24, settings=_settings(replay))
     assert first["ingest"]["revisions_new"] == first["ingest"]["revisions_seen"] > 0
@@ -59,7 +59,7 @@ def test_nightly_applies_the_day_and_a_rerun_applies_nothing(prefect_api, ledger
 
 
 def test_gate_rolls_back_a_harmful_batch_inside_the_flow(prefect_api, ledger_path, replay):
-    from flows.pipelines import nightly_update
+    from flows.prefect_flows import nightly_update
 
     out = nightly_update(window_end=DAY_END, window_hours=24, settings=_settings(replay, method="harmful", batch_size=50))
     assert out["edits"]["applied_cases"] == 0
@@ -75,7 +75,7 @@ def test_gate_rolls_back_a_harmful_batch_inside_the_flow(prefect_api, ledger_pat
 
 
 def test_backfill_over_several_days_is_resumable(prefect_api, ledger_path, replay):
-    from flows.pipelines import backfill
+    from flows.prefect_flows import backfill
 
     items = ["Q42", "Q1040", "Q131261", "Q328212", "Q571", "Q2112", "Q646148"]
     start, end = datetime(2024, 4, 29, tzinfo=timezone.utc), datetime(2024, 5, 3, tzinfo=timezone.utc)
@@ -97,7 +97,7 @@ def test_killed_run_resumes_without_applying_twice(prefect_api, ledger_path, rep
     env = dict(os.environ, KEDIT_DB=str(ledger_path), KEDIT_TEST_PAUSE_FILE=str(pause), PREFECT_API_URL=prefect_api)
     code = (
         "import tests.flows.flowkit, json, sys; from datetime import datetime, timezone;"
-        "from flows.pipelines import nightly_update;"
+        "from flows.prefect_flows import nightly_update;"
         f"nightly_update(window_end=datetime(2024, 5, 2, tzinfo=timezone.utc), window_hours=24, settings={_settings(replay)!r})"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
@@ -119,7 +119,7 @@ def test_killed_run_resumes_without_applying_twice(prefect_api, ledger_path, rep
     cases_before = ledger.count_cases_by_status(db)
     assert cases_before.get("applied", 0) == 0
 
-    from flows.pipelines import nightly_update
+    from flows.prefect_flows import nightly_update
 
     out = nightly_update(window_end=DAY_END, window_hours=24, settings=_settings(replay))
     counts = ledger.count_cases_by_status(db)
@@ -136,7 +136,7 @@ def test_server_down_at_publish_is_recorded_and_the_nights_edits_stay(prefect_ap
     the next run publishes again (every run publishes the live version)."""
     import socket
 
-    from flows.pipelines import nightly_update
+    from flows.prefect_flows import nightly_update
 
     with socket.socket() as s:  # a free port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -170,9 +170,9 @@ def test_nightly_cli_passes_editor_settings_and_rejects_unknown_ones_before_inge
 
 
 def test_the_nightly_publishes_the_live_version_into_another_engines_folder(prefect_api, ledger_path, replay, tmp_path):
-    """KEDIT_PUBLISH_DIR (flows/publish.py): each run exports the live version there and runs
+    """KEDIT_PUBLISH_DIR (flows/services/publish.py): each run exports the live version there and runs
     the publish command; a rerun with nothing new exports nothing and announces nothing."""
-    from flows.pipelines import nightly_update
+    from flows.prefect_flows import nightly_update
 
     folder, marker = tmp_path / "engine-models", tmp_path / "announced"
     extra = {"publish_dir": str(folder), "publish_format": "hf",

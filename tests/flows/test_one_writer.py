@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 import tests.flows.flowkit  # noqa: F401  (registers the test editors)
-from flows.runtime import open_live_model
+from flows.services.runtime import open_live_model
 from kedit_core.model import fingerprint_model
 from storage import ledger
 from storage.db import open_db
@@ -26,9 +26,9 @@ RUN = """
 import json, sys
 import tests.flows.flowkit
 from datetime import datetime
-from flows import steps
-from flows.pipelines import nightly_update
-from flows.settings import PipelineSettings
+from flows.services import steps
+from flows.prefect_flows import nightly_update
+from flows.services.settings import PipelineSettings
 from kedit_core.model import fingerprint_model
 args = json.loads(sys.argv[1])
 out = nightly_update(window_end=datetime.fromisoformat(args["end"]), window_hours=args["hours"],

@@ -41,7 +41,7 @@ def week():
 
 
 def _night(url: str, day: int, hours: float = 24) -> dict:
-    from flows.pipelines import nightly_update
+    from flows.prefect_flows import nightly_update
 
     return nightly_update(window_end=datetime(2024, 5, day, tzinfo=timezone.utc), window_hours=hours,
                           settings=flow_settings(url, batch_size=8))

@@ -17,7 +17,7 @@ DAY_END = datetime(2024, 5, 2, tzinfo=timezone.utc)
 
 
 def _night(url: str, **extra) -> dict:
-    from flows.pipelines import nightly_update
+    from flows.prefect_flows import nightly_update
 
     return nightly_update(window_end=DAY_END, window_hours=24, settings=flow_settings(url, batch_size=3, **extra))
 

@@ -10,10 +10,10 @@ from datetime import datetime, timezone
 
 
 import tests.flows.flowkit  # noqa: F401  (registers the test editors)
-from connectors.ingest import ingest_window
+from flows.services.ingest import ingest_window
 from connectors.wikidata import WikidataClient
-from flows.settings import PipelineSettings
-from flows.steps import filter_config
+from flows.services.settings import PipelineSettings
+from flows.services.steps import filter_config
 from storage import ledger, wikidata_store
 from storage.db import open_db
 from tests.flows.conftest import flow_settings
@@ -28,7 +28,7 @@ def _settings(url: str, **bounds) -> dict:
 
 
 def _night(url: str, end: datetime, **bounds) -> dict:
-    from flows.pipelines import nightly_update
+    from flows.prefect_flows import nightly_update
 
     return nightly_update(window_end=end, window_hours=6, settings=_settings(url, **bounds))
 

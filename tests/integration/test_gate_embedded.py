@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from storage.report_queries import collect_report
-from flows.pipeline import apply_gated_batches
-from flows.runtime import open_live_model
+from flows.services.gated_batches import apply_gated_batches
+from flows.services.runtime import open_live_model
 from kedit_core.editors.base import Editor, EditResult, WeightDelta
 from kedit_core.regression_gate import RegressionGateConfig
 from kedit_core.regression import FLUENCY_PROMPTS, freeze_suite, load_known_facts, load_reference_text

@@ -20,7 +20,7 @@ import requests
 import torch
 
 from connectors.benchmarks import read_zsre
-from flows.publish import publish_version
+from flows.services.publish import publish_version
 from kedit_core.artifacts import delta_dir
 from kedit_core.editors import get_editor
 from kedit_core.model import fingerprint_model

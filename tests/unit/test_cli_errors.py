@@ -170,12 +170,12 @@ def test_bad_files_are_one_line(capsys, tmp_path):
 
 
 def test_ask_for_a_missing_version_fails_before_loading_the_model(capsys, monkeypatch):
-    import flows.runtime
+    import flows.services.runtime
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the version was checked")
 
-    monkeypatch.setattr(flows.runtime, "load_model", no_load)
+    monkeypatch.setattr(flows.services.runtime, "load_model", no_load)
     code, _, err = kedit(capsys, "ask", "Who?", "--model", "tiny-llama", "--version", "999")
     assert code == 2 and "version 999" in one_error_line(err)
 
@@ -211,7 +211,7 @@ def test_a_failed_html_report_leaves_the_previous_one(capsys, tmp_path, monkeypa
 
 def test_the_flow_report_is_written_atomically(tmp_path, monkeypatch):
     import kedit_core.report
-    from flows import steps
+    from flows.services import steps
 
     monkeypatch.setenv("KEDIT_DB", str(tmp_path / "k.duckdb"))
     html = tmp_path / "r.html"
@@ -258,8 +258,8 @@ def test_truncated_lte_alignment_cache_is_rebuilt_with_a_warning(tiny_llama, cap
 
 
 def test_a_pipeline_run_removes_stale_temp_files_at_start(db, kedit_home):
-    from flows.pipeline import apply_gated_batches
-    from flows.runtime import open_live_model
+    from flows.services.gated_batches import apply_gated_batches
+    from flows.services.runtime import open_live_model
     from kedit_core.regression_gate import RegressionGateConfig
     from kedit_core.regression import freeze_suite
     from tests.unit import gatekit as g

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from flows.cli import _register_commands, app
-from flows.comparison import format_table, parse_methods
+from flows.services.comparison import format_table, parse_methods
 from tests.conftest import DATA
 
 ZSRE = DATA / "benchmarks" / "zsre_mend_train_1k.json"

@@ -161,8 +161,8 @@ def test_cli_evaluate_runs_and_scores_in_bfloat16(capsys, tmp_path):
 
 
 def test_pipeline_settings_carry_device_and_dtype(monkeypatch):
-    from flows import steps
-    from flows.settings import PipelineSettings
+    from flows.services import steps
+    from flows.services.settings import PipelineSettings
 
     assert (PipelineSettings().device, PipelineSettings().dtype) == ("cpu", "float32")
     monkeypatch.setenv("KEDIT_DTYPE", "BFloat16")
@@ -241,7 +241,7 @@ def _record(db, lm, editor, result, parent: int, folder) -> tuple[int, str, str]
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_bfloat16_version_rebuilds_from_the_ledger_bit_for_bit_and_is_served(device, db, tmp_path):
     from flows.commands.serve_cmd import audit_ledger, build_serving_state
-    from flows.runtime import VersionError, open_live_model
+    from flows.services.runtime import VersionError, open_live_model
     from kedit_core.serving import BackgroundServer, create_app, version_tag
 
     lm = load_model("tiny-llama", device=device, dtype="bfloat16")
@@ -261,7 +261,7 @@ def test_a_bfloat16_version_rebuilds_from_the_ledger_bit_for_bit_and_is_served(d
     with pytest.raises(VersionError, match="dtype"):  # a float32 load is another base
         open_live_model("tiny-llama", db=db, device=device, dtype="float32", version=vid)
 
-    from flows.export import export_version
+    from flows.services.export import export_version
     from storage.db import open_db
     from transformers import AutoModelForCausalLM
 

@@ -87,7 +87,7 @@ def test_served_replies_follow_the_route_and_a_rollback_shrinks_the_scope(tiny):
 
 def test_a_served_version_routes_by_the_facts_saved_with_it(tiny, tmp_path, monkeypatch):
     """Serving rebuilds the scope from the editor state saved with the version's batch."""
-    from flows import runtime
+    from flows.services import runtime
 
     monkeypatch.setattr(runtime, "state_path", lambda fp, batch_id: tmp_path / f"{batch_id}.state.safetensors")
     ed = get_editor("alphaedit", FAST)

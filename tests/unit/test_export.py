@@ -1,4 +1,4 @@
-"""`kedit export` (flows/export.py, kedit_core/export.py): a ledger version written as a standard Hugging Face
+"""`kedit export` (flows/services/export.py, kedit_core/export.py): a ledger version written as a standard Hugging Face
 folder (and GGUF) holds the version's weights bit for bit, reloads with plain transformers,
 carries a model card saying what it contains and what kedit's serving adds, and never
 touches the ledger (issue 21, point 3)."""
@@ -13,10 +13,10 @@ import torch
 
 import gatekit as g
 from gatekit import single_thread  # noqa: F401  (autouse fixture)
-from flows.runtime import delta_dir, open_live_model
+from flows.services.runtime import delta_dir, open_live_model
 from kedit_core.editors import get_editor
 from kedit_core.errors import KeditError
-from flows.export import export_version
+from flows.services.export import export_version
 from kedit_core.model import ByteTokenizer, fingerprint_model, tiny_model
 from kedit_core.types import EditCase
 from storage import ledger
@@ -122,7 +122,7 @@ def test_a_pipeline_version_equals_the_live_models_weights_and_says_it_needs_no_
     """A version made by the gated batch loop (a test editor without update gate): the
     export equals `open_live_model`'s weights at that version, and the card says the
     weights are served as they are."""
-    from flows.pipeline import apply_gated_batches
+    from flows.services.gated_batches import apply_gated_batches
     from kedit_core.regression_gate import RegressionGateConfig
     from kedit_core.regression import freeze_suite
 

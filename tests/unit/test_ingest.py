@@ -8,8 +8,8 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from connectors.ingest import backfill_items, ingest_dump, ingest_window
-from connectors.labels import CachedLabelLookup
+from flows.services.ingest import backfill_items, ingest_dump, ingest_window
+from flows.services.labels import CachedLabelLookup
 from connectors.replay import ReplayServer
 from connectors.wikidata import WikidataClient
 from kedit_core.filters import FilterConfig

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from connectors.ingest import ingest_window
+from flows.services.ingest import ingest_window
 from connectors.replay import ReplayServer
 from connectors.wikidata import WikidataClient
 from storage import ledger, wikidata_store

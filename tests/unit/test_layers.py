@@ -1,8 +1,10 @@
 """The rooms of docs/ARCHITECTURE.md and the directions imports may take between them.
 
 kedit_core (the domain) imports nothing from storage, flows or connectors; connectors (fetching)
-import nothing from storage or flows; storage imports nothing from flows or connectors. Every
-import counts, at any depth (function-local ones included), read with ``ast`` so nothing is run.
+import nothing from storage or flows; storage imports nothing from flows or connectors. Inside
+flows/, the application services (flows/services) import neither the Prefect flows, the demo
+nor the CLI (nor Prefect or typer), and the Prefect flows do not import the CLI. Every import
+counts, at any depth (function-local ones included), read with ``ast`` so nothing is run.
 
 The violations that exist today are written down in ALLOWED below (issue #22): the test fails
 when a new one appears, and also when a listed one disappears, so the list only shrinks and
@@ -21,11 +23,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-# room -> the rooms it must not import from
+# room (a package or module, dotted) -> the packages/modules it must not import from
 FORBIDDEN = {
     "kedit_core": {"storage", "flows", "connectors"},
     "connectors": {"storage", "flows"},
     "storage": {"flows", "connectors"},
+    "flows.services": {"flows.prefect_flows", "flows.demo", "flows.cli", "flows.commands", "prefect", "typer"},
+    "flows.prefect_flows": {"flows.cli", "flows.commands", "typer"},
 }
 
 # Known layer leaks (issue #22, "Layer leaks"); each entry is {module: {imported modules}}.
@@ -33,9 +37,6 @@ FORBIDDEN = {
 ALLOWED: dict[str, set[str]] = {
     # lte's alignment_split reads the zsRE slice its adapter trains on through the benchmark reader
     "kedit_core.editors.lte": {"connectors.benchmarks"},
-    # connectors should only fetch; these two persist what they fetch
-    "connectors.ingest": {"storage", "storage.db"},
-    "connectors.labels": {"storage", "storage.db"},
 }
 
 
@@ -47,7 +48,14 @@ def _module_name(path: Path) -> str:
 
 
 def _modules(room: str) -> list[tuple[str, Path]]:
-    return sorted((_module_name(p), p) for p in (REPO / room).rglob("*.py") if "__pycache__" not in p.parts)
+    path = REPO.joinpath(*room.split("."))
+    if not path.is_dir():
+        return [(room, path.with_suffix(".py"))] if path.with_suffix(".py").is_file() else []
+    return sorted((_module_name(p), p) for p in path.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _is_in(name: str, rooms: set[str]) -> bool:
+    return any(name == room or name.startswith(room + ".") for room in rooms)
 
 
 def _imported(source: str, module: str, is_package: bool = False) -> set[str]:
@@ -70,7 +78,7 @@ def _violations() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for room, forbidden in FORBIDDEN.items():
         for module, path in _modules(room):
-            bad = {name for name in _imported(path.read_text(encoding="utf-8"), module, path.name == "__init__.py") if name.split(".")[0] in forbidden}
+            bad = {name for name in _imported(path.read_text(encoding="utf-8"), module, path.name == "__init__.py") if _is_in(name, forbidden)}
             if bad:
                 found[module] = bad
     return found
@@ -157,3 +165,11 @@ def test_every_domain_module_imports_in_a_fresh_interpreter(order):
     run = subprocess.run([sys.executable, "-c", IMPORT_ALL, *names], cwd=REPO, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_a_sub_room_rule_catches_its_import():
+    # the dotted rooms work: a service importing the CLI, or a Prefect flow importing typer, is caught
+    assert _is_in("flows.commands.serve_cmd", FORBIDDEN["flows.services"])
+    assert _is_in("prefect", FORBIDDEN["flows.services"]) and not _is_in("prefectx", {"prefect"})
+    assert not _is_in("flows.services.steps", FORBIDDEN["flows.prefect_flows"])
+    assert _modules("flows.prefect_flows") == [("flows.prefect_flows", REPO / "flows" / "prefect_flows.py")]

@@ -7,9 +7,9 @@ import torch
 
 import gatekit as g
 from gatekit import single_thread  # noqa: F401  (autouse fixture)
-from flows.pipeline import apply_gated_batches, state_path
-from flows.runtime import delta_dir
-from flows.runtime import open_live_model, rebuild_version
+from flows.services.gated_batches import apply_gated_batches, state_path
+from flows.services.runtime import delta_dir
+from flows.services.runtime import open_live_model, rebuild_version
 from kedit_core.editors.base import file_sha256
 from kedit_core.errors import KeditError
 from kedit_core.regression_gate import RegressionGateConfig
@@ -251,7 +251,7 @@ def test_rebuild_from_base_and_deltas_equals_live_weights_and_editor_state_resum
 
 
 def test_suite_is_frozen_on_base_weights_of_an_edited_live_model_and_reloaded(db):
-    from flows.pipeline import load_or_freeze_suite, suite_path
+    from flows.services.gated_batches import load_or_freeze_suite, suite_path
 
     live, suite = _setup(db)
     rep = apply_gated_batches(live, g.NudgeEditor(g.NudgeConfig(scale=1e-2)), g.edit_cases("a", n=2), db,

@@ -1,4 +1,4 @@
-"""`kedit publish DIR` (flows/publish.py): the live version into another engine's model
+"""`kedit publish DIR` (flows/services/publish.py): the live version into another engine's model
 folder, the engine told by a real shell command or a llama.cpp router's HTTP API (here a
 real HTTP server on 127.0.0.1 that reads the linked file when asked to load, as the router
 does; tests/integration/test_llama_server.py runs llama.cpp itself where it is installed)."""

@@ -349,7 +349,7 @@ def test_entities_at_hand_bring_their_own_aliases():
 
 
 def test_cached_label_lookup_serves_aliases_to_build_cases(tmp_path, facts):
-    from connectors.labels import CachedLabelLookup
+    from flows.services.labels import CachedLabelLookup
     from connectors.wikidata import EntityLabel
     from storage import wikidata_store
     from storage.db import open_db

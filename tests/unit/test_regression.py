@@ -61,7 +61,7 @@ def test_suite_json_round_trip_gives_the_same_numbers():
 
 
 def test_harmful_update_hurts_every_general_metric_and_at_base_is_exact(db):
-    from flows.runtime import LiveModel
+    from flows.services.runtime import LiveModel
 
     lm = g.knowing_tiny_llama()
     suite = _suite(lm)

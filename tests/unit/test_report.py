@@ -18,8 +18,8 @@ import gatekit as g
 from gatekit import single_thread  # noqa: F401  (autouse fixture)
 from flows.commands.report_cmd import ReportError, parse_since
 from storage.report_queries import collect_report
-from flows.pipeline import apply_gated_batches
-from flows.runtime import open_live_model
+from flows.services.gated_batches import apply_gated_batches
+from flows.services.runtime import open_live_model
 from kedit_core.regression_gate import RegressionGateConfig
 from kedit_core.regression import freeze_suite
 from kedit_core.report import LEGEND, comparisons, over_time_metrics, render_html, terminal_summary

@@ -8,11 +8,11 @@ import logging
 
 import pytest
 
-from connectors.ingest import ingest_window
+from flows.services.ingest import ingest_window
 from connectors.replay import ReplayServer
 from connectors.wikidata import WikidataClient
-from flows import steps
-from flows.settings import PipelineSettings
+from flows.services import steps
+from flows.services.settings import PipelineSettings
 from kedit_core.filters import FilterConfig, FollowSpecError, parse_follow
 from storage import wikidata_store
 from storage.db import open_db

@@ -442,7 +442,7 @@ def test_memory_editor_version_is_restored_from_its_saved_state(tiny_llama, db, 
     from dataclasses import dataclass as dc
     from typing import ClassVar
 
-    from flows.runtime import save_editor_state, state_path
+    from flows.services.runtime import save_editor_state, state_path
     from kedit_core.editors.base import EDITORS, Editor, EditorConfig, register
 
     @dc

@@ -115,7 +115,7 @@ def test_bad_quantile_is_refused():
 
 def test_a_served_version_gets_the_gate_of_its_weight_editor(tiny):
     """Serving and the pipeline rebuild the gate from the config in the version's note."""
-    from flows.runtime import weight_editor_attach
+    from flows.services.runtime import weight_editor_attach
 
     note = json.dumps({"config": get_editor("alphaedit", {**FAST, "update_gate": 0.9}).config.to_dict()}, default=str)
     chain = [
@@ -231,7 +231,7 @@ def test_per_batch_gate_rebuilt_from_the_chains_deltas_serves_as_the_live_one(ti
 def test_a_version_rebuilt_from_the_ledger_gates_each_of_its_batches_on_its_own(tiny, tmp_path):
     """The runtime and the server serve a version through `weight_editor_attach`: with a
     per-batch gate in the version's config, the chain's stored deltas become its changes."""
-    from flows import runtime
+    from flows.services import runtime
     from kedit_core.editors.update_gate import remove_update_gate
 
     ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})

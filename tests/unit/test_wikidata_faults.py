@@ -227,7 +227,7 @@ def test_revisions_over_the_size_limit_together_are_asked_for_in_halves(srv):
 def test_the_pipeline_settings_set_the_client_limits(srv, monkeypatch):
     """KEDIT_MAX_BODY_BYTES / KEDIT_REQUEST_DEADLINE_S / KEDIT_MAX_RETRY_AFTER_S reach the client
     the nightly flow (and `kedit cases`) build, and act there."""
-    from flows.settings import PipelineSettings
+    from flows.services.settings import PipelineSettings
 
     monkeypatch.setenv("KEDIT_MAX_BODY_BYTES", "100000")
     monkeypatch.setenv("KEDIT_REQUEST_DEADLINE_S", "0.6")

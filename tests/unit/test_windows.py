@@ -1,4 +1,4 @@
-"""Nightly windows from the ledger's cursor (flows/windows.py): the arithmetic as pure
+"""Nightly windows from the ledger's cursor (flows/services/windows.py): the arithmetic as pure
 functions, and the cursor in a real DuckDB file through the steps the flow calls."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from flows.windows import over_change_budget, plan_windows, target_end
+from flows.services.windows import over_change_budget, plan_windows, target_end
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 
@@ -57,8 +57,8 @@ def test_bad_bounds_are_refused_and_the_change_budget():
 
 
 def test_the_cursor_lives_in_the_ledger_and_never_moves_back(kedit_home, monkeypatch):
-    from flows import steps
-    from flows.settings import PipelineSettings
+    from flows.services import steps
+    from flows.services.settings import PipelineSettings
     from storage import ledger
     from storage.db import open_db
 

@@ -117,7 +117,7 @@ def run_comparison(plan: list[tuple[str, str]], settings: list[str], data: str, 
     `dtype`: where the model runs (default KEDIT_DEVICE / KEDIT_DTYPE, else cpu / float32)."""
     from kedit_core.device import resolve
     from kedit_core.editor_settings import editor_from_settings
-    from flows.settings import PipelineSettings
+    from flows.services.settings import PipelineSettings
     from kedit_core.errors import KeditError
     from storage.db import open_db
     from storage.lock import ledger_lock

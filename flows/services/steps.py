@@ -12,8 +12,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from flows.runtime import LiveModel, open_live_model
-from flows.settings import PipelineSettings
+from flows.services.runtime import LiveModel, open_live_model
+from flows.services.settings import PipelineSettings
 from kedit_core.atomic import atomic_write_text
 from storage import ledger
 from storage.db import Database, open_db
@@ -88,7 +88,7 @@ def window_plan(settings: PipelineSettings, window_end: datetime | None, window_
                 now: datetime | None = None):
     """The nightly run's windows: from the ledger's cursor to `window_end` (default: now minus
     the settle time), in chunks of `window_hours`, bounded by `max_span_hours`."""
-    from flows.windows import CURSOR, plan_windows, target_end
+    from flows.services.windows import CURSOR, plan_windows, target_end
 
     stored = ledger.get_cursor(db(), CURSOR)
     cursor = datetime.fromisoformat(stored) if stored else None
@@ -98,7 +98,7 @@ def window_plan(settings: PipelineSettings, window_end: datetime | None, window_
 
 def advance_window_cursor(end: datetime) -> None:
     """Record that every window up to `end` is ingested and cased (never moves backwards)."""
-    from flows.windows import CURSOR, utc
+    from flows.services.windows import CURSOR, utc
 
     database = db()
     stored = ledger.get_cursor(database, CURSOR)
@@ -108,7 +108,7 @@ def advance_window_cursor(end: datetime) -> None:
 
 
 def empty_ingest_counts() -> dict[str, Any]:
-    from connectors.ingest import IngestReport
+    from flows.services.ingest import IngestReport
 
     return IngestReport().to_dict()
 
@@ -129,7 +129,7 @@ def add_counts(total: dict[str, Any], counts: dict[str, Any]) -> dict[str, Any]:
 
 
 def ingest_window(settings: PipelineSettings, start: datetime, end: datetime) -> dict[str, Any]:
-    from connectors.ingest import ingest_window as ingest
+    from flows.services.ingest import ingest_window as ingest
 
     client = settings.wikidata_client()
     try:
@@ -145,7 +145,7 @@ def _iso(t: datetime) -> str:
 
 
 def _check_source(source: str, dump_path: str | None) -> None:
-    from connectors.ingest import dump_files
+    from flows.services.ingest import dump_files
     from kedit_core.errors import KeditError
 
     if source not in ("api", "dump"):
@@ -167,8 +167,8 @@ def check_backfill(settings: PipelineSettings, start: datetime, end: datetime, s
     a range older than Wikidata keeps them (~30 days) without `items`. Against another
     endpoint (a replayed recording, a mirror) that limit is a warning: they keep what they
     hold. Returns the warnings (also logged)."""
-    from connectors.ingest import RECENT_CHANGES_DAYS
-    from flows.settings import WIKIDATA_API
+    from flows.services.ingest import RECENT_CHANGES_DAYS
+    from flows.services.settings import WIKIDATA_API
     from kedit_core.errors import KeditError
 
     if end <= start:
@@ -203,7 +203,7 @@ def backfill_chunk(
     without items, the recent-changes window (Wikidata keeps ~30 days of them: see
     `check_backfill`). `dump`: a local incremental dump file, or a folder of them; the first
     revision of a page in a file is diffed against its parent fetched through the API."""
-    from connectors import ingest
+    from flows.services import ingest
 
     _check_source(source, dump_path)
     bounds = f"{_iso(start)}..{_iso(end)}"
@@ -260,7 +260,7 @@ def build_pending_cases(settings: PipelineSettings) -> dict[str, Any]:
     A change leaves 'accepted' only when it became a case ('cased') or was dropped with a
     reason ('filtered'); a failure half-way (API down) leaves it for the next run.
     """
-    from connectors.labels import CachedLabelLookup
+    from flows.services.labels import CachedLabelLookup
     from kedit_core.qa import SubjectFacts, build_cases
     from storage import wikidata_store
 
@@ -328,7 +328,7 @@ def edit_pending(settings: PipelineSettings, run_id: str, log: Callable[[str], A
     decisions (`reconcile_pending`), then at most `max_edits_per_run`, oldest change first
     (then subject, relation, case id); the others stay pending with a reason saying they
     wait for the next run."""
-    from flows.pipeline import apply_gated_batches, load_or_freeze_suite
+    from flows.services.gated_batches import apply_gated_batches, load_or_freeze_suite
     from kedit_core.editors import get_editor
     from kedit_core.regression_gate import RegressionGateConfig
     from storage import pipeline_store
@@ -375,8 +375,8 @@ def publish_live_version(settings: PipelineSettings) -> dict[str, Any]:
 
 def publish_to_engine(settings: PipelineSettings) -> dict[str, Any]:
     """Export the live version into another engine's folder and tell the engine
-    (flows/publish.py; a version it took already is left alone, one it did not is retried)."""
-    from flows.publish import publish_version
+    (flows/services/publish.py; a version it took already is left alone, one it did not is retried)."""
+    from flows.services.publish import publish_version
 
     res = publish_version(settings.publish_dir, db(), fmt=settings.publish_format, name=settings.publish_name,
                           llama_server=settings.publish_llama_server, command=settings.publish_command,
@@ -391,7 +391,7 @@ def full_check_due(settings: PipelineSettings) -> bool:
 
 
 def full_regression_check(settings: PipelineSettings, run_id: str) -> dict[str, Any]:
-    from flows.pipeline import load_or_freeze_suite
+    from flows.services.gated_batches import load_or_freeze_suite
     from kedit_core.regression import full_check
 
     database = db()
@@ -431,7 +431,7 @@ def compare(stream: str, methods: list[str], limit: int | None, batch_size: int,
     """`kedit compare` as a step: one ledger run, every method from the same base. `methods`
     entries may be `label=method`, `settings` are `METHOD.key=value`, as on the command line.
     Returns per method its final metrics (or its error), not the full rows."""
-    from flows.comparison import parse_methods, run_comparison
+    from flows.services.comparison import parse_methods, run_comparison
 
     result = run_comparison(parse_methods(",".join(methods)), settings or [], stream, limit=limit,
                             batch_size=batch_size, model=model, greedy=greedy, device=device, dtype=dtype)

@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from connectors.labels import CachedLabelLookup
+from flows.services.labels import CachedLabelLookup
 from connectors.wikidata import BATCH, RevisionBatch, WikidataClient, iso
 from kedit_core.diff import EntityFormatError, diff_entities, english_label, parse_entity, term_changes
 from kedit_core.filters import (

@@ -1,5 +1,5 @@
 """`kedit export` as an application service: read a ledger version, rebuild its weights
-through the runtime (`flows.runtime.rebuild_version`, the exact chain move) and write them
+through the runtime (`flows.services.runtime.rebuild_version`, the exact chain move) and write them
 with `kedit_core.export` (the folder, the model card, the GGUF writer). The domain module
 imports neither the ledger nor the runtime; this one does (docs/ARCHITECTURE.md).
 """
@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flows.runtime import rebuild_version
+from flows.services.runtime import rebuild_version
 from kedit_core.atomic import atomic_folder
 from kedit_core.export import (
     CARD,

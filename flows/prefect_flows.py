@@ -1,9 +1,9 @@
 """kedit's Prefect flows. Thin on purpose: each task calls one plain function from
-`flows.steps` (which wires the rooms) and returns a small dict of counts; Prefect decides
+`flows.services.steps` (which wires the rooms) and returns a small dict of counts; Prefect decides
 what runs when, retries network steps with backoff, and logs through the run logger.
 
 - nightly_update: ingest the settled windows since the last run (a cursor in the ledger,
-  flows/windows.py), build cases, edit in gated batches, publish, run the periodic full
+  flows/services/windows.py), build cases, edit in gated batches, publish, run the periodic full
   regression check, write the drift report.
 - backfill: the same per day over a historical range, resumable through a cursor.
 - compare_methods: one stream through several editors from the same base.
@@ -16,9 +16,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows import steps
-from flows.settings import PipelineSettings
-from flows.windows import WindowPlan, over_change_budget
+from flows.services import steps
+from flows.services.settings import PipelineSettings
+from flows.services.windows import WindowPlan, over_change_budget
 
 NETWORK_RETRIES = dict(retries=3, retry_delay_seconds=[10, 60, 300], retry_jitter_factor=0.5)
 
@@ -91,7 +91,7 @@ def nightly_update(
 ) -> dict[str, Any]:
     """Ingest the settled Wikidata edits since the last run and apply them to the live model.
 
-    The windows continue from the ledger's cursor (flows/windows.py) up to `window_end`
+    The windows continue from the ledger's cursor (flows/services/windows.py) up to `window_end`
     (default: now minus the settle time), `window_hours` at a time; the first run ever
     reads one window back from `window_end`."""
     cfg = _settings(settings)

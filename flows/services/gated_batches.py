@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from flows.runtime import LiveModel, ledger_link, load_version_state
+from flows.services.runtime import LiveModel, ledger_link, load_version_state
 from kedit_core.artifacts import delta_path, save_editor_state, state_path, suite_path
 from kedit_core.atomic import atomic_write_text, clean_kedit_home
 from kedit_core.editors.base import Editor, EditResult

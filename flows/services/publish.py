@@ -1,7 +1,7 @@
 """`kedit publish DIR`: hand the live version to another serving engine.
 
 Users who outgrow kedit's own server keep the nightly flow: each new live version is
-exported (flows/export.py: the exact chain, GGUF or a Hugging Face folder) into a folder an
+exported (flows/services/export.py: the exact chain, GGUF or a Hugging Face folder) into a folder an
 engine serves from, and the engine is told to load it. The layout is the one llama.cpp's
 router (`llama-server --models-dir DIR`) reads, a folder per model:
 
@@ -38,7 +38,7 @@ from typing import Any
 
 import requests
 
-from flows.export import export_version
+from flows.services.export import export_version
 from kedit_core.export import EXPORT_INFO
 from kedit_core.atomic import atomic_write_text, tmp_path_for
 from kedit_core.errors import KeditError

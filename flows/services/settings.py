@@ -32,7 +32,7 @@ class PipelineSettings:
     settle_hours: float = 48.0  # only take changes that survived this long (reverts filtered)
     # What this deployment follows: "all", item ids ("Q42,Q64" or a list) or "sitelinks>=N"
     follow: str | list[str] = "all"
-    # Nightly windows continue from a cursor in the ledger (flows/windows.py); one run reads
+    # Nightly windows continue from a cursor in the ledger (flows/services/windows.py); one run reads
     # at most this many hours of edits and starts no new day once this many fact changes
     # were accepted (None: no bound); the rest waits for the next run.
     max_span_hours: float | None = 72.0
@@ -45,7 +45,7 @@ class PipelineSettings:
     # Serving
     server_url: str | None = None
     admin_token: str | None = None
-    # Another engine (flows/publish.py): after each nightly run the live version is exported
+    # Another engine (flows/services/publish.py): after each nightly run the live version is exported
     # into this folder (KEDIT_PUBLISH_DIR, e.g. a llama-server --models-dir) and the engine told
     publish_dir: str | None = None
     publish_format: str = "gguf"  # gguf (llama.cpp) or hf (vLLM, TGI)
