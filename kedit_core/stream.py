@@ -85,7 +85,7 @@ def run_stream(
     """
     from tqdm.auto import tqdm
 
-    from kedit_core.evaluate import evaluate_cases, latest_per_fact, reference_predictions, retention
+    from kedit_core.evaluate import reference_predictions
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -104,29 +104,12 @@ def run_stream(
     bar = tqdm(total=len(cases), desc=f"Editing ({editor.name})", unit="edit", disable=not show_progress)
     try:
         for b, batch in enumerate(batches):
-            t0 = time.perf_counter()
-            result = editor.edit(lm, batch)
-            if not result.applied and not result.delta.is_empty:
-                result.delta.apply(lm.model)
-                result.applied = True
-            dt = time.perf_counter() - t0
+            result, dt = _apply_batch(lm, editor, batch)
             editing += dt
             results.append(result)
-            rec = BatchRecord(index=b, case_ids=[c.case_id for c in batch], seconds=dt)
-            now = evaluate_cases(lm, batch, kinds=("efficacy", "paraphrase"), rewriter=rw, greedy=False)
-            for key in IMMEDIATE:
-                if key in now:
-                    rec.metrics["immediate_" + key] = now[key]
-            steps = [d.steps for d in result.diagnostics]
-            rec.info = {"mean_steps": sum(steps) / len(steps) if steps else 0, "delta_norm": result.delta.norm()}
+            rec = _batch_record(lm, b, batch, result, dt, rw)
             if eval_each_batch:
-                so_far = latest_per_fact(cases[: (b + 1) * batch_size])
-                rec.metrics.update(
-                    evaluate_cases(lm, so_far, reference=reference, kinds=FINAL_KINDS, rewriter=rw, greedy=False)
-                )
-                rec.metrics.update(
-                    retention(lm, batches[0], all_cases_so_far=cases[: (b + 1) * batch_size], rewriter=rw, kinds=KEPT_KINDS)
-                )
+                rec.metrics.update(_scores_so_far(lm, cases[: (b + 1) * batch_size], batches[0], reference, rw))
             records.append(rec)
             if on_batch is not None:
                 on_batch(rec)
@@ -134,19 +117,69 @@ def run_stream(
             bar.set_postfix(s_per_edit=f"{editing / (bar.n or 1):.2f}", eff=f"{rec.metrics['immediate_efficacy_acc']:.2f}",
                             served=f"{rec.metrics.get('immediate_served_efficacy', float('nan')):.2f}")
         bar.close()
-        current = latest_per_fact(cases)
-        metrics = evaluate_cases(lm, current, reference=reference, kinds=FINAL_KINDS, rewriter=rw, greedy=greedy)
-        metrics.update(retention(lm, batches[0], all_cases_so_far=cases, rewriter=rw, greedy=greedy, kinds=KEPT_KINDS))
-        for key in ("immediate_" + k for k in IMMEDIATE):
-            vals = [r.metrics[key] for r in records if key in r.metrics]
-            if vals:
-                metrics[key] = sum(vals) / len(vals)
+        metrics = _final_metrics(lm, cases, batches[0], reference, rw, greedy, records)
     finally:
         bar.close()
         if restore:
             for r in reversed(results):
                 editor.rollback(lm, r)
-    n = len(cases)
+    return _stream_result(lm, editor, len(cases), batch_size, metrics, records, editing, t_start)
+
+
+def _apply_batch(lm: LoadedModel, editor: Editor, batch: list[EditCase]) -> tuple[EditResult, float]:
+    """Edit one batch into `lm`; returns the result and the seconds it took."""
+    t0 = time.perf_counter()
+    result = editor.edit(lm, batch)
+    if not result.applied and not result.delta.is_empty:
+        result.delta.apply(lm.model)
+        result.applied = True
+    return result, time.perf_counter() - t0
+
+
+def _batch_record(lm: LoadedModel, b: int, batch: list[EditCase], result: EditResult, dt: float,
+                  rw: Editor | None) -> BatchRecord:
+    """The batch's record with its own figures right after it was applied."""
+    from kedit_core.evaluate import evaluate_cases
+
+    rec = BatchRecord(index=b, case_ids=[c.case_id for c in batch], seconds=dt)
+    now = evaluate_cases(lm, batch, kinds=("efficacy", "paraphrase"), rewriter=rw, greedy=False)
+    for key in IMMEDIATE:
+        if key in now:
+            rec.metrics["immediate_" + key] = now[key]
+    steps = [d.steps for d in result.diagnostics]
+    rec.info = {"mean_steps": sum(steps) / len(steps) if steps else 0, "delta_norm": result.delta.norm()}
+    return rec
+
+
+def _scores_so_far(lm: LoadedModel, so_far: list[EditCase], first: list[EditCase], reference: Any,
+                   rw: Editor | None) -> dict[str, float]:
+    """`eval_each_batch`: every case edited so far, scored now (for curves)."""
+    from kedit_core.evaluate import evaluate_cases, latest_per_fact, retention
+
+    scores = evaluate_cases(lm, latest_per_fact(so_far), reference=reference, kinds=FINAL_KINDS, rewriter=rw,
+                            greedy=False)
+    scores.update(retention(lm, first, all_cases_so_far=so_far, rewriter=rw, kinds=KEPT_KINDS))
+    return scores
+
+
+def _final_metrics(lm: LoadedModel, cases: list[EditCase], first: list[EditCase], reference: Any,
+                   rw: Editor | None, greedy: bool, records: list[BatchRecord]) -> dict[str, float]:
+    """After the last batch: the current cases, retention of the first batch, and each
+    batch's immediate figures averaged."""
+    from kedit_core.evaluate import evaluate_cases, latest_per_fact, retention
+
+    current = latest_per_fact(cases)
+    metrics = evaluate_cases(lm, current, reference=reference, kinds=FINAL_KINDS, rewriter=rw, greedy=greedy)
+    metrics.update(retention(lm, first, all_cases_so_far=cases, rewriter=rw, greedy=greedy, kinds=KEPT_KINDS))
+    for key in ("immediate_" + k for k in IMMEDIATE):
+        vals = [r.metrics[key] for r in records if key in r.metrics]
+        if vals:
+            metrics[key] = sum(vals) / len(vals)
+    return metrics
+
+
+def _stream_result(lm: LoadedModel, editor: Editor, n: int, batch_size: int, metrics: dict[str, float],
+                   records: list[BatchRecord], editing: float, t_start: float) -> StreamResult:
     cfg = editor.config.to_dict() if hasattr(editor.config, "to_dict") else {}
     return StreamResult(
         method=editor.name,
