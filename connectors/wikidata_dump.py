@@ -15,9 +15,11 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from kedit_core.revision import RevisionRef
@@ -119,3 +121,42 @@ def _revision(title: str, rev: ET.Element) -> DumpRevision:
         kind="edit" if parent else "new",
     )
     return DumpRevision(ref=ref, text=None if hidden else (text_el.text or ""), model=text_of("model"))
+
+
+# --------------------------------------------------------------------------- which files
+
+DUMP_SUFFIXES = (".xml", ".xml.bz2", ".xml.gz")
+
+
+def dump_files(path: str | Path) -> list[Path]:
+    """The dump files `path` names: one file, or every `*.xml[.bz2|.gz]` in a folder (by name,
+    so daily `wikidatawiki-YYYYMMDD-pages-meta-hist-incr` files come in date order)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        found = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(DUMP_SUFFIXES))
+        if not found:
+            raise FileNotFoundError(f"dump folder {p} holds no {', '.join(DUMP_SUFFIXES)} file")
+        return found
+    raise FileNotFoundError(f"dump file {p} does not exist")
+
+
+def dump_date(path: str | Path) -> datetime | None:
+    """The date in a Wikimedia dump's file name (`wikidatawiki-20240502-...`), or None."""
+    m = re.search(r"-(\d{8})-", Path(path).name)
+    if not m:
+        return None
+    try:
+        return datetime.strptime(m.group(1), "%Y%m%d")
+    except ValueError:
+        return None
+
+
+def dump_may_hold(path: str | Path, start: datetime | str) -> bool:
+    """Whether a dump file can hold revisions at or after `start`: a dump made on day D holds
+    none from day D+1 on. Files without a date in their name are always read."""
+    made = dump_date(path)
+    s = start if isinstance(start, datetime) else datetime.strptime(start[:19], "%Y-%m-%dT%H:%M:%S")
+    s = s.astimezone(timezone.utc).replace(tzinfo=None) if s.tzinfo else s
+    return made is None or s < made + timedelta(days=1)

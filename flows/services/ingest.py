@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from flows.services.labels import CachedLabelLookup
 from connectors.wikidata import BATCH, RevisionBatch, WikidataClient, iso
+from connectors.wikidata_dump import read_dump
 from kedit_core.diff import EntityFormatError, diff_entities, english_label, parse_entity, term_changes
 from kedit_core.filters import (
     FilterConfig,
@@ -391,43 +391,6 @@ def backfill_items(client: WikidataClient, db: Database, items: Sequence[str], s
 
 # --------------------------------------------------------------------------- dumps
 
-DUMP_SUFFIXES = (".xml", ".xml.bz2", ".xml.gz")
-
-
-def dump_files(path: str | Path) -> list[Path]:
-    """The dump files `path` names: one file, or every `*.xml[.bz2|.gz]` in a folder (by name,
-    so daily `wikidatawiki-YYYYMMDD-pages-meta-hist-incr` files come in date order)."""
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        found = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(DUMP_SUFFIXES))
-        if not found:
-            raise FileNotFoundError(f"dump folder {p} holds no {', '.join(DUMP_SUFFIXES)} file")
-        return found
-    raise FileNotFoundError(f"dump file {p} does not exist")
-
-
-def dump_date(path: str | Path) -> datetime | None:
-    """The date in a Wikimedia dump's file name (`wikidatawiki-20240502-...`), or None."""
-    m = re.search(r"-(\d{8})-", Path(path).name)
-    if not m:
-        return None
-    try:
-        return datetime.strptime(m.group(1), "%Y%m%d")
-    except ValueError:
-        return None
-
-
-def dump_may_hold(path: str | Path, start: datetime | str) -> bool:
-    """Whether a dump file can hold revisions at or after `start`: a dump made on day D holds
-    none from day D+1 on. Files without a date in their name are always read."""
-    made = dump_date(path)
-    s = _parse(start)
-    s = s.astimezone(timezone.utc).replace(tzinfo=None) if s.tzinfo else s
-    return made is None or s < made + timedelta(days=1)
-
-
 def ingest_dump(path: str | Path, db: Database, filter_config: FilterConfig | None = None, *,
                 client: WikidataClient | None = None, labels: LabelLookup | None = None,
                 start: datetime | str | None = None, end: datetime | str | None = None,
@@ -442,41 +405,68 @@ def ingest_dump(path: str | Path, db: Database, filter_config: FilterConfig | No
     holds the number of dump revisions already committed (and, once the file is read to its
     end, that it is complete: a re-run returns at once), so a caller reading one file in
     several ranges gives each range its own `cursor_name` (the default names the file only)."""
-    from connectors.wikidata_dump import read_dump
-
     cfg = filter_config or FilterConfig()
     t0 = time.monotonic()
     req0 = client.stats.requests if client else 0
     report = IngestReport()
     p = Path(path)
     cursor_name = cursor_name or f"wikidata:dump:{p.name}"
-    cursor = ledger.get_cursor(db, cursor_name)
-    state = json.loads(cursor) if cursor else {}
-    skip = int(state.get("done", 0))
-    if state.get("complete"):  # read to its end before: nothing to do, not even reading it
+    skip, complete = _dump_cursor(db, cursor_name)
+    if complete:  # read to its end before: nothing to do, not even reading it
         report.resumed_from = f"the end of {p.name} (revision #{skip})"
         return report
     if skip:
         report.resumed_from = f"revision #{skip} of {p.name}"
-    lo = iso(_parse(start)) if start else ""
-    hi = iso(_parse(end)) if end else "\uffff"
-    texts: dict[int, str | None] = {}
+    texts = _DumpTexts(client)
+    proc = _Processor(db, cfg, _default_labels(client, db, labels), report, texts.fetch)
+    position = _read_dump_in_batches(p, proc, texts, cfg, cursor_name, skip,
+                                     iso(_parse(start)) if start else "", iso(_parse(end)) if end else "\uffff",
+                                     progress)
+    # The whole file is read: a re-run with this cursor (a resumed chunk) skips it outright.
+    ledger.set_cursor(db, cursor_name, json.dumps({"done": position, "complete": True}))
+    report.requests = (client.stats.requests - req0) if client else 0
+    report.seconds = round(time.monotonic() - t0, 3)
+    return report
 
-    def fetch(revids: list[int]) -> RevisionBatch:
+
+def _dump_cursor(db: Database, cursor_name: str) -> tuple[int, bool]:
+    """(dump revisions already committed, whether the file was read to its end)."""
+    cursor = ledger.get_cursor(db, cursor_name)
+    state = json.loads(cursor) if cursor else {}
+    return int(state.get("done", 0)), bool(state.get("complete"))
+
+
+class _DumpTexts:
+    """The entity texts of the dump's recent revisions, and `fetch` for the processor: a
+    revision's text from the file when it holds it, else from the API client (a parent from
+    before the incremental dump), else a recorded problem."""
+
+    def __init__(self, client: WikidataClient | None) -> None:
+        self.client = client
+        self.texts: dict[int, str | None] = {}
+
+    def add(self, revid: int, text: str | None) -> None:
+        self.texts[revid] = text
+        # Bounded memory: parents come just before their children in a dump, and a batch
+        # holds at most BATCH revisions, so the last few hundred texts are all ever needed.
+        while len(self.texts) > 4 * BATCH:
+            del self.texts[next(iter(self.texts))]
+
+    def fetch(self, revids: list[int]) -> RevisionBatch:
         got = RevisionBatch()
         remote = []
         for r in revids:
-            if r not in texts:
+            if r not in self.texts:
                 remote.append(r)
-            elif texts[r] is None:
+            elif self.texts[r] is None:
                 got.problems[r] = "content hidden (revision deleted or suppressed)"
             else:
                 try:
-                    got.entities[r] = parse_entity(texts[r])
+                    got.entities[r] = parse_entity(self.texts[r])
                 except EntityFormatError as exc:
                     got.problems[r] = f"unreadable entity JSON: {exc}"
-        if remote and client is not None:
-            extra = client.fetch_revisions(remote)
+        if remote and self.client is not None:
+            extra = self.client.fetch_revisions(remote)
             got.entities.update(extra.entities)
             got.problems.update(extra.problems)
         else:
@@ -484,12 +474,17 @@ def ingest_dump(path: str | Path, db: Database, filter_config: FilterConfig | No
                 got.problems[r] = "revision not in the dump and no API client to fetch it"
         return got
 
-    proc = _Processor(db, cfg, _default_labels(client, db, labels), report, fetch)
+
+def _read_dump_in_batches(p: Path, proc: _Processor, texts: _DumpTexts, cfg: FilterConfig, cursor_name: str,
+                          skip: int, lo: str, hi: str, progress: bool) -> int:
+    """Read the file once, processing its revisions in [lo, hi) after the first `skip` in
+    batches of BATCH (each batch commits with the cursor at its position); returns the
+    number of revisions the file holds."""
+    db, report = proc.db, proc.report
     counters: list = []
-    size = p.stat().st_size
     pending: list[RevisionRef] = []
     position = 0
-    bar = tqdm(total=size, desc=f"dump {p.name}", unit="B", unit_scale=True, disable=not progress)
+    bar = tqdm(total=p.stat().st_size, desc=f"dump {p.name}", unit="B", unit_scale=True, disable=not progress)
 
     def flush() -> None:
         nonlocal pending
@@ -508,11 +503,7 @@ def ingest_dump(path: str | Path, db: Database, filter_config: FilterConfig | No
     try:
         for rev in read_dump(p, counters):
             position += 1
-            texts[rev.ref.revid] = rev.text
-            # Bounded memory: parents come just before their children in a dump, and a batch
-            # holds at most BATCH revisions, so the last few hundred texts are all ever needed.
-            while len(texts) > 4 * BATCH:
-                del texts[next(iter(texts))]
+            texts.add(rev.ref.revid, rev.text)
             if position <= skip or not (lo <= rev.ref.timestamp < hi):
                 continue
             report.revisions_seen += 1
@@ -522,8 +513,4 @@ def ingest_dump(path: str | Path, db: Database, filter_config: FilterConfig | No
         flush()
     finally:
         bar.close()
-    # The whole file is read: a re-run with this cursor (a resumed chunk) skips it outright.
-    ledger.set_cursor(db, cursor_name, json.dumps({"done": position, "complete": True}))
-    report.requests = (client.stats.requests - req0) if client else 0
-    report.seconds = round(time.monotonic() - t0, 3)
-    return report
+    return position

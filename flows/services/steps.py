@@ -145,7 +145,7 @@ def _iso(t: datetime) -> str:
 
 
 def _check_source(source: str, dump_path: str | None) -> None:
-    from flows.services.ingest import dump_files
+    from connectors.wikidata_dump import dump_files
     from kedit_core.errors import KeditError
 
     if source not in ("api", "dump"):
@@ -203,6 +203,7 @@ def backfill_chunk(
     without items, the recent-changes window (Wikidata keeps ~30 days of them: see
     `check_backfill`). `dump`: a local incremental dump file, or a folder of them; the first
     revision of a page in a file is diffed against its parent fetched through the API."""
+    from connectors.wikidata_dump import dump_files, dump_may_hold
     from flows.services import ingest
 
     _check_source(source, dump_path)
@@ -212,7 +213,7 @@ def backfill_chunk(
         if source == "dump":
             assert dump_path is not None  # check_backfill refused it otherwise
             total = empty_ingest_counts()
-            files = [f for f in ingest.dump_files(dump_path) if ingest.dump_may_hold(f, start)]
+            files = [f for f in dump_files(dump_path) if dump_may_hold(f, start)]
             for f in files:
                 report = ingest.ingest_dump(f, db(), filter_config(settings), client=client, start=start, end=end,
                                             cursor_name=f"wikidata:dump:{f.name}:{bounds}", progress=False)
