@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kedit_core.errors import KeditError
+# the record parsing shared with the domain (LTE reads its shipped zsRE slice with it)
+from kedit_core.benchmark_records import BenchmarkFormatError, zsre_record_to_case
+from kedit_core.benchmark_records import strings as _strs
 from kedit_core.render import prune_aliases
 from kedit_core.types import EditCase, Probe
-
-
-class BenchmarkFormatError(KeditError):
-    """A benchmark file or record does not have the expected shape."""
 
 
 @dataclass
@@ -44,49 +42,6 @@ def _load_json_list(path: str | Path) -> list[dict[str, Any]]:
     if not isinstance(data, list):
         raise BenchmarkFormatError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
     return data
-
-
-def _need(rec: dict[str, Any], key: str, where: str) -> Any:
-    value = rec.get(key)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise BenchmarkFormatError(f"{where}: missing or empty field {key!r}")
-    return value
-
-
-def zsre_record_to_case(rec: dict[str, Any], index: int, where: str = "zsre") -> EditCase:
-    """One MEND-format zsRE record: edit `src` -> `alt`; paraphrase `rephrase`; locality `loc` -> `loc_ans`."""
-    at = f"{where} record {index}"
-    subject = _need(rec, "subject", at)
-    src = _need(rec, "src", at)
-    alt = _need(rec, "alt", at)
-    if subject not in src:
-        raise BenchmarkFormatError(f"{at}: subject {subject!r} does not occur in question {src!r}")
-    probes = []
-    if rec.get("rephrase"):
-        probes.append(Probe("paraphrase", rec["rephrase"], alt))
-    if rec.get("loc") and rec.get("loc_ans"):
-        loc = rec["loc"]
-        # MEND prefixes NQ questions with "nq question: "; the question itself follows.
-        loc = loc.split("nq question:", 1)[-1].strip()
-        loc = loc[0].upper() + loc[1:] + ("?" if not loc.endswith("?") else "")
-        probes.append(Probe("locality", loc, rec["loc_ans"]))
-    answers = rec.get("answers") or []
-    target_old = answers[0] if answers else rec.get("pred")
-    # `answers` lists every true answer (often several objects of one relation): all of them
-    # are old values; one that is the new value too is left out by `prune_aliases`.
-    _, old_aliases = prune_aliases(alt.strip(), [], target_old, _strs(answers))
-    return EditCase(
-        case_id=f"zsre-{index}",
-        subject=subject,
-        relation=rec.get("relation", "zsre"),
-        prompt=src,
-        question=src,
-        target_new=alt.strip(),
-        target_old=target_old,
-        probes=probes,
-        source="zsre",
-        meta={"aliases": [], "old_aliases": old_aliases},
-    )
 
 
 def read_zsre(
@@ -141,12 +96,6 @@ def _first_str(value: Any) -> str | None:
             if isinstance(v, str) and v.strip():
                 return v.strip()
     return None
-
-
-def _strs(value: Any) -> list[str]:
-    """The non-empty strings of a string-or-list field, stripped, in order."""
-    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    return [v.strip() for v in items if isinstance(v, str) and v.strip()]
 
 
 def _need_str(rec: dict[str, Any], key: str, where: str) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
 from kedit_core.atomic import atomic_write_text
+from kedit_core.benchmark_records import BenchmarkFormatError, zsre_record_to_case
 from kedit_core.editors.base import EditResult, WeightDelta, register
 from kedit_core.editors.finetune import train_lora_delta
 from kedit_core.editors.rag import RAGConfig, RAGEditor
@@ -171,10 +172,15 @@ def _read_alignment_cache(folder: Path) -> tuple[WeightDelta, dict[str, Any]] | 
 
 
 def alignment_split(path: str | Path, start: int, limit: int | None = None) -> tuple[list[EditCase], list[EditCase]]:
-    """(training cases = records[start:], reserved evaluation cases = records[:start])."""
-    from connectors.benchmarks import read_zsre  # reader of the slice's format
+    """(training cases = records[start:], reserved evaluation cases = records[:start]).
 
-    cases = read_zsre(path, skip_bad=True)
+    Records that do not parse (the slice has a few with an empty `alt`) are left out."""
+    cases = []
+    for i, rec in enumerate(json.loads(Path(path).read_text(encoding="utf-8"))):
+        try:
+            cases.append(zsre_record_to_case(rec, i, str(path)))
+        except (BenchmarkFormatError, ValueError, TypeError, KeyError, AttributeError):
+            continue
     index = {c.case_id: int(c.case_id.rsplit("-", 1)[1]) for c in cases}
     train = [c for c in cases if index[c.case_id] >= start]
     reserved = [c for c in cases if index[c.case_id] < start]
