@@ -219,107 +219,7 @@ class ReplayServer:
         return f"http://{host}:{port}/w/api.php"
 
     def start(self) -> str:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # keep test output clean
-                pass
-
-            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
-                      length: int | None = None) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body) if length is None else length))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                params = {k: v[-1] for k, v in parse_qs(urlparse(self.path).query).items()}
-                with server._lock:
-                    server.requests.append({"params": params, "headers": dict(self.headers)})
-                failure = server._take_failure(params)
-                headers: dict[str, str] = {}
-                if failure and failure.retry_after is not None:
-                    ra = failure.retry_after
-                    headers["Retry-After"] = ra if isinstance(ra, str) else str(int(ra))
-                if failure and failure.kind == "body":
-                    headers.update(failure.headers)
-                    if failure.declare_length:
-                        self._send(failure.status, failure.body, headers)
-                        return
-                    self.send_response(failure.status)
-                    self.send_header("Content-Type", "application/json; charset=utf-8")
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    self.close_connection = True
-                    try:
-                        for i in range(0, len(failure.body), 65536):
-                            self.wfile.write(failure.body[i:i + 65536])
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass
-                    return
-                if failure and failure.kind == "status":
-                    self._send(failure.status, b'{"error": "injected"}', headers)
-                    return
-                if failure and failure.kind == "maxlag":
-                    body = {"error": {"code": "maxlag", "info": "Waiting for 10.64.16.27: 7 seconds lagged",
-                                      "host": "10.64.16.27", "lag": 7}}
-                    headers["X-Database-Lag"] = "7"
-                    self._send(200, json.dumps(body).encode(), headers)
-                    return
-                if failure and failure.kind == "slow":
-                    time.sleep(failure.delay_s)
-                try:
-                    payload = json.dumps(server.wiki.answer(params), ensure_ascii=False).encode("utf-8")
-                except (KeyError, ValueError) as exc:
-                    payload = json.dumps({"error": {"code": "badvalue", "info": str(exc)}}).encode()
-                if failure and failure.kind == "answer" and failure.transform is not None:
-                    payload = json.dumps(failure.transform(json.loads(payload)), ensure_ascii=False).encode("utf-8")
-                if failure and failure.kind == "drip_headers":  # status line and headers a byte at a time
-                    head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                            f"Content-Length: {len(payload)}\r\nX-Padding: {'x' * 200}\r\n\r\n").encode()
-                    try:
-                        for i in range(len(head)):
-                            self.wfile.write(head[i:i + 1])
-                            self.wfile.flush()
-                            time.sleep(failure.delay_s)
-                        self.wfile.write(payload)
-                    except (BrokenPipeError, ConnectionResetError, OSError):
-                        pass
-                    self.close_connection = True
-                    return
-                if failure and failure.kind == "drip":  # the whole length announced, then a byte at a time
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json; charset=utf-8")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    try:
-                        for i in range(len(payload)):
-                            self.wfile.write(payload[i:i + 1])
-                            self.wfile.flush()
-                            time.sleep(failure.delay_s)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass
-                    self.close_connection = True
-                    return
-                if failure and failure.kind == "truncate":
-                    payload = payload[: max(1, len(payload) // 2)]
-                if server.gzip_answers and "gzip" in self.headers.get("Accept-Encoding", ""):
-                    payload = gzip.compress(payload, compresslevel=1)
-                    headers["Content-Encoding"] = "gzip"
-                self._send(200, payload, headers)
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _ReplayHTTPServer(self)
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="wikidata-replay", daemon=True)
         self._thread.start()
         return self.url
@@ -335,3 +235,135 @@ class ReplayServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class _ReplayHTTPServer(ThreadingHTTPServer):
+    """The loopback server; its handlers answer for `replay`."""
+
+    daemon_threads = True
+
+    def __init__(self, replay: ReplayServer):
+        self.replay = replay
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request: the recorded answer, unless an injected failure matches it."""
+
+    protocol_version = "HTTP/1.1"
+    server: _ReplayHTTPServer
+
+    def log_message(self, *args: Any) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        replay = self.server.replay
+        params = {k: v[-1] for k, v in parse_qs(urlparse(self.path).query).items()}
+        with replay._lock:
+            replay.requests.append({"params": params, "headers": dict(self.headers)})
+        failure = replay._take_failure(params)
+        headers: dict[str, str] = {}
+        if failure and failure.retry_after is not None:
+            ra = failure.retry_after
+            headers["Retry-After"] = ra if isinstance(ra, str) else str(int(ra))
+        if failure and failure.kind == "body":
+            self._send_given_body(failure, headers)
+            return
+        if failure and failure.kind == "status":
+            self._send(failure.status, b'{"error": "injected"}', headers)
+            return
+        if failure and failure.kind == "maxlag":
+            self._send_maxlag(headers)
+            return
+        if failure and failure.kind == "slow":
+            time.sleep(failure.delay_s)
+        payload = self._answer(replay, params, failure)
+        if failure and failure.kind == "drip_headers":
+            self._drip_headers(payload, failure.delay_s)
+            return
+        if failure and failure.kind == "drip":
+            self._drip_body(payload, failure.delay_s)
+            return
+        if failure and failure.kind == "truncate":
+            payload = payload[: max(1, len(payload) // 2)]
+        if replay.gzip_answers and "gzip" in self.headers.get("Accept-Encoding", ""):
+            payload = gzip.compress(payload, compresslevel=1)
+            headers["Content-Encoding"] = "gzip"
+        self._send(200, payload, headers)
+
+    def _answer(self, replay: ReplayServer, params: dict[str, str], failure: Failure | None) -> bytes:
+        """The recorded wiki's answer as JSON bytes, rewritten by an `answer` failure."""
+        try:
+            payload = json.dumps(replay.wiki.answer(params), ensure_ascii=False).encode("utf-8")
+        except (KeyError, ValueError) as exc:
+            payload = json.dumps({"error": {"code": "badvalue", "info": str(exc)}}).encode()
+        if failure and failure.kind == "answer" and failure.transform is not None:
+            payload = json.dumps(failure.transform(json.loads(payload)), ensure_ascii=False).encode("utf-8")
+        return payload
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
+              length: int | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _send_given_body(self, failure: Failure, headers: dict[str, str]) -> None:
+        """A `body` failure: its raw body, with its Content-Length or ended by closing the connection."""
+        headers.update(failure.headers)
+        if failure.declare_length:
+            self._send(failure.status, failure.body, headers)
+            return
+        self.send_response(failure.status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        try:
+            for i in range(0, len(failure.body), 65536):
+                self.wfile.write(failure.body[i:i + 65536])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _send_maxlag(self, headers: dict[str, str]) -> None:
+        body = {"error": {"code": "maxlag", "info": "Waiting for 10.64.16.27: 7 seconds lagged",
+                          "host": "10.64.16.27", "lag": 7}}
+        headers["X-Database-Lag"] = "7"
+        self._send(200, json.dumps(body).encode(), headers)
+
+    def _drip_headers(self, payload: bytes, delay_s: float) -> None:
+        """Status line and headers a byte at a time, then the body."""
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nX-Padding: {'x' * 200}\r\n\r\n").encode()
+        try:
+            for i in range(len(head)):
+                self.wfile.write(head[i:i + 1])
+                self.wfile.flush()
+                time.sleep(delay_s)
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+        self.close_connection = True
+
+    def _drip_body(self, payload: bytes, delay_s: float) -> None:
+        """The whole length announced, then the body a byte at a time."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        try:
+            for i in range(len(payload)):
+                self.wfile.write(payload[i:i + 1])
+                self.wfile.flush()
+                time.sleep(delay_s)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
