@@ -140,7 +140,7 @@ def main() -> None:
 
     import torch
 
-    from flows.commands.serve_cmd import build_serving_state
+    from flows.services.serving import build_serving_state
     from kedit_core.model import load_model
     from kedit_core.serving import BackgroundServer, create_app, version_tag
     from storage.db import open_db

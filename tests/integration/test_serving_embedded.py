@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.commands.serve_cmd import build_serving_state
+from flows.services.serving import build_serving_state
 from kedit_core.serving import BackgroundServer, create_app
 
 pytestmark = pytest.mark.integration

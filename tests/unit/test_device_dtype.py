@@ -240,7 +240,8 @@ def _record(db, lm, editor, result, parent: int, folder) -> tuple[int, str, str]
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_bfloat16_version_rebuilds_from_the_ledger_bit_for_bit_and_is_served(device, db, tmp_path):
-    from flows.commands.serve_cmd import audit_ledger, build_serving_state
+    from flows.services.audit import audit_ledger
+    from flows.services.serving import build_serving_state
     from flows.services.runtime import VersionError, open_live_model
     from kedit_core.serving import BackgroundServer, create_app, version_tag
 

@@ -14,7 +14,8 @@ import requests
 import torch
 
 from connectors.served import ServedModelClient, ServedModelError
-from flows.commands.serve_cmd import audit_ledger, audit_server, build_serving_state
+from flows.services.audit import audit_ledger, audit_server
+from flows.services.serving import build_serving_state
 from kedit_core.editors.base import WeightDelta
 from kedit_core.model import fingerprint_model
 from kedit_core.serving import BackgroundServer, ServingState, check_admin_binding, create_app, version_tag
@@ -458,7 +459,7 @@ def test_memory_editor_version_is_restored_from_its_saved_state(tiny_llama, db, 
             super().__init__(config)
             self.note = ""
 
-        def edit(self, lm, cases):
+        def edit(self, lm, cases, config=None):
             raise NotImplementedError("this test editor only restores state")
 
         def rewrite_prompt(self, question):
