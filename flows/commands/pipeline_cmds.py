@@ -47,119 +47,124 @@ def editor_overrides(method: Optional[str], pairs: List[str]) -> Optional[dict[s
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("nightly")
-    def nightly(
-        window_end: Optional[datetime] = typer.Option(
-            None, help="Read edits up to this time (UTC). Default: now minus the settle delay. Windows start where "
-                       "the last run ended (a cursor in the ledger)."),
-        window_hours: float = typer.Option(24.0, help="Hours per window (a missed night is caught up one window at "
-                                                      "a time); the first run ever reads one window."),
-        model: Optional[str] = typer.Option(None, help="Model spec (default: smollm2, the embedded model)."),
-        method: Optional[str] = typer.Option(None, help="Editing method (default: alphaedit)."),
-        endpoint: Optional[str] = typer.Option(None, help="Wikidata API endpoint (default: the real one)."),
-        server: Optional[str] = typer.Option(None, "--server", help="Publish new versions to this `kedit serve` URL."),
-        html: Optional[str] = typer.Option(None, help="Where to write the HTML drift report."),
-        settings: List[str] = typer.Option([], "--set", help=SET_HELP),
-        config: Optional[Path] = CONFIG_OPTION,
-        wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
-        device: Optional[str] = DEVICE_OPTION,
-        dtype: Optional[str] = DTYPE_OPTION,
-    ) -> None:
-        """Run the nightly update once: ingest, build cases, edit in gated batches, report."""
-        from flows.prefect_flows import nightly_update
+    app.command("nightly")(nightly)
+    app.command("backfill")(backfill_cmd)
+    app.command("schedule")(schedule)
+    app.command("demo")(demo)
 
-        overrides = editor_overrides(method, with_config(config, method, settings))
-        pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, server_url=server,
-                                       editor_overrides=overrides, lock_wait_s=wait, **_placement(device, dtype))
-        with _ledger_held("nightly", pipeline):  # refused here, in one line, before Prefect starts a run
-            summary = nightly_update(window_end=_utc(window_end), window_hours=window_hours, settings=pipeline,
-                                     report_html=html)
-        _print_summary(summary)
 
-    @app.command("backfill")
-    def backfill_cmd(
-        start: datetime = typer.Option(..., help="First day (UTC), e.g. 2026-10-01."),
-        end: datetime = typer.Option(..., help="End (exclusive, UTC), e.g. 2026-10-08."),
-        source: str = typer.Option(
-            "api", help="api: Wikidata's recent changes, which reach back about 30 days (older ranges need --items "
-                        "or dumps); dump: incremental XML dumps (--dump)."),
-        dump: Optional[str] = typer.Option(
-            None, help="A wikidatawiki-YYYYMMDD-pages-meta-hist-incr.xml.bz2 file, or a folder of them (source=dump). "
-                       "Each page's first revision in a file is diffed against its parent fetched from the API."),
-        items: Optional[str] = typer.Option(
-            None, help="Comma-separated item ids (source=api): their revision history, any age."),
-        chunk_hours: float = typer.Option(24.0, help="Chunk size in hours."),
-        model: Optional[str] = typer.Option(None),
-        method: Optional[str] = typer.Option(None),
-        endpoint: Optional[str] = typer.Option(None),
-        settings: List[str] = typer.Option([], "--set", help=SET_HELP),
-        config: Optional[Path] = CONFIG_OPTION,
-        wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
-        device: Optional[str] = DEVICE_OPTION,
-        dtype: Optional[str] = DTYPE_OPTION,
-    ) -> None:
-        """Backfill historical Wikidata edits by date range, a chunk at a time (resumable).
+def nightly(
+    window_end: Optional[datetime] = typer.Option(
+        None, help="Read edits up to this time (UTC). Default: now minus the settle delay. Windows start where "
+                   "the last run ended (a cursor in the ledger)."),
+    window_hours: float = typer.Option(24.0, help="Hours per window (a missed night is caught up one window at "
+                                                  "a time); the first run ever reads one window."),
+    model: Optional[str] = typer.Option(None, help="Model spec (default: smollm2, the embedded model)."),
+    method: Optional[str] = typer.Option(None, help="Editing method (default: alphaedit)."),
+    endpoint: Optional[str] = typer.Option(None, help="Wikidata API endpoint (default: the real one)."),
+    server: Optional[str] = typer.Option(None, "--server", help="Publish new versions to this `kedit serve` URL."),
+    html: Optional[str] = typer.Option(None, help="Where to write the HTML drift report."),
+    settings: List[str] = typer.Option([], "--set", help=SET_HELP),
+    config: Optional[Path] = CONFIG_OPTION,
+    wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
+    device: Optional[str] = DEVICE_OPTION,
+    dtype: Optional[str] = DTYPE_OPTION,
+) -> None:
+    """Run the nightly update once: ingest, build cases, edit in gated batches, report."""
+    from flows.prefect_flows import nightly_update
 
-        Recent changes reach back about 30 days: older ranges need --items or --source dump.
-        """
-        from flows.services import steps
-        from flows.prefect_flows import backfill
-        from flows.services.settings import PipelineSettings
+    overrides = editor_overrides(method, with_config(config, method, settings))
+    pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, server_url=server,
+                                   editor_overrides=overrides, lock_wait_s=wait, **_placement(device, dtype))
+    with _ledger_held("nightly", pipeline):  # refused here, in one line, before Prefect starts a run
+        summary = nightly_update(window_end=_utc(window_end), window_hours=window_hours, settings=pipeline,
+                                 report_html=html)
+    _print_summary(summary)
 
-        overrides = editor_overrides(method, with_config(config, method, settings))
-        pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, editor_overrides=overrides,
-                                       lock_wait_s=wait, **_placement(device, dtype))
-        item_list = [i.strip() for i in items.split(",") if i.strip()] if items else None
-        # A backfill that cannot work is refused here, in one line, before Prefect starts a run.
-        steps.check_backfill(PipelineSettings.from_env(**pipeline), _utc(start), _utc(end), source, dump, item_list)
-        with _ledger_held("backfill", pipeline):
-            summary = backfill(
-                start=_utc(start),
-                end=_utc(end),
-                chunk_hours=chunk_hours,
-                source=source,
-                dump_path=dump,
-                items=item_list,
-                settings=pipeline,
-            )
-        _print_summary(summary)
 
-    @app.command("schedule")
-    def schedule(
-        cron: Optional[str] = typer.Option(None, help="Nightly cron (UTC). Default 0 2 * * * or KEDIT_NIGHTLY_CRON."),
-    ) -> None:
-        """Serve kedit's deployments: nightly on a cron; backfill and report on demand.
+def backfill_cmd(
+    start: datetime = typer.Option(..., help="First day (UTC), e.g. 2026-10-01."),
+    end: datetime = typer.Option(..., help="End (exclusive, UTC), e.g. 2026-10-08."),
+    source: str = typer.Option(
+        "api", help="api: Wikidata's recent changes, which reach back about 30 days (older ranges need --items "
+                    "or dumps); dump: incremental XML dumps (--dump)."),
+    dump: Optional[str] = typer.Option(
+        None, help="A wikidatawiki-YYYYMMDD-pages-meta-hist-incr.xml.bz2 file, or a folder of them (source=dump). "
+                   "Each page's first revision in a file is diffed against its parent fetched from the API."),
+    items: Optional[str] = typer.Option(
+        None, help="Comma-separated item ids (source=api): their revision history, any age."),
+    chunk_hours: float = typer.Option(24.0, help="Chunk size in hours."),
+    model: Optional[str] = typer.Option(None),
+    method: Optional[str] = typer.Option(None),
+    endpoint: Optional[str] = typer.Option(None),
+    settings: List[str] = typer.Option([], "--set", help=SET_HELP),
+    config: Optional[Path] = CONFIG_OPTION,
+    wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
+    device: Optional[str] = DEVICE_OPTION,
+    dtype: Optional[str] = DTYPE_OPTION,
+) -> None:
+    """Backfill historical Wikidata edits by date range, a chunk at a time (resumable).
 
-        Runs until stopped. Against a standalone Prefect server set PREFECT_API_URL first.
-        """
-        from prefect import serve
+    Recent changes reach back about 30 days: older ranges need --items or --source dump.
+    """
+    from flows.services import steps
+    from flows.prefect_flows import backfill
+    from flows.services.settings import PipelineSettings
 
-        from flows.services.settings import PipelineSettings
+    overrides = editor_overrides(method, with_config(config, method, settings))
+    pipeline = _settings_overrides(model=model, method=method, endpoint=endpoint, editor_overrides=overrides,
+                                   lock_wait_s=wait, **_placement(device, dtype))
+    item_list = [i.strip() for i in items.split(",") if i.strip()] if items else None
+    # A backfill that cannot work is refused here, in one line, before Prefect starts a run.
+    steps.check_backfill(PipelineSettings.from_env(**pipeline), _utc(start), _utc(end), source, dump, item_list)
+    with _ledger_held("backfill", pipeline):
+        summary = backfill(
+            start=_utc(start),
+            end=_utc(end),
+            chunk_hours=chunk_hours,
+            source=source,
+            dump_path=dump,
+            items=item_list,
+            settings=pipeline,
+        )
+    _print_summary(summary)
 
-        cron = cron or PipelineSettings.from_env().nightly_cron
-        typer.echo(f"serving kedit deployments; nightly at '{cron}' UTC (Ctrl-C to stop)")
-        serve(*deployments(cron))
 
-    @app.command("demo")
-    def demo(
-        model: str = typer.Option("smollm2", help="Model spec (default: the embedded model)."),
-        method: str = typer.Option("alphaedit", help="Editing method."),
-        settings: List[str] = typer.Option([], "--set", help=SET_HELP),
-        config: Optional[Path] = CONFIG_OPTION,
-        wait: float = typer.Option(0.0, "--wait", help=WAIT_HELP),
-        device: Optional[str] = DEVICE_OPTION,
-        dtype: Optional[str] = DTYPE_OPTION,
-    ) -> None:
-        """The main job: the nightly flow night by night on a recorded Wikidata week, on the embedded model.
+def schedule(
+    cron: Optional[str] = typer.Option(None, help="Nightly cron (UTC). Default 0 2 * * * or KEDIT_NIGHTLY_CRON."),
+) -> None:
+    """Serve kedit's deployments: nightly on a cron; backfill and report on demand.
 
-        The week is replayed from 127.0.0.1 (one night missed on purpose, a late revert, a
-        correction, changes held in quarantine); a second run applies nothing new.
-        """
-        from flows.demo import run_demo
+    Runs until stopped. Against a standalone Prefect server set PREFECT_API_URL first.
+    """
+    from prefect import serve
 
-        editor_settings = editor_overrides(method, with_config(config, method, settings))
-        run_demo(model=model, method=method, echo=typer.echo, editor_settings=editor_settings,
-                 pipeline_settings={"lock_wait_s": wait, **_placement(device, dtype)})
+    from flows.services.settings import PipelineSettings
+
+    cron = cron or PipelineSettings.from_env().nightly_cron
+    typer.echo(f"serving kedit deployments; nightly at '{cron}' UTC (Ctrl-C to stop)")
+    serve(*deployments(cron))
+
+
+def demo(
+    model: str = typer.Option("smollm2", help="Model spec (default: the embedded model)."),
+    method: str = typer.Option("alphaedit", help="Editing method."),
+    settings: List[str] = typer.Option([], "--set", help=SET_HELP),
+    config: Optional[Path] = CONFIG_OPTION,
+    wait: float = typer.Option(0.0, "--wait", help=WAIT_HELP),
+    device: Optional[str] = DEVICE_OPTION,
+    dtype: Optional[str] = DTYPE_OPTION,
+) -> None:
+    """The main job: the nightly flow night by night on a recorded Wikidata week, on the embedded model.
+
+    The week is replayed from 127.0.0.1 (one night missed on purpose, a late revert, a
+    correction, changes held in quarantine); a second run applies nothing new.
+    """
+    from flows.demo import run_demo
+
+    editor_settings = editor_overrides(method, with_config(config, method, settings))
+    run_demo(model=model, method=method, echo=typer.echo, editor_settings=editor_settings,
+             pipeline_settings={"lock_wait_s": wait, **_placement(device, dtype)})
 
 
 def deployments(cron: str) -> list:
