@@ -8,6 +8,7 @@ never went live; they are plotted as markers, never counted as "now".
 """
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -171,3 +172,40 @@ def collect_report(db: Database, since: datetime | None = None, now: datetime | 
         filtered=filtered_edits(db, since),
         backlog=pending_backlog(db),
     )
+
+
+# --------------------------------------------------------------------------- an exported version
+
+
+def applied_cases(db: Database, batch_ids: list[str]) -> list[dict[str, Any]]:
+    """The applied cases of these batches, in the order they were made (what an export's card lists)."""
+    if not batch_ids:
+        return []
+    marks = ", ".join("?" for _ in batch_ids)
+    with db.connect(read_only=True) as con:
+        rows = con.execute(
+            f"SELECT case_id, batch_id, body FROM edit_cases WHERE status = 'applied' AND batch_id IN ({marks}) "
+            "ORDER BY created, case_id", batch_ids).fetchall()
+    out = []
+    for case_id, batch_id, body in rows:
+        try:
+            d = json.loads(body)
+        except ValueError:
+            d = {}
+        out.append({"case_id": case_id, "batch_id": batch_id, "subject": d.get("subject"),
+                    "relation": d.get("relation"), "question": d.get("question") or d.get("prompt"),
+                    "target_new": d.get("target_new"), "target_old": d.get("target_old")})
+    return out
+
+
+def latest_metrics_by_version(db: Database, version_ids: list[int]) -> dict[str, dict[str, float | None]]:
+    """{metric: {version id: the latest value recorded with that version}}."""
+    marks = ", ".join("?" for _ in version_ids)
+    with db.connect(read_only=True) as con:
+        rows = con.execute(
+            f"SELECT metric, version_id, value FROM metrics WHERE version_id IN ({marks}) ORDER BY created",
+            version_ids).fetchall()
+    out: dict[str, dict[str, float | None]] = {}
+    for metric, vid, value in rows:
+        out.setdefault(metric, {})[str(vid)] = value
+    return out

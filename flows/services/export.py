@@ -27,7 +27,7 @@ from kedit_core.export import (
     write_hf,
 )
 from kedit_core.model import LoadedModel
-from storage import ledger
+from storage import ledger, report_queries
 
 __all__ = ["ExportError", "ExportResult", "describe_version", "export_version"]
 
@@ -119,7 +119,7 @@ def describe_version(db: Any, chain: list[dict[str, Any]], lm: LoadedModel) -> d
             "config": note.get("config") if isinstance(note.get("config"), dict) else None,
         })
     batch_ids = [v["batch_id"] for v in versions if v["batch_id"]]
-    cases = _applied_cases(db, batch_ids)
+    cases = report_queries.applied_cases(db, batch_ids)
     n_cases = sum(int(v["n_cases"] or 0) for v in versions[1:])
     target = versions[-1]
     return {
@@ -131,39 +131,6 @@ def describe_version(db: Any, chain: list[dict[str, Any]], lm: LoadedModel) -> d
         "chain": versions,
         "n_cases": n_cases,
         "cases": cases,
-        "metrics": _metrics(db, [v["version_id"] for v in versions]),
+        "metrics": report_queries.latest_metrics_by_version(db, [v["version_id"] for v in versions]),
         "serving": serving_features(versions),
     }
-
-
-def _applied_cases(db: Any, batch_ids: list[str]) -> list[dict[str, Any]]:
-    if not batch_ids:
-        return []
-    marks = ", ".join("?" for _ in batch_ids)
-    with db.connect(read_only=True) as con:
-        rows = con.execute(
-            f"SELECT case_id, batch_id, body FROM edit_cases WHERE status = 'applied' AND batch_id IN ({marks}) "
-            "ORDER BY created, case_id", batch_ids).fetchall()
-    out = []
-    for case_id, batch_id, body in rows:
-        try:
-            d = json.loads(body)
-        except ValueError:
-            d = {}
-        out.append({"case_id": case_id, "batch_id": batch_id, "subject": d.get("subject"),
-                    "relation": d.get("relation"), "question": d.get("question") or d.get("prompt"),
-                    "target_new": d.get("target_new"), "target_old": d.get("target_old")})
-    return out
-
-
-def _metrics(db: Any, version_ids: list[int]) -> dict[str, dict[str, float | None]]:
-    """{metric: {version id: the latest value recorded with that version}}."""
-    marks = ", ".join("?" for _ in version_ids)
-    with db.connect(read_only=True) as con:
-        rows = con.execute(
-            f"SELECT metric, version_id, value FROM metrics WHERE version_id IN ({marks}) ORDER BY created",
-            version_ids).fetchall()
-    out: dict[str, dict[str, float | None]] = {}
-    for metric, vid, value in rows:
-        out.setdefault(metric, {})[str(vid)] = value
-    return out
