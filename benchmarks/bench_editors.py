@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kedit_core.anatomy import decoder_layers  # noqa: E402
-from kedit_core.editors import get_editor  # noqa: E402
+from kedit_core.editors import EDITORS, get_editor  # noqa: E402
 from kedit_core.editors.memit import MemitConfig, Targets  # noqa: E402
 from kedit_core.editors.memit_rows import EditRows  # noqa: E402
 from kedit_core.editors.memit_speedups import hidden_of  # noqa: E402
@@ -81,10 +81,10 @@ def naive_targets(lm, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets
             return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
         handle = decoder_layers(model)[z_layer].register_forward_hook(hook)
-        opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+        opt = torch.optim.Adam([delta], lr=cfg.targets.lr)
         kl_init, steps = None, 0
         try:
-            for step in range(cfg.v_steps + 1):
+            for step in range(cfg.targets.steps + 1):
                 logits = model(input_ids=ids, attention_mask=att).logits  # every position, every layer
                 logp = torch.log_softmax(logits.float(), -1)
                 nll = -(logp[t_rows, t_pos].gather(1, t_tok[:, None]).squeeze(1) * t_w).sum()
@@ -93,15 +93,15 @@ def naive_targets(lm, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets
                     kl_init = k.detach()
                 kl = torch.nn.functional.kl_div(k, kl_init, log_target=True, reduction="sum")
                 init_norm = state["z_init"].norm()
-                loss = nll + cfg.kl_factor * kl + cfg.weight_decay * delta.norm() / init_norm**2
-                if float(nll.detach()) < cfg.early_stop_nll or step == cfg.v_steps:
+                loss = nll + cfg.targets.kl_factor * kl + cfg.targets.weight_decay * delta.norm() / init_norm**2
+                if float(nll.detach()) < cfg.targets.early_stop_nll or step == cfg.targets.steps:
                     break
                 opt.zero_grad()
                 model.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
-                    max_norm = cfg.clamp_norm_factor * init_norm
+                    max_norm = cfg.targets.clamp_norm_factor * init_norm
                     if delta.norm() > max_norm:
                         delta.mul_(max_norm / delta.norm())
                 steps += 1
@@ -111,14 +111,14 @@ def naive_targets(lm, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets
         zs.append(state["z_init"] + delta.detach())
         z_inits.append(state["z_init"])
         diags.append({"loss_curve": [], "steps": steps, "target_norm": 0.0, "delta_norm": float(delta.detach().norm()),
-                      "init_norm": 0.0, "final_nll": float(nll.detach()), "converged": steps < cfg.v_steps})
+                      "init_norm": 0.0, "final_nll": float(nll.detach()), "converged": steps < cfg.targets.steps})
     return Targets(z=torch.stack(zs), z_init=torch.stack(z_inits), diagnostics=diags)
 
 
 def run(lm, method: str, cases, batch_size: int, settings: dict, naive: bool = False) -> dict:
     from kedit_core.scoring import token_accuracy
 
-    editor = get_editor(method, settings)
+    editor = get_editor(method, EDITORS[method].config_class.from_settings(settings))  # --set names only
     if naive:  # the same editor and settings, step 1 swapped for the straightforward version
         editor = type(editor)(editor.config, compute_targets=naive_targets)  # type: ignore[call-arg]
     for layer in editor.config.layers or []:

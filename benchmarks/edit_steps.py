@@ -1,11 +1,11 @@
 """Where an edit's time goes: per batch, the target optimisation against the rest (keys,
 closed form, gate and scope), and how many optimisation steps each case runs, with its
-loss along the way and whether it reached `early_stop_nll`.
+loss along the way and whether it reached `targets.early_stop_nll`.
 
 Sequential batches of the first zsRE cases on the embedded model, one process; run it on
 an idle machine (timings under load are not figures).
 
-    python benchmarks/edit_steps.py --method alphaedit --batches 3 [--set v_lr=1.0 ...]
+    python benchmarks/edit_steps.py --method alphaedit --batches 3 [--set targets.lr=1.0 ...]
 
 Figures for kedit's settings are in docs/editing.md (eighth round).
 """
@@ -21,8 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.benchmarks import read_dataset  # noqa: E402
-from kedit_core.editor_settings import parse_settings  # noqa: E402
-from kedit_core.editors import get_editor  # noqa: E402
+from kedit_core.editor_settings import editor_from_settings  # noqa: E402
 from kedit_core.model import load_model  # noqa: E402
 
 DATA = "zsre:data/benchmarks/zsre_mend_train_1k.json"
@@ -39,7 +38,7 @@ def main() -> None:
 
     lm = load_model(args.model, show_progress=False)
     cases = read_dataset(DATA, limit=args.batches * args.batch_size)
-    editor = get_editor(args.method, parse_settings(args.settings))
+    editor = editor_from_settings(args.method, args.settings, "--set")
     editor.attach(lm)
     total, steps_all = 0.0, []
     for b in range(args.batches):

@@ -16,7 +16,7 @@ position of the cases' locality questions (the positions the `locality` metric s
   accumulates, and where.
 
     KEDIT_HOME=... python benchmarks/locality_flips.py --method alphaedit --limit 100 --batch 10 \
-        [--set cov_weight=2000 ...]
+        [--set solve.cov_weight=2000 ...]
 
 Findings for the defaults are in docs/editing.md (third and fourth measurement rounds).
 """
@@ -31,8 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.benchmarks import read_dataset  # noqa: E402
-from kedit_core.editor_settings import parse_settings  # noqa: E402
-from kedit_core.editors import get_editor  # noqa: E402
+from kedit_core.editor_settings import editor_from_settings  # noqa: E402
 from kedit_core.editors.memit import MemitConfig, edit_site, resolve_layers  # noqa: E402
 from kedit_core.evaluate import LOCALITY_KINDS  # noqa: E402
 from kedit_core.model import LoadedModel, load_model  # noqa: E402
@@ -62,7 +61,7 @@ def main() -> None:
         raise SystemExit(f"{args.data}: no locality probes with an answer")
     enc = encode_pairs(lm, [p.prompt for p in probes], [p.answer for p in probes])
     base = answer_logits(lm, enc)
-    editor = get_editor(args.method, parse_settings(args.settings))
+    editor = editor_from_settings(args.method, args.settings, "--set")
     layers = resolve_layers(editor.config, lm.model) if isinstance(editor.config, MemitConfig) else []
     w0 = {layer: edit_site(lm.model, layer).module.weight.detach().clone() for layer in layers}
     trajectory = []

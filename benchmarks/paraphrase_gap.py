@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.benchmarks import read_dataset  # noqa: E402
 from kedit_core.anatomy import decoder_layers  # noqa: E402
-from kedit_core.editor_settings import parse_settings  # noqa: E402
+from kedit_core.editor_settings import editor_from_settings  # noqa: E402
 from kedit_core.editors import get_editor  # noqa: E402
 from kedit_core.editors.memit import compute_targets, context_templates, keys_and_outputs, resolve_layers  # noqa: E402
 from kedit_core.editors.memit_rows import encode_rows, subject_last_token  # noqa: E402
@@ -61,11 +61,10 @@ def main() -> None:
 
     lm = load_model(None, show_progress=False)
     cases = [c for c in read_dataset(args.data, limit=args.limit) if c.probes_of("paraphrase")]
-    settings = parse_settings(args.settings)
-    cfg = get_editor(args.method, settings).config
+    cfg = editor_from_settings(args.method, args.settings, "--set").config
     layers = resolve_layers(cfg, lm.model)
     z_layer = layers[-1]
-    templates = context_templates(lm, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
+    templates = context_templates(lm, cfg.targets.n_context_templates, cfg.targets.context_template_len, cfg.seed)
     scores: dict[str, list[float]] = {"base": [], "inject": [], "edit": [], "efficacy_inject": [], "efficacy_edit": []}
     cosines: dict[int, list[float]] = {layer: [] for layer in layers}
     for s in range(0, len(cases), args.batch):
@@ -73,7 +72,7 @@ def main() -> None:
         paras = [c.probes_of("paraphrase")[0].prompt for c in batch]
         answers = [c.target_new for c in batch]
         scores["base"] += token_accuracy(lm, paras, answers)
-        targets = compute_targets(lm, encode_rows(lm, batch, templates, tuple(cfg.prompt_variants)), z_layer, cfg)
+        targets = compute_targets(lm, encode_rows(lm, batch, templates, tuple(cfg.targets.prompt_variants)), z_layer, cfg)
         deltas = targets.z - targets.z_init
         for c, p, d in zip(batch, paras, deltas):
             scores["inject"].append(injected_accuracy(lm, z_layer, p, c.subject, c.target_new, d))
@@ -84,7 +83,7 @@ def main() -> None:
         k_para, _ = keys_and_outputs(lm, encode_rows(lm, as_cases, ["{}"]), layers, z_layer)
         for layer in layers:
             cosines[layer] += torch.nn.functional.cosine_similarity(k_prompt[layer], k_para[layer]).tolist()
-        editor = get_editor(args.method, settings)  # fresh: no earlier edits in its state
+        editor = get_editor(args.method, cfg)  # fresh: no earlier edits in its state
         result = editor.edit(lm, batch)
         scores["edit"] += token_accuracy(lm, paras, answers)
         scores["efficacy_edit"] += token_accuracy(lm, [c.prompt for c in batch], answers)

@@ -7,7 +7,7 @@ from the same base model, and prints teacher-forced token accuracy of every fact
 - karlsruhe: the demo's Wikidata day split over three batches: population, then head of
   government (a second fact of the same city), then both re-edited.
 
-    KEDIT_HOME=... python benchmarks/revisit_subjects.py [--method alphaedit|memit] [--scenario zsre|karlsruhe] [--set v_steps=50 ...]
+    KEDIT_HOME=... python benchmarks/revisit_subjects.py [--method alphaedit|memit] [--scenario zsre|karlsruhe] [--set targets.steps=50 ...]
 
 Findings are in docs/editing.md ("Subjects edited again").
 """
@@ -21,8 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from connectors.benchmarks import read_dataset  # noqa: E402
-from kedit_core.editor_settings import parse_settings  # noqa: E402
-from kedit_core.editors import get_editor  # noqa: E402
+from kedit_core.editor_settings import editor_from_settings  # noqa: E402
 from kedit_core.model import LoadedModel, load_model  # noqa: E402
 from kedit_core.scoring import token_accuracy  # noqa: E402
 from kedit_core.types import EditCase  # noqa: E402
@@ -72,7 +71,7 @@ def main() -> None:
     batches, groups = zsre_scenario() if args.scenario == "zsre" else karlsruhe_scenario()
     lm = load_model(None, show_progress=False)
     for revisit in (False, True):
-        editor = get_editor(args.method, {**parse_settings(args.settings), "revisit_subjects": revisit})
+        editor = editor_from_settings(args.method, [*args.settings, f"revisit_subjects={str(revisit).lower()}"], "--set")
         results = []
         print(f"\n{args.method}, revisit_subjects={revisit}")
         for b, batch in enumerate(batches, 1):

@@ -107,7 +107,7 @@ def resolve(device: str | torch.device | None = None,
 
 
 def autocast_bf16(device: torch.device, model_dtype: torch.dtype, wanted: bool) -> bool:
-    """Whether an editor's optional bfloat16 speed-up (MEMIT's `bf16`: its target steps with
+    """Whether an editor's optional bfloat16 speed-up (MEMIT's `targets.bf16`: its target steps with
     the weights held in bfloat16; the key-statistics sampling's autocast) should be on: only
     for a float32 model. A bfloat16 model already runs in bfloat16, and casting a float16
     model's weights or activations to bfloat16 would mix the two half types."""

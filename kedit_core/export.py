@@ -192,11 +192,15 @@ def serving_features(versions: list[dict[str, Any]]) -> dict[str, Any]:
         if cls is not None and not getattr(cls, "is_memory_editor", False):
             decider = v
             break
-    cfg = (decider or {}).get("config") or {}
-    gate = cfg.get("update_gate")
-    scope = cfg.get("edit_scope")
-    context = cfg.get("scope_context") if scope is not None else None
-    check = bool(cfg.get("scope_check")) and context is not None
+    # the stored config, nested or flat as versions before the grouping stored it: read by
+    # the method's own config class, so both shapes (and the method's defaults) mean the same
+    stored = (decider or {}).get("config") or {}
+    cfg = EDITORS[decider["method"]].config_class.from_dict(stored) if decider and stored else None
+    gate_settings, scope_settings = getattr(cfg, "update_gate", None), getattr(cfg, "scope", None)
+    gate = gate_settings.quantile if gate_settings is not None else None
+    scope = scope_settings.threshold if scope_settings is not None else None
+    context = scope_settings.context if scope is not None else None
+    check = bool(scope_settings is not None and scope_settings.check) and context is not None
     not_carried = []
     if gate is not None:
         not_carried.append("update gate")

@@ -16,7 +16,7 @@ residual over layers: imported from `memit.py`). Only the closed form differs:
   not undo batch 1. It is the editor's sequential state: `state_dict()` hands it to the
   pipeline to persist and `load_state_dict()` restores it after a restart.
 - l2 regularises the update (the paper's L2 term) and makes the system solvable.
-- w_p (`preserve_weight`) and w_c (`cov_weight`) are kedit's two additions, both measured
+- w_p (`solve.preserve_weight`) and w_c (`solve.cov_weight`, MEMIT's lambda) are kedit's two additions, both measured
   on SmolLM2 (docs/editing.md): the paper's objective is w_p = 1, w_c = 0. Raising w_p holds
   earlier edits tighter (retention 0.91 -> 0.97); w_c > 0 adds MEMIT's soft covariance
   penalty inside the null space, so directions that generic text still uses a little cost
@@ -40,76 +40,91 @@ instead, along the subjects' new keys, also freed every other fact along them: o
 this version 0.89, docs/editing.md.)
 
 kedit's AlphaEdit also turns on three MEMIT options by default (`memit.py`, measured in
-docs/editing.md): the `subject_first` prompt variant and `per_template_keys`, which lift
+docs/editing.md): the `subject_first` prompt variant and `solve.per_template_keys`, which lift
 paraphrase generalisation over 100 edits from 0.61 to 0.69, and the update gate
 (`update_gate.py`): every edited layer's summed update acts only at token positions where it
 is larger than on 99.9% of ordinary text, which stops the small leaks into unrelated text
 that add up over a stream (locality 0.85 -> 0.97) and so leaves room for stronger targets
-(`early_stop_nll` 0.01: paraphrase 0.80) within the speed budget.
+(`targets.early_stop_nll` 0.01: paraphrase 0.80) within the speed budget.
 
 All of it in float64, [inter, inter] matrices (1536 x 1536 on SmolLM2-135M).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from kedit_core.editors.base import EditorConfig, EditResult, register
-from kedit_core.editors.memit import EditBatch, Memit, MemitConfig, TargetFn, compute_targets, fitted_keys, resolve_layers
+from kedit_core.editors.memit import (MEMIT_OLD_NAMES, MEMIT_RETIRED, EditBatch, Memit, MemitConfig, ScopeSettings,
+                                     SolveSettings, TargetFn, TargetSettings, UpdateGateSettings, compute_targets,
+                                     fitted_keys, resolve_layers)
 from kedit_core.editors.memit_rows import EditRows
 from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
 
 
 @dataclass
-class AlphaEditConfig(MemitConfig):
-    method: ClassVar[str] = "alphaedit"
-    # Eigen-directions of C with eigenvalue < nullspace_threshold * (largest eigenvalue)
-    # form the null space (relative, so one setting works across models whose key scales
-    # differ; set nullspace_relative=False for the paper's absolute threshold).
-    nullspace_threshold: float = 2e-2
-    nullspace_relative: bool = True
-    l2: float = 10.0  # ridge on the projected update
-    # Weight of earlier edits' keys in the solve. 1 is the paper's objective; subject keys
-    # keep only ~8-22 of their ~50-60 squared norm inside the null space on SmolLM2, which is
-    # about l2, so at weight 1 a new batch may move old edits' outputs about as freely as
-    # any other direction.
-    preserve_weight: float = 10.0
-    # MEMIT's soft preservation inside the null space: adds cov_weight * C to the system, so
-    # directions generic text still uses a little cost more than truly unused ones. 0 is the
-    # paper's AlphaEdit; P keeps the update in the null space either way. 1000 bought
-    # locality (0.83 -> 0.87) for paraphrase before the update gate; with the gate locality
-    # is 0.96-0.97 either way and 0 generalises better (docs/editing.md, "The update gate").
-    cov_weight: float = 0.0
-    # Generalisation across wordings (docs/editing.md, third round): optimise each target
-    # also for the prompt with its subject moved to the front, and fit every context's key
-    # on its own. Over 100 edits: paraphrase 0.61 -> 0.69 for locality 0.87 -> 0.85.
-    per_template_keys: bool = True
-    # Served answers (docs/editing.md, "Served answers"): the target is optimised on the raw
-    # prompt and on the question as `kedit serve` asks it (the `chat` variant: chat template,
-    # the new value opening the reply), 50 steps. On the 100-edit zsRE stream, answers
-    # generated as the server generates them state the new value 0.39 -> 0.85 (paraphrases
-    # 0.37 -> 0.72) with this alone (run a2); with the update gate's served-chat floor and
-    # kl_factor 0.5 below, the defaults reach 0.80 / 0.56 (run a5). The subject_first variant
-    # and a second context template bought teacher-forced paraphrase, not served answers,
-    # and cost the time the chat row needs.
+class AlphaEditTargets(TargetSettings):
+    """MEMIT's target settings, re-defaulted for served answers (docs/editing.md, "Served
+    answers"): the target is optimised on the raw prompt and on the question as `kedit
+    serve` asks it (the `chat` variant: chat template, the new value opening the reply), 50
+    steps. On the 100-edit zsRE stream, answers generated as the server generates them state
+    the new value 0.39 -> 0.85 (paraphrases 0.37 -> 0.72) with this alone (run a2); with the
+    update gate's served-chat floor and kl_factor 0.5 below, the defaults reach 0.80 / 0.56
+    (run a5). The subject_first variant and a second context template bought teacher-forced
+    paraphrase, not served answers, and cost the time the chat row needs."""
+
     prompt_variants: tuple[str, ...] = ("chat",)
     n_context_templates: int = 1
-    v_steps: int = 50
+    steps: int = 50
     # The chat rows push harder on the subject, and Wikidata batches often hold several facts
     # of one item: a stronger "{subject} is a" KL term keeps the subject's other facts (demo
     # day: locality_same 0.39 -> 0.46, so the night passes the gate's 0.40 floor); on the
     # zsRE stream, which has no same-subject probes, served figures stay within a few
     # questions (docs/editing.md, "Served answers").
     kl_factor: float = 0.5
-    # The update gate (kedit_core/editors/update_gate.py): the summed update acts only where
-    # it is larger than on 99.9% of ordinary text. Over 100 edits: locality 0.85 -> 0.97;
-    # with it, stronger targets (early_stop_nll 0.01) buy paraphrase 0.69 -> 0.80 without
-    # losing locality, at 22 edits per minute (docs/editing.md, "The update gate").
-    update_gate: float | None = 0.999
+    # With the update gate, stronger targets (early_stop_nll 0.01) buy paraphrase 0.69 ->
+    # 0.80 without losing locality, at 22 edits per minute (docs/editing.md, "The update gate").
     early_stop_nll: float = 0.01
+
+
+@dataclass
+class AlphaEditSolve(SolveSettings):
+    """The null-space solve's settings (module docstring), with MEMIT's key settings."""
+
+    # Eigen-directions of C with eigenvalue < nullspace_threshold * (largest eigenvalue)
+    # form the null space: relative, so one setting works across models whose key scales
+    # differ (the paper's absolute threshold was the retired `nullspace_relative=false`).
+    nullspace_threshold: float = 2e-2
+    l2: float = 10.0  # ridge on the projected update
+    # Weight of earlier edits' keys in the solve. 1 is the paper's objective; subject keys
+    # keep only ~8-22 of their ~50-60 squared norm inside the null space on SmolLM2, which is
+    # about l2, so at weight 1 a new batch may move old edits' outputs about as freely as
+    # any other direction.
+    preserve_weight: float = 10.0
+    # MEMIT's soft preservation (its lambda) inside the null space: adds cov_weight * C to
+    # the system, so directions generic text still uses a little cost more than truly unused
+    # ones. 0 is the paper's AlphaEdit; P keeps the update in the null space either way. 1000
+    # bought locality (0.83 -> 0.87) for paraphrase before the update gate; with the gate
+    # locality is 0.96-0.97 either way and 0 generalises better (docs/editing.md, "The update gate").
+    cov_weight: float = 0.0
+    # Generalisation across wordings (docs/editing.md, third round): fit every context's key
+    # on its own. Over 100 edits, with the subject_first variant: paraphrase 0.61 -> 0.69 for
+    # locality 0.87 -> 0.85.
+    per_template_keys: bool = True
+
+
+@dataclass
+class AlphaEditUpdateGate(UpdateGateSettings):
+    # The summed update acts only where it is larger than on 99.9% of ordinary text. Over
+    # 100 edits: locality 0.85 -> 0.97 (docs/editing.md, "The update gate").
+    quantile: float | None = 0.999
+
+
+@dataclass
+class AlphaEditScope(ScopeSettings):
     # The edit scope and its served memory (kedit_core/editors/edit_scope.py): a question
     # that names no edited subject and is not near an edit question (cosine < 0.6) is
     # answered by the base layers; one about an edited subject also gets that subject's
@@ -119,12 +134,28 @@ class AlphaEditConfig(MemitConfig):
     # unchanged 0.81 -> 1.00 (1 of 100 unrelated questions routed in), paraphrase
     # 0.56 -> 0.82, the first batch after ten 0.50 -> 0.90, efficacy 0.80 -> 0.83
     # (docs/editing.md, "Served answers").
-    edit_scope: float | None = 0.6
-    scope_context: float | None = 0.7
+    threshold: float | None = 0.6
+    context: float | None = 0.7
     # A reply that misses the fact in front of it is asked again on the base layers: on the
     # same 100-edit weights, served efficacy 0.83 -> 0.93 and paraphrase 0.81 -> 0.88 (17 and
     # 18 replies asked again; docs/editing.md, ninth round).
-    scope_check: bool = True
+    check: bool = True
+
+
+@dataclass
+class AlphaEditConfig(MemitConfig):
+    method: ClassVar[str] = "alphaedit"
+    # AlphaEdit never read MEMIT's `mom2_update_weight` (stored flat configs carry its
+    # default); its covariance weight was `cov_weight`, now solve.cov_weight as MEMIT's.
+    OLD_NAMES: ClassVar[dict[str, str | None]] = {
+        **MEMIT_OLD_NAMES, "mom2_update_weight": None, "cov_weight": "solve.cov_weight",
+        "nullspace_threshold": "solve.nullspace_threshold", "l2": "solve.l2", "preserve_weight": "solve.preserve_weight",
+    }
+    RETIRED: ClassVar[dict[str, Any]] = {**MEMIT_RETIRED, "nullspace_relative": True}
+    targets: AlphaEditTargets = field(default_factory=AlphaEditTargets)  # type: ignore[assignment]
+    solve: AlphaEditSolve = field(default_factory=AlphaEditSolve)  # type: ignore[assignment]
+    update_gate: AlphaEditUpdateGate = field(default_factory=AlphaEditUpdateGate)  # type: ignore[assignment]
+    scope: AlphaEditScope = field(default_factory=AlphaEditScope)  # type: ignore[assignment]
 
 
 @register("alphaedit")
@@ -133,64 +164,66 @@ class AlphaEdit(Memit):
 
     def __init__(self, config: AlphaEditConfig | None = None, compute_targets: TargetFn = compute_targets) -> None:
         super().__init__(config, compute_targets)
-        self._proj: dict[tuple[str, int], torch.Tensor] = {}
+        self._proj: dict[tuple, torch.Tensor] = {}
         self.prev_keys: dict[int, torch.Tensor] = {}  # layer -> sum of k k^T of earlier edits (float64)
         self.n_edits = 0
         self._batch_keys: dict[str, dict[int, torch.Tensor]] = {}  # for exact-as-possible rollback
 
-    def start_batch(self, lm: LoadedModel, cases: list[EditCase]) -> EditBatch:
+    def start_batch(self, lm: LoadedModel, cases: list[EditCase], config: MemitConfig) -> EditBatch:
         """The batch, with the Gram matrices of its subjects' earlier facts (`lifted`) taken
         under the weights as they are before this batch touches anything."""
-        cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
-        batch = super().start_batch(lm, cases)
-        earlier = self.remembered_facts(cases) if cfg.revisit_subjects and self.prev_keys else []
-        batch.lifted = self.key_grams(lm, earlier) if earlier else {}
+        batch = super().start_batch(lm, cases, config)
+        earlier = self.remembered_facts(cases) if config.revisit_subjects and self.prev_keys else []
+        batch.lifted = self.key_grams(lm, earlier, config) if earlier else {}
         return batch
 
     @torch.no_grad()
-    def key_grams(self, lm: LoadedModel, cases: list[EditCase]) -> dict[int, torch.Tensor]:
+    def key_grams(self, lm: LoadedModel, cases: list[EditCase], config: MemitConfig | None = None) -> dict[int, torch.Tensor]:
         """Per edited layer, K K^T of these cases' keys under the current weights, fitted as
         `after_edit` added them: what their preservation contributes to `prev_keys` (up to
-        the drift later batches caused in their keys)."""
-        cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
+        the drift later batches caused in their keys). `config`: the batch's settings
+        (default: the editor's own)."""
+        cfg: MemitConfig = config or self.config  # type: ignore[assignment]
         layers = resolve_layers(cfg, lm.model)
-        _, rows = self.encode(lm, cases)  # encoded as the edit that added them
-        keys, _, _ = fitted_keys(lm, rows, layers, layers[-1], cfg.per_template_keys)
+        _, rows = self.encode(lm, cases, cfg)  # encoded as the edit that added them
+        keys, _, _ = fitted_keys(lm, rows, layers, layers[-1], cfg.solve.per_template_keys)
         return {layer: k.double().T @ k.double() for layer, k in keys.items()}
 
-    def projector(self, lm: LoadedModel, layer: int) -> torch.Tensor:
-        """P = U U^T over the eigenvectors of C with small eigenvalues ([inter, inter], float64)."""
-        key = (lm.fingerprint, layer)
+    def projector(self, lm: LoadedModel, layer: int, config: AlphaEditConfig | None = None) -> torch.Tensor:
+        """P = U U^T over the eigenvectors of C with small eigenvalues ([inter, inter], float64),
+        as `config.solve` (default: the editor's own) sets them."""
+        cfg: AlphaEditConfig = config or self.config  # type: ignore[assignment]
+        sv = cfg.solve
+        key = (lm.fingerprint, layer, sv.keystats_corpus, sv.keystats_samples, sv.nullspace_threshold)
         if key not in self._proj:
-            cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
-            evals, evecs = torch.linalg.eigh(self.covariance(lm, layer).double())
-            thr = cfg.nullspace_threshold * (float(evals.max()) if cfg.nullspace_relative else 1.0)
+            evals, evecs = torch.linalg.eigh(self.covariance(lm, layer, cfg).double())
+            thr = sv.nullspace_threshold * float(evals.max())  # relative to the largest eigenvalue
             U = evecs[:, evals < thr]
             self._proj[key] = U @ U.T
         return self._proj[key]
 
     def solve_update(self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor,
                      batch: EditBatch) -> torch.Tensor:
-        cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
-        P = self.projector(lm, layer).to(keys.device)
+        cfg: AlphaEditConfig = batch.config  # type: ignore[assignment]
+        sv = cfg.solve
+        P = self.projector(lm, layer, cfg).to(keys.device)
         K = keys.double().T  # [inter, n]
         prev = self.prev_keys.get(layer)
         if prev is not None:
             prev = prev.to(K.device)
             if layer in batch.lifted:  # earlier facts of this batch's subjects are re-fitted here, not preserved
                 prev = psd_part(prev - batch.lifted[layer].to(K.device))
-        KK = K @ K.T + (cfg.preserve_weight * prev if prev is not None else 0.0)
-        if cfg.cov_weight:
-            KK = KK + cfg.cov_weight * self.covariance(lm, layer).double().to(K.device)
-        A = P @ KK + cfg.l2 * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
+        KK = K @ K.T + (sv.preserve_weight * prev if prev is not None else 0.0)
+        if sv.cov_weight:
+            KK = KK + sv.cov_weight * self.covariance(lm, layer, cfg).double().to(K.device)
+        A = P @ KK + sv.l2 * torch.eye(K.shape[0], dtype=K.dtype, device=K.device)
         X = torch.linalg.solve(A, P @ K @ resid.double())  # [inter, H]; X = P X by construction
         return X.T
 
     def after_edit(self, lm: LoadedModel, rows: EditRows, layers: list[int], batch: EditBatch) -> dict[str, Any]:
         # Keys of this batch under the edited weights (as the paper does) join the preserved set.
-        cfg: AlphaEditConfig = self.config  # type: ignore[assignment]
         # Kept facts' keys joined the preserved set in their own batch; only the new cases' join now.
-        keys, _, case_of = fitted_keys(lm, rows, layers, layers[-1], cfg.per_template_keys)
+        keys, _, case_of = fitted_keys(lm, rows, layers, layers[-1], batch.config.solve.per_template_keys)
         own = (case_of < batch.n_new).cpu()
         added = {}
         for layer, k in keys.items():

@@ -11,7 +11,8 @@ questions are asked through `rewrite_prompt`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
 from kedit_core.artifacts import file_sha256
@@ -28,31 +29,114 @@ __all__ = ["EDITORS", "CaseDiagnostics", "EditResult", "Editor", "EditorConfig",
 class EditorConfig:
     """Settings shared by every method; each method subclasses this with its own.
 
+    Settings of one concern can be grouped, PEFT-style, in a nested dataclass (MEMIT's
+    `targets`, `solve`, `update_gate`, `scope`): a field whose default is a dataclass is a
+    group, addressed with a dot in `--set` (`targets.steps=50`) and as a nested table in a
+    config file and in `to_dict()`. A group given as a dict is read over that group's own
+    defaults (a subclass re-defaults a group by subclassing its dataclass).
+
+    `OLD_NAMES` maps the flat names of configs stored before the grouping to the new dotted
+    names (None: a setting the method never read, dropped); `RETIRED` holds settled toggles
+    and the one value they still accept. `from_dict` reads both; `from_settings` (what
+    `--set` and `--config` give) refuses an old name with a line naming the new one.
+
     There is no device setting: an editor works where the model it edits is (`lm.device`,
     set with `--device` / KEDIT_DEVICE when the model is loaded), in the model's dtype."""
 
     method: ClassVar[str] = "base"
+    OLD_NAMES: ClassVar[dict[str, str | None]] = {}
+    RETIRED: ClassVar[dict[str, Any]] = {}
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, group_cls in self.groups().items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _group_from_dict(type(self), name, group_cls, value))
+
+    @classmethod
+    def groups(cls) -> dict[str, type]:
+        """The nested groups: field name -> the group's dataclass (with this config's defaults)."""
+        out = {}
+        for f in fields(cls):
+            if f.default_factory is not MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+                if is_dataclass(default):
+                    out[f.name] = type(default)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EditorConfig:
-        names = {f.name for f in fields(cls)}
+        """The config a dict describes: nested (`to_dict()`), or flat as stored before the
+        grouping (old names mapped by `OLD_NAMES`, retired toggles checked by `RETIRED`)."""
+        return cls._build(d, legacy=True)
+
+    @classmethod
+    def from_settings(cls, d: dict[str, Any]) -> EditorConfig:
+        """The config `--set` / `--config` settings describe (dotted names already nested):
+        only the current names; an old flat name is one error naming its new one."""
+        return cls._build(d, legacy=False)
+
+    @classmethod
+    def _build(cls, d: dict[str, Any], legacy: bool) -> EditorConfig:
         # "device": configs saved before the setting was removed carry device="cpu" (it was
         # never read); any other value asks for something editors do not do
         if d.get("device", "cpu") != "cpu":
             raise ValueError(f"{cls.__name__}: device is not an editor setting: an editor edits the model where "
                              "it is loaded (--device / KEDIT_DEVICE)")
-        unknown = set(d) - names - {"method", "device"}
+        names = {f.name for f in fields(cls)}
+        groups = cls.groups()
+        nested: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in ("method", "device"):
+                continue
+            is_old = key in cls.OLD_NAMES and not (key in groups and isinstance(value, dict))
+            if key in cls.RETIRED:
+                kept = cls.RETIRED[key]
+                if value != kept:
+                    raise ValueError(f"{cls.__name__}: {key} is retired (docs/editing.md, \"Retired settings\"): "
+                                     f"only {json.dumps(kept)} is kept, got {json.dumps(value)}")
+                if not legacy:
+                    raise ValueError(f"{cls.__name__}: {key} is retired (docs/editing.md, \"Retired settings\"); "
+                                     "drop the setting")
+                continue
+            if is_old:
+                new = cls.OLD_NAMES[key]
+                if not legacy:
+                    hint = f"it is now {new}" if new else "it was never read by this method"
+                    raise ValueError(f"{cls.__name__}: {key} is an old name: {hint} (settings are grouped, docs/editing.md)")
+                if new is None:
+                    continue
+                group, _, sub = new.partition(".")
+                nested.setdefault(group, {})[sub] = value
+                continue
+            if key in groups:
+                if not isinstance(value, dict):
+                    raise ValueError(f"{cls.__name__}: {key} is a group of settings ({key}.NAME=VALUE), got {value!r}")
+                nested.setdefault(key, {}).update(value)
+            else:
+                nested[key] = value
+        unknown = set(nested) - names
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown settings {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{k: (_group_from_dict(cls, k, groups[k], v) if k in groups else v) for k, v in nested.items()})
 
     def stronger(self) -> EditorConfig:
         """Settings for a retry when a batch's own cases did not take (the gate uses this)."""
         return self
+
+
+def _group_from_dict(owner: type, name: str, group_cls: type, d: dict[str, Any]) -> Any:
+    """One group from its dict, over the group's own defaults; an unknown name is one error."""
+    known = {f.name for f in fields(group_cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"{owner.__name__}: unknown settings {sorted(f'{name}.{k}' for k in unknown)}; "
+                         f"known in {name}: {sorted(known)}")
+    return group_cls(**d)
 
 
 @dataclass
@@ -91,8 +175,21 @@ class Editor(ABC):
         return self.config.method
 
     @abstractmethod
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
-        """Apply `cases` to `lm` and return the result; the delta is already applied."""
+    def edit(self, lm: LoadedModel, cases: list[EditCase], config: EditorConfig | None = None) -> EditResult:
+        """Apply `cases` to `lm` and return the result; the delta is already applied.
+
+        `config` (of this editor's config class) is used for this one call instead of
+        `self.config`, which stays as it is: the regression gate's retry edits with
+        `editor.config.stronger()` this way."""
+
+    def call_config(self, config: EditorConfig | None) -> EditorConfig:
+        """The settings of one `edit` call: `config` when given, else the editor's own."""
+        if config is None:
+            return self.config
+        if type(config) is not type(self.config):
+            raise TypeError(f"{type(self).__name__}.edit: config must be a {type(self.config).__name__}, "
+                            f"got a {type(config).__name__}")
+        return config
 
     def attach(self, lm: LoadedModel) -> None:
         """Prepare `lm` to serve edits the way this editor means them: MEMIT/AlphaEdit

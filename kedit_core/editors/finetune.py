@@ -174,8 +174,8 @@ class FTEditor(Editor):
     config_class = FTConfig
     config: FTConfig
 
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
-        cfg = self.config
+    def edit(self, lm: LoadedModel, cases: list[EditCase], config: EditorConfig | None = None) -> EditResult:
+        cfg = self.call_config(config)  # this call's settings (base.Editor.edit)
         if cfg.norm not in ("linf", "l2"):
             raise ValueError(f"ft: norm must be 'linf' or 'l2', not {cfg.norm!r}")
         t0 = time.perf_counter()
@@ -345,8 +345,8 @@ class LoRAEditor(Editor):
     config_class = LoRAConfig
     config: LoRAConfig
 
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
-        cfg = self.config
+    def edit(self, lm: LoadedModel, cases: list[EditCase], config: EditorConfig | None = None) -> EditResult:
+        cfg = self.call_config(config)  # this call's settings (base.Editor.edit)
         t0 = time.perf_counter()
         prompts, answers = case_pairs(cases)
         delta, rep = train_lora_delta(lm, prompts, answers, cfg.rank, cfg.alpha, list(cfg.target_modules), cfg.layers,

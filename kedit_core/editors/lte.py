@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Iterable, Sequence
 
 from kedit_core.atomic import atomic_write_text
 from kedit_core.benchmark_records import BenchmarkFormatError, zsre_record_to_case
-from kedit_core.editors.base import EditResult, WeightDelta, register
+from kedit_core.editors.base import EditorConfig, EditResult, WeightDelta, register
 from kedit_core.editors.finetune import train_lora_delta
 from kedit_core.editors.rag import RAGConfig, RAGEditor
 from kedit_core.errors import KeditError
@@ -283,16 +283,16 @@ class LTEEditor(RAGEditor):
 
     # ---------------------------------------------------------------- alignment
 
-    def alignment_examples(self) -> tuple[list[AlignExample], list[EditCase]]:
-        cfg = self.config
+    def alignment_examples(self, config: LTEConfig | None = None) -> tuple[list[AlignExample], list[EditCase]]:
+        cfg = config or self.config
         train, reserved = alignment_split(cfg.alignment_data, cfg.alignment_start, cfg.max_alignment_records)
         own = self.own_cases + (read_cases_jsonl(cfg.own_cases_path) if cfg.own_cases_path else [])
         eval_cases = reserved + self.extra_eval_cases
         examples = build_alignment_examples(train + own, eval_cases, cfg.seed, cfg.max_distractors, cfg.plain_share)
         return examples, [c for c in train + own if c.case_id in {ex.source_case for ex in examples}]
 
-    def cache_key(self, lm: LoadedModel, examples: list[AlignExample]) -> str:
-        cfg = self.config
+    def cache_key(self, lm: LoadedModel, examples: list[AlignExample], config: LTEConfig | None = None) -> str:
+        cfg = config or self.config
         # max_seconds is part of the key: a time-bounded (shorter) alignment must never be
         # reused by a run that asked for a longer one
         settings = {k: v for k, v in asdict(cfg).items() if k not in ("k", "threshold", "memory_name")}
@@ -302,13 +302,14 @@ class LTEEditor(RAGEditor):
         h.update(json.dumps([asdict(e) for e in examples], sort_keys=True).encode())
         return h.hexdigest()[:24]
 
-    def align(self, lm: LoadedModel) -> tuple[WeightDelta, dict[str, Any]]:
-        """The aligned adapter as a merged delta (from the cache, or trained now and cached)."""
+    def align(self, lm: LoadedModel, config: LTEConfig | None = None) -> tuple[WeightDelta, dict[str, Any]]:
+        """The aligned adapter as a merged delta (from the cache, or trained now and cached),
+        as `config` (default: the editor's own) sets it."""
         from kedit_core.answer import generate
 
-        cfg = self.config
-        examples, used_cases = self.alignment_examples()
-        key = self.cache_key(lm, examples)
+        cfg = config or self.config
+        examples, used_cases = self.alignment_examples(cfg)
+        key = self.cache_key(lm, examples, cfg)
         folder = kedit_home() / "lte" / f"{lm.fingerprint[:16]}-{key}"
         self._alignment_signature = examples_signature(examples, used_cases)
         cached = _read_alignment_cache(folder)
@@ -357,21 +358,24 @@ class LTEEditor(RAGEditor):
 
     # ---------------------------------------------------------------- editing
 
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+    def edit(self, lm: LoadedModel, cases: list[EditCase], config: EditorConfig | None = None) -> EditResult:
+        """Store the facts; the first batch on a model also carries the alignment, trained
+        with this call's settings (`config`, default the editor's own)."""
+        cfg: LTEConfig = self.call_config(config)  # type: ignore[assignment]
         t0 = time.perf_counter()
         delta, align_info = WeightDelta(), None
         aligned_key = lm.info.get("lte_aligned") or self._restored_alignment
         if aligned_key is None:
-            delta, align_info = self.align(lm)
+            delta, align_info = self.align(lm, cfg)
             self.check_not_in_alignment(cases)
             delta.apply(lm.model)
             lm.info["lte_aligned"] = align_info["key"]  # a second LTE editor on this model must not re-apply
             self.alignment_info = align_info
         else:
             if self._alignment_signature is None:
-                self.align_signature_only()
+                self.align_signature_only(cfg)
             self.check_not_in_alignment(cases)
-        result = super().edit(lm, cases)
+        result = super().edit(lm, cases, cfg)
         result.method = "lte"
         result.delta = delta  # non-empty only for the batch that carried the alignment
         result.seconds = time.perf_counter() - t0
@@ -391,8 +395,8 @@ class LTEEditor(RAGEditor):
         if self._restored_alignment is None:
             self.alignment_info = None
 
-    def align_signature_only(self) -> None:
-        examples, used = self.alignment_examples()
+    def align_signature_only(self, config: LTEConfig | None = None) -> None:
+        examples, used = self.alignment_examples(config)
         self._alignment_signature = examples_signature(examples, used)
 
     def rollback(self, lm: LoadedModel, result: EditResult) -> None:

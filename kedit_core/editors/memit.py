@@ -10,19 +10,19 @@ The idea in four steps, for a batch of edits "subject -> new answer":
    "{subject} is a" predicting what it predicted before (so the subject keeps its
    identity), plus weight decay on `delta`; the norm of `delta` is clamped and
    optimisation stops early once the answer is likely enough. z = h_L + delta.
-   Optional `prompt_variants` add rewordings of the prompt to those contexts (e.g.
+   Optional `targets.prompt_variants` add rewordings of the prompt to those contexts (e.g.
    `subject_first`: "Munich: Who was the head of government of it?"), so the target must
    also work when the subject is not where the edit's own wording puts it.
 2. **Keys.** At each edited layer l, the key of a case is the input of the MLP's output
    projection (Llama `mlp.down_proj`, GPT-2 `mlp.c_proj`) at the subject's last token,
-   averaged over the contexts (MEMIT); with `per_template_keys` each context's key is
+   averaged over the contexts (MEMIT); with `solve.per_template_keys` each context's key is
    fitted on its own (weight 1/contexts), each to its own output plus the case's delta.
 3. **Spread.** The remaining residual z - h_L(current weights) is split over the layers
    still to edit: layer i of n takes 1/(n - i) of what is left, edited lowest first, each
    seeing the edits below it.
 4. **Closed form.** W_l += R K^T (lambda C + K K^T)^-1, with C = E[k k^T] the keys'
    second moment over generic text (`kedit_core.keystats`) weighted by lambda
-   (`mom2_update_weight`). Solved in float64: C is badly conditioned and float32 loses
+   (`solve.cov_weight`). Solved in float64: C is badly conditioned and float32 loses
    the small directions that keep unrelated knowledge intact.
 
 Speed on CPU: step 1 runs all cases of a batch in one forward/backward per step, and per
@@ -32,7 +32,7 @@ skips and why the skipped work cannot depend on delta). How cases and their cont
 become token rows (prompt variants, the KL row, answer positions): `memit_rows.py`.
 
 Subjects edited again (kedit's, `revisit_subjects`): cases of one subject share one delta
-(`share_subject_delta`), so a later batch that edits a subject edited before would optimise
+(always: `DeltaGroups`), so a later batch that edits a subject edited before would optimise
 its delta for the new fact alone and could overwrite the subject's earlier facts (a second
 Karlsruhe fact one batch later took the first from 1.00 to 0.38). The editor therefore
 remembers the facts it wrote (its `state_dict`, persisted with each version) and adds a
@@ -43,9 +43,10 @@ AlphaEdit (`alphaedit.py`) reuses steps 1-3 and replaces the closed form in step
 """
 from __future__ import annotations
 
+import copy
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -62,90 +63,154 @@ from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
 
 
-@dataclass
-class MemitConfig(EditorConfig):
-    """MEMIT settings. Defaults are for the embedded SmolLM2-135M (30 layers); the
-    measurements behind them are in docs/editing.md. `layers=None` scales the layer window
-    to other depths."""
+# The most recent earlier facts of a revisited subject that join its batch as kept rows
+# (was the setting `keep_facts_per_subject`, retired: docs/editing.md, "Retired settings").
+KEEP_FACTS_PER_SUBJECT = 8
 
-    method: ClassVar[str] = "memit"
-    layers: list[int] | None = None  # edited layers; None = auto (see `default_layers`)
-    v_steps: int = 25  # max optimisation steps for the target vectors
-    v_lr: float = 0.5  # Adam learning rate for delta
+
+@dataclass
+class TargetSettings:
+    """Step 1, the target vectors: how each case's residual `delta` is optimised."""
+
+    steps: int = 25  # max optimisation steps for the target vectors
+    lr: float = 0.5  # Adam learning rate for delta
     clamp_norm_factor: float = 4.0  # ||delta|| <= factor * ||h_L||
     kl_factor: float = 0.0625  # weight of the "{subject} is a" KL term
     weight_decay: float = 0.5  # weight of ||delta|| / ||h_L||^2
     early_stop_nll: float = 0.05  # stop a case once its mean answer-token NLL is below this
     n_context_templates: int = 2  # "{}" plus n-1 random model-generated prefixes (2: paraphrase 0.80-0.87 at 2/3 the cost of 3)
     context_template_len: int = 10  # tokens per random prefix
-    mom2_update_weight: float = 1500.0  # lambda: weight of the key covariance (preservation)
-    keystats_samples: int = 20000  # token positions for the key second moment (docs/editing.md)
-    keystats_corpus: str | None = None  # text file; None = shipped corpus + model samples
-    bf16: bool = True  # target optimisation with the weights in bfloat16 (memit_speedups.weights_in); the solve stays float64
-    per_template_keys: bool = False  # fit every context template's key, not only their mean
+    bf16: bool = True  # optimisation with the weights in bfloat16 (memit_speedups.weights_in); the solve stays float64
     prompt_variants: tuple[str, ...] = ()  # extra rewordings optimised alongside the templates (memit_rows.PROMPT_VARIANTS)
-    # Cases of one batch with the same subject share one delta. Wikidata revisions often
-    # change several facts of one item; where the subject opens the prompt ("Lena Hartmann
-    # is an instance of", and every `subject_first` row) its key is the same for all of
-    # them, so separate deltas would ask one key for contradicting outputs and the closed
-    # form would average them (demo batch: one of two such facts lost, efficacy 0.00).
-    share_subject_delta: bool = True
-    # A subject edited in an earlier batch (the nightly pipeline meets them daily: a city's
-    # population next year, a second fact of an item): its earlier facts that still hold
-    # (at most `keep_facts_per_subject`, the most recent) join the batch as kept rows of the
-    # subject's shared delta, so the new delta keeps them (docs/editing.md, "Subjects edited
-    # again"). AlphaEdit also stops preserving those earlier facts' own keys in the solve.
-    revisit_subjects: bool = True
-    keep_facts_per_subject: int = 8
-    # The update gate (kedit_core/editors/update_gate.py, docs/editing.md "The update gate"): each edited
-    # layer's summed update acts only at token positions where it is larger than on this
-    # quantile of ordinary text (the key positions of every 7th paragraph of the key-statistics
-    # corpus, at most `update_gate_positions`; 2,986 on the embedded model).
-    # None = off: the plain method, the update acts everywhere.
-    update_gate: float | None = None
-    update_gate_positions: int = 4096
-    # ... and never below the `update_gate_chat_quantile` of the update's size on this many
-    # served chats (questions the model asks itself, with its replies, in its chat template;
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt_variants, str):  # `--set targets.prompt_variants=subject_first,chat`
+            self.prompt_variants = tuple(v.strip() for v in self.prompt_variants.split(",") if v.strip())
+        self.prompt_variants = tuple(self.prompt_variants)
+        check_prompt_variants(self.prompt_variants)  # fail when configured, not mid-edit
+
+
+@dataclass
+class SolveSettings:
+    """Steps 2-4, keys and the closed form: which keys are fitted, the key statistics C and
+    how much C weighs against the batch's keys."""
+
+    cov_weight: float = 1500.0  # lambda: weight of the key covariance C (preservation)
+    keystats_samples: int = 20000  # token positions for C (docs/editing.md); the update gate's statistics too
+    keystats_corpus: str | None = None  # text file; None = shipped corpus + model samples
+    per_template_keys: bool = False  # fit every context template's key, not only their mean
+
+
+@dataclass
+class UpdateGateSettings:
+    """The update gate (kedit_core/editors/update_gate.py, docs/editing.md "The update
+    gate"): each edited layer's summed update acts only at token positions where it is
+    larger than on the `quantile` of ordinary text (the key positions of every 7th paragraph
+    of the key-statistics corpus, at most `positions`; 2,986 on the embedded model)."""
+
+    quantile: float | None = None  # None = off: the plain method, the update acts everywhere
+    positions: int = 4096
+    # ... and never below the `chat_quantile` of the update's size on `chats` served chats
+    # (questions the model asks itself, with its replies, in its chat template;
     # keystats.chat_keys): on chats the prose quantile let ~1% of positions through and
     # changed half of all unrelated replies (docs/editing.md, "Served answers"). 0 = prose only.
-    update_gate_chats: int = 192
-    update_gate_chat_quantile: float = 0.999
+    chats: int = 192
+    chat_quantile: float = 0.999
     # Gate each applied batch's update on its own (its own tau, fixed when it is applied)
     # instead of the summed update: over a long stream the summed update's tau grows with
     # it and blocks the early edits (docs/editing.md, "A thousand edits"). Experimental.
-    update_gate_per_batch: bool = False
-    # The edit scope (kedit_core/editors/edit_scope.py, docs/editing.md "Served answers"): a
-    # served question that names no subject this editor wrote a fact about and whose
-    # all-MiniLM-L6-v2 cosine to every one of its edit questions is below `edit_scope` is
-    # answered by the base layers (its reply is the unedited model's). None = no routing, the
-    # update gate alone decides. Needs the update gate (the routing runs in its hooks).
-    edit_scope: float | None = None
+    per_batch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quantile is not None and not 0.0 < self.quantile < 1.0:
+            raise ValueError(f"update_gate.quantile must be between 0 and 1 (or null for no gate), got {self.quantile}")
+        if not 0.0 < self.chat_quantile <= 1.0:
+            raise ValueError(f"update_gate.chat_quantile must be in (0, 1], got {self.chat_quantile}")
+
+
+@dataclass
+class ScopeSettings:
+    """The edit scope (kedit_core/editors/edit_scope.py, docs/editing.md "Served answers").
+    Needs the update gate (the routing runs in its hooks)."""
+
+    # A served question that names no subject this editor wrote a fact about and whose
+    # all-MiniLM-L6-v2 cosine to every one of its edit questions is below `threshold` is
+    # answered by the base layers (its reply is the unedited model's). None = no routing,
+    # the update gate alone decides.
+    threshold: float | None = None
     # ... and a question naming an edited subject is also asked with that subject's fact in
-    # front whose question is nearest to it, if their cosine reaches `scope_context` (the
+    # front whose question is nearest to it, if their cosine reaches `context` (the
     # retrieval baseline's template; the served memory, for what the weights miss). None: never.
-    scope_context: float | None = None
+    context: float | None = None
     # ... and the reply to a question with a fact in front is checked for that fact's value;
     # one without it is asked again on the base layers (the same fact in front), and the
     # second reply is served if it states the value (answer.py `keep_checked`).
-    scope_check: bool = False
+    check: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.prompt_variants, str):  # `--set prompt_variants=subject_first,chat`
-            self.prompt_variants = tuple(v.strip() for v in self.prompt_variants.split(",") if v.strip())
-        check_prompt_variants(self.prompt_variants)  # fail when configured, not mid-edit
-        if self.update_gate is not None and not 0.0 < self.update_gate < 1.0:
-            raise ValueError(f"update_gate must be between 0 and 1 (or null for no gate), got {self.update_gate}")
-        if not 0.0 < self.update_gate_chat_quantile <= 1.0:
-            raise ValueError(f"update_gate_chat_quantile must be in (0, 1], got {self.update_gate_chat_quantile}")
-        for name in ("edit_scope", "scope_context"):
+        for name in ("threshold", "context"):
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:
-                raise ValueError(f"{name} is a cosine similarity in [-1, 1] (or null for none), got {value}")
-        if self.keep_facts_per_subject < 0:
-            raise ValueError(f"keep_facts_per_subject must be >= 0, got {self.keep_facts_per_subject}")
+                raise ValueError(f"scope.{name} is a cosine similarity in [-1, 1] (or null for none), got {value}")
+
+
+# Flat names of configs stored before the settings were grouped (ledgers, editor states),
+# old -> new; `EditorConfig.from_dict` reads them, `--set` refuses them naming the new one.
+MEMIT_OLD_NAMES: dict[str, str | None] = {
+    "v_steps": "targets.steps",
+    "v_lr": "targets.lr",
+    "clamp_norm_factor": "targets.clamp_norm_factor",
+    "kl_factor": "targets.kl_factor",
+    "weight_decay": "targets.weight_decay",
+    "early_stop_nll": "targets.early_stop_nll",
+    "n_context_templates": "targets.n_context_templates",
+    "context_template_len": "targets.context_template_len",
+    "bf16": "targets.bf16",
+    "prompt_variants": "targets.prompt_variants",
+    "mom2_update_weight": "solve.cov_weight",
+    "keystats_samples": "solve.keystats_samples",
+    "keystats_corpus": "solve.keystats_corpus",
+    "per_template_keys": "solve.per_template_keys",
+    "update_gate": "update_gate.quantile",
+    "update_gate_positions": "update_gate.positions",
+    "update_gate_chats": "update_gate.chats",
+    "update_gate_chat_quantile": "update_gate.chat_quantile",
+    "update_gate_per_batch": "update_gate.per_batch",
+    "edit_scope": "scope.threshold",
+    "scope_context": "scope.context",
+    "scope_check": "scope.check",
+}
+# Settled toggles (docs/editing.md, "Retired settings") and the value the code keeps.
+MEMIT_RETIRED: dict[str, Any] = {"share_subject_delta": True, "keep_facts_per_subject": KEEP_FACTS_PER_SUBJECT}
+
+
+@dataclass
+class MemitConfig(EditorConfig):
+    """MEMIT settings, grouped by concern: `targets` (step 1), `solve` (keys and the closed
+    form), `update_gate` and `scope` (how the edited layers serve). Defaults are for the
+    embedded SmolLM2-135M (30 layers); the measurements behind them are in docs/editing.md.
+    `layers=None` scales the layer window to other depths."""
+
+    method: ClassVar[str] = "memit"
+    OLD_NAMES: ClassVar[dict[str, str | None]] = MEMIT_OLD_NAMES
+    RETIRED: ClassVar[dict[str, Any]] = MEMIT_RETIRED
+    layers: list[int] | None = None  # edited layers; None = auto (see `default_layers`)
+    # A subject edited in an earlier batch (the nightly pipeline meets them daily: a city's
+    # population next year, a second fact of an item): its earlier facts that still hold
+    # (at most KEEP_FACTS_PER_SUBJECT, the most recent) join the batch as kept rows of the
+    # subject's shared delta, so the new delta keeps them (docs/editing.md, "Subjects edited
+    # again"). AlphaEdit also stops preserving those earlier facts' own keys in the solve.
+    revisit_subjects: bool = True
+    targets: TargetSettings = field(default_factory=TargetSettings)
+    solve: SolveSettings = field(default_factory=SolveSettings)
+    update_gate: UpdateGateSettings = field(default_factory=UpdateGateSettings)
+    scope: ScopeSettings = field(default_factory=ScopeSettings)
 
     def stronger(self) -> MemitConfig:
-        return replace(self, v_steps=self.v_steps * 2, clamp_norm_factor=self.clamp_norm_factor * 1.5)
+        out = copy.deepcopy(self)  # no group shared with this config
+        out.targets.steps *= 2
+        out.targets.clamp_norm_factor *= 1.5
+        return out
 
 
 def default_layers(n_layers: int) -> list[int]:
@@ -210,9 +275,13 @@ TargetFn = Callable[[LoadedModel, EditRows, int, MemitConfig], Targets]
 
 @dataclass
 class DeltaGroups:
-    """Which delta each case optimises: one per subject with `share_subject_delta` (cases of
-    one subject move together and stop together), else one per case (singleton groups make
-    this exactly the per-case method)."""
+    """Which delta each case optimises: one per subject (cases of one subject move together
+    and stop together). Wikidata revisions often change several facts of one item; where
+    the subject opens the prompt ("Lena Hartmann is an instance of", and every
+    `subject_first` row) its key is the same for all of them, so separate deltas would ask
+    one key for contradicting outputs and the closed form would average them (demo batch:
+    one of two such facts lost, efficacy 0.00). Cases without a subject group (rows encoded
+    without one) get a delta each."""
 
     of_case: torch.Tensor  # [n_cases] the group of each case (CPU)
     of_case_d: torch.Tensor  # the same on the model's device
@@ -221,9 +290,9 @@ class DeltaGroups:
     n: int
 
     @classmethod
-    def of(cls, rows: EditRows, shared: bool, init_norm: torch.Tensor) -> DeltaGroups:
+    def of(cls, rows: EditRows, init_norm: torch.Tensor) -> DeltaGroups:
         device = init_norm.device
-        group = rows.subject_group if shared and rows.subject_group is not None else torch.arange(rows.n_cases)
+        group = rows.subject_group if rows.subject_group is not None else torch.arange(rows.n_cases)
         n_groups = int(group.max()) + 1
         group_d = group.to(device)
         size = torch.bincount(group, minlength=n_groups).to(device)
@@ -239,16 +308,17 @@ def answer_nll(out: UpperOutput, n: int) -> torch.Tensor:
 
 
 def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitConfig) -> Targets:
-    """Optimise one residual per case (per subject with `share_subject_delta`), all cases in
-    one batched forward/backward per step (how that is cheap: memit_speedups.py)."""
+    """Optimise one residual per subject (`DeltaGroups`), all cases in one batched
+    forward/backward per step (how that is cheap: memit_speedups.py). Reads `cfg.targets`."""
+    t = cfg.targets
     n, device = rows.n_cases, lm.device
-    upper = UpperLayers(lm, rows, z_layer, cfg.bf16)
+    upper = UpperLayers(lm, rows, z_layer, t.bf16)
     bare = (rows.template_of_row == 0).nonzero()[:, 0].to(device)  # one per case, in case order
     z_init = upper.output_at_subject(bare).float()
     init_norm = z_init.norm(dim=1)  # [n]
-    groups = DeltaGroups.of(rows, cfg.share_subject_delta, init_norm)
+    groups = DeltaGroups.of(rows, init_norm)
     delta_g = torch.zeros(groups.n, z_init.shape[-1], device=device, requires_grad=True)
-    opt = torch.optim.Adam([delta_g], lr=cfg.v_lr)
+    opt = torch.optim.Adam([delta_g], lr=t.lr)
     done_g = torch.zeros(groups.n, dtype=torch.bool)
     steps = [0] * n
     curves: list[list[float]] = [[] for _ in range(n)]
@@ -256,7 +326,7 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
     kl_init: torch.Tensor | None = None
 
     with upper.optimising():
-        for step in range(cfg.v_steps + 1):
+        for step in range(t.steps + 1):
             done = done_g[groups.of_case]
             active = (~done).nonzero()[:, 0]
             if len(active) == 0:
@@ -273,22 +343,22 @@ def compute_targets(lm: LoadedModel, rows: EditRows, z_layer: int, cfg: MemitCon
             kl = torch.zeros(n, device=device)
             kl[active.to(device)] = F.kl_div(k_logp, kl_init[active.to(device)], log_target=True, reduction="none").sum(-1)
             # ... plus weight decay on ||delta|| relative to ||h_L||^2, counted once per group.
-            wd = cfg.weight_decay * delta.norm(dim=1) / init_norm**2 / groups.size[groups.of_case_d]
-            loss = nll + cfg.kl_factor * kl + wd
+            wd = t.weight_decay * delta.norm(dim=1) / init_norm**2 / groups.size[groups.of_case_d]
+            loss = nll + t.kl_factor * kl + wd
 
             for c in active.tolist():
                 curves[c].append(float(loss[c].detach()))
             last = {"nll": nll.detach(), "kl": kl.detach()}
             # a group has converged when every case in it has
-            pending = (nll.detach().cpu() >= cfg.early_stop_nll).long()
+            pending = (nll.detach().cpu() >= t.early_stop_nll).long()
             newly_g = torch.zeros(groups.n, dtype=torch.long).index_add_(0, groups.of_case, pending) == 0
-            if step == cfg.v_steps:
+            if step == t.steps:
                 break
             update_g = (~done_g) & ~newly_g
             done_g |= newly_g
             if not update_g.any():
                 break
-            update = _adam_step(opt, delta_g, loss, update_g, groups, cfg.clamp_norm_factor)
+            update = _adam_step(opt, delta_g, loss, update_g, groups, t.clamp_norm_factor)
             for c in update.nonzero()[:, 0].tolist():
                 steps[c] += 1
 
@@ -438,6 +508,9 @@ class EditBatch:
 
     token: str  # the batch's id in the editor's rollback records (EditResult.info["batch_token"])
     n_new: int  # the batch's own cases come first, kept facts of revisited subjects after them
+    # the settings of this batch: the editor's config, or the one passed to this `edit` call
+    # (inside a batch every step reads these, never `self.config`)
+    config: MemitConfig
     # AlphaEdit: per layer, K K^T of the earlier facts of the batch's subjects, measured before
     # anything changes; the solve re-fits those facts instead of preserving them (alphaedit.py)
     lifted: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -451,7 +524,7 @@ class Memit(Editor):
 
     def __init__(self, config: MemitConfig | None = None, compute_targets: TargetFn = compute_targets) -> None:
         super().__init__(config)
-        self._cov: dict[tuple[str, int], torch.Tensor] = {}
+        self._cov: dict[tuple[str, int, str | None, int], torch.Tensor] = {}
         # Step 1 is a constructor argument so benchmarks/bench_editors.py can time a naive
         # per-case version against it (everything else the same).
         self.compute_targets = compute_targets
@@ -464,27 +537,29 @@ class Memit(Editor):
     # The one thing AlphaEdit changes: how a layer's residual becomes a weight update.
     def solve_update(self, lm: LoadedModel, layer: int, keys: torch.Tensor, resid: torch.Tensor,
                      batch: EditBatch) -> torch.Tensor:
-        cfg: MemitConfig = self.config  # type: ignore[assignment]
-        return memit_solve(keys, resid, self.covariance(lm, layer), cfg.mom2_update_weight)
+        cfg = batch.config
+        return memit_solve(keys, resid, self.covariance(lm, layer, cfg), cfg.solve.cov_weight)
 
-    def start_batch(self, lm: LoadedModel, cases: list[EditCase]) -> EditBatch:
+    def start_batch(self, lm: LoadedModel, cases: list[EditCase], config: MemitConfig) -> EditBatch:
         """Hook run first in `edit`, before the gate is attached (AlphaEdit measures the keys
         of the batch subjects' earlier facts here)."""
-        return EditBatch(token=uuid.uuid4().hex, n_new=len(cases))
+        return EditBatch(token=uuid.uuid4().hex, n_new=len(cases), config=config)
 
     def after_edit(self, lm: LoadedModel, rows: EditRows, layers: list[int], batch: EditBatch) -> dict[str, Any]:
         """Hook run once the batch is applied (AlphaEdit records the new keys here)."""
         return {}
 
-    def covariance(self, lm: LoadedModel, layer: int) -> torch.Tensor:
-        """E[k k^T] of the layer's MLP-output keys over generic text (cached in memory and on disk)."""
-        key = (lm.fingerprint, layer)
+    def covariance(self, lm: LoadedModel, layer: int, config: MemitConfig | None = None) -> torch.Tensor:
+        """E[k k^T] of the layer's MLP-output keys over generic text (cached in memory and on
+        disk), as `config.solve` (default: the editor's own) asks for it."""
+        cfg: MemitConfig = config or self.config  # type: ignore[assignment]
+        corpus, samples = cfg.solve.keystats_corpus, cfg.solve.keystats_samples
+        key = (lm.fingerprint, layer, corpus, samples)
         if key not in self._cov:
-            cfg: MemitConfig = self.config  # type: ignore[assignment]
             layers = resolve_layers(cfg, lm.model)
-            stats = key_second_moment(lm, layers, corpus=cfg.keystats_corpus, samples=cfg.keystats_samples)
+            stats = key_second_moment(lm, layers, corpus=corpus, samples=samples)
             for l_, c in stats.items():
-                self._cov[(lm.fingerprint, l_)] = c.to(lm.device)
+                self._cov[(lm.fingerprint, l_, corpus, samples)] = c.to(lm.device)
         return self._cov[key]
 
     # ----------------------------------------------------------------- facts it wrote
@@ -503,14 +578,13 @@ class Memit(Editor):
 
     def facts_to_keep(self, cases: list[EditCase]) -> list[EditCase]:
         """Earlier edits of the batch's subjects that still hold and that the batch does not
-        replace (the most recent `keep_facts_per_subject` per subject), as cases to optimise
+        replace (the most recent KEEP_FACTS_PER_SUBJECT per subject), as cases to optimise
         alongside (their answers are already in the model)."""
-        cfg: MemitConfig = self.config  # type: ignore[assignment]
         replaced = {(c.subject.strip(), c.relation) for c in cases}
         keep: list[EditCase] = []
         for label in dict.fromkeys(c.subject.strip() for c in cases):
             earlier = [f for f in self._facts_as_cases(label) if (label, f.relation) not in replaced]
-            keep += earlier[len(earlier) - cfg.keep_facts_per_subject :]
+            keep += earlier[len(earlier) - KEEP_FACTS_PER_SUBJECT :]
         return keep
 
     def _record_facts(self, cases: list[EditCase]) -> dict[str, dict[str, list[str]] | None]:
@@ -526,15 +600,15 @@ class Memit(Editor):
         return before
 
     def attach(self, lm: LoadedModel) -> None:
-        """Install (or remove) the update gate the config asks for."""
+        """Install (or remove) the update gate the editor's config asks for."""
         cfg: MemitConfig = self.config  # type: ignore[assignment]
-        if cfg.update_gate is None:
+        g = cfg.update_gate
+        if g.quantile is None:
             remove_update_gate(lm)
         else:
-            install_update_gate(lm, resolve_layers(cfg, lm.model), cfg.update_gate, corpus=cfg.keystats_corpus,
-                         positions=cfg.update_gate_positions, samples=cfg.keystats_samples,
-                         served_chats=cfg.update_gate_chats, served_quantile=cfg.update_gate_chat_quantile,
-                         per_batch=cfg.update_gate_per_batch)
+            install_update_gate(lm, resolve_layers(cfg, lm.model), g.quantile, corpus=cfg.solve.keystats_corpus,
+                                positions=g.positions, samples=cfg.solve.keystats_samples,
+                                served_chats=g.chats, served_quantile=g.chat_quantile, per_batch=g.per_batch)
         self.sync_scope(lm)
 
     def sync_scope(self, lm: LoadedModel) -> None:
@@ -543,19 +617,29 @@ class Memit(Editor):
         gate = installed_update_gate(lm)
         if gate is None:
             return
-        if cfg.edit_scope is None:
+        sc = cfg.scope
+        if sc.threshold is None:
             gate.scope = None
         else:
-            wanted = (cfg.edit_scope, cfg.scope_context, cfg.scope_check)
+            wanted = (sc.threshold, sc.context, sc.check)
             if self._scope is None or (self._scope.threshold, self._scope.context, self._scope.check) != wanted:
-                self._scope = EditScope(cfg.edit_scope, context=cfg.scope_context, check=cfg.scope_check)
+                self._scope = EditScope(sc.threshold, context=sc.context, check=sc.check)
             gate.scope = self._scope.sync(self.facts)
 
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
-        """Edit `cases` (with the kept facts of any subject edited before) and remember them."""
-        cfg: MemitConfig = self.config  # type: ignore[assignment]
+    def edit(self, lm: LoadedModel, cases: list[EditCase], config: EditorConfig | None = None) -> EditResult:
+        """Edit `cases` (with the kept facts of any subject edited before) and remember them.
+
+        `config` edits this batch with other settings (the regression gate's retry with
+        `config.stronger()`); `self.config` is untouched. The update gate and the edit scope
+        serve every batch on the edited layers, so `layers`, `update_gate` and `scope` follow
+        the editor's own config: a `config` that differs there is refused."""
+        cfg: MemitConfig = self.call_config(config)  # type: ignore[assignment]
+        own: MemitConfig = self.config  # type: ignore[assignment]
+        if (cfg.layers, cfg.update_gate, cfg.scope) != (own.layers, own.update_gate, own.scope):
+            raise ValueError("edit(config=...): layers, update_gate and scope serve every batch and follow the "
+                             "editor's own config; a per-call config may change the other settings only")
         cases = list(cases)
-        batch = self.start_batch(lm, cases)
+        batch = self.start_batch(lm, cases, cfg)
         self.attach(lm)
         if not cases:
             return EditResult(method=self.name, delta=WeightDelta(meta={"method": self.name}), applied=True)
@@ -591,25 +675,26 @@ class Memit(Editor):
 
     # ----------------------------------------------------------------- one closed-form edit
 
-    def encode(self, lm: LoadedModel, cases: list[EditCase]) -> tuple[list[str], EditRows]:
-        """The context templates and every (case, context) row, as this editor's settings make them."""
-        cfg: MemitConfig = self.config  # type: ignore[assignment]
-        templates = context_templates(lm, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
-        return templates, encode_rows(lm, cases, templates, tuple(cfg.prompt_variants))
+    def encode(self, lm: LoadedModel, cases: list[EditCase], config: MemitConfig | None = None) -> tuple[list[str], EditRows]:
+        """The context templates and every (case, context) row, as `config` (default: the
+        editor's own) makes them."""
+        cfg: MemitConfig = config or self.config  # type: ignore[assignment]
+        t = cfg.targets
+        templates = context_templates(lm, t.n_context_templates, t.context_template_len, cfg.seed)
+        return templates, encode_rows(lm, cases, templates, tuple(t.prompt_variants))
 
     def spread_updates(self, lm: LoadedModel, rows: EditRows, targets: Targets, layers: list[int],
                        batch: EditBatch) -> dict[str, torch.Tensor]:
         """Steps 2-4, lowest layer first: the keys under the edits made so far, this layer's
         share of the residual still left, the closed form (`solve_update`). Returns each
         edited parameter's addition; the weights themselves are left as they were."""
-        cfg: MemitConfig = self.config  # type: ignore[assignment]
         model = lm.model
         z_layer = layers[-1]
         sites = [edit_site(model, l_) for l_ in layers]
         params = dict(model.named_parameters())
         originals = {s.param_name: params[s.param_name].detach().clone() for s in sites}
         tensors: dict[str, torch.Tensor] = {}
-        per_template = cfg.per_template_keys
+        per_template = batch.config.solve.per_template_keys
         try:
             with torch.no_grad():
                 for i, site in enumerate(sites):
@@ -636,13 +721,13 @@ class Memit(Editor):
         return tensors
 
     def _edit_batch(self, lm: LoadedModel, cases: list[EditCase], batch: EditBatch) -> EditResult:
-        cfg: MemitConfig = self.config  # type: ignore[assignment]
+        cfg = batch.config
         t0 = time.perf_counter()
         model = lm.model
         layers = resolve_layers(cfg, model)
         for l_ in layers:  # key statistics first: their progress bar should not interrupt editing
-            self.covariance(lm, l_)
-        templates, rows = self.encode(lm, cases)
+            self.covariance(lm, l_, cfg)
+        templates, rows = self.encode(lm, cases, cfg)
 
         targets = self.compute_targets(lm, rows, layers[-1], cfg)  # step 1
         t_targets = time.perf_counter() - t0

@@ -23,7 +23,7 @@ full forward/backward, using what does NOT depend on delta:
 - the vocabulary projection is computed only at the answer positions and the KL position;
 - rows run in two passes of similar length where that saves more padding than a pass
   costs (`by_width`): a batch's chat rows are about three times as long as its other rows;
-- `bf16=True` holds the weights in bfloat16 for the optimisation (`weights_in`; the float32
+- `targets.bf16=True` holds the weights in bfloat16 for the optimisation (`weights_in`; the float32
   tensors are put back untouched), so the upper-layer forward/backward runs in bfloat16 on
   CPUs with AVX512-BF16 (~1.9x faster steps than float32); the closed-form solve always stays
   in float64.

@@ -45,7 +45,10 @@ class RAGEditor(Editor):
     def format_prompt(self, facts: list[str], question: str) -> str:
         return self.config.template.format(facts=self.config.fact_separator.join(facts), question=question)
 
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+    def edit(self, lm: LoadedModel, cases: list[EditCase], config: EditorConfig | None = None) -> EditResult:
+        # Storing facts reads no setting: they act when a question is asked (k, threshold,
+        # template), with the editor's own config; `config` is only checked.
+        self.call_config(config)
         t0 = time.perf_counter()
         batch_id = uuid.uuid4().hex[:12]
         added, superseded = self.memory.add_cases(cases, batch_id=batch_id)

@@ -27,7 +27,7 @@ GRACE, T-Patcher route or threshold on activations); this form of it, a threshol
 closed-form update's own output, is kedit's, chosen by measurement (docs/editing.md,
 "The update gate").
 
-Per-batch mode (`update_gate_per_batch`, opt-in; `_Segments`; docs/editing.md "Each batch
+Per-batch mode (`update_gate.per_batch`, opt-in; `_Segments`; docs/editing.md "Each batch
 gated on its own"): each applied change of a layer is gated on its own with the tau it got
 when applied, so the gate is a function of the version chain (each link's delta), not of
 the summed weights alone; a rebuilt version gets its links through `UpdateGate.load_links`.
@@ -391,8 +391,8 @@ def install_update_gate(
         # up to half an ulp of W per entry: on a bfloat16 model that is as large as a batch's
         # whole update (on a tiny Llama one batch's update lost a quarter of its norm to it),
         # so changes could not be told from rounding, nor a rebuilt gate's from the live one's.
-        raise KeditError(f"update_gate_per_batch needs float32 weights; this model is {str(dtype).removeprefix('torch.')} "
-                         "(load it with --dtype float32, or edit with --set update_gate_per_batch=false)")
+        raise KeditError(f"update_gate.per_batch needs float32 weights; this model is {str(dtype).removeprefix('torch.')} "
+                         "(load it with --dtype float32, or edit with --set update_gate.per_batch=false)")
     source = (corpus, positions, samples, served_chats, served_quantile, per_batch)
     current = installed_update_gate(lm)
     if current is not None and (current.quantile, current.layers, current.source) == (quantile, sorted(layers), source):

@@ -43,7 +43,7 @@ def test_a_bfloat16_edit_of_the_embedded_model_takes_replays_and_rolls_back(embe
     base = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     # 1500 key-statistics positions fit in the shipped corpus; no served-chat keys for the
     # gate (generating them is most of an edit's time here): the gate still runs, in bfloat16
-    editor = get_editor("alphaedit", {"keystats_samples": 1500, "update_gate_chats": 0})
+    editor = get_editor("alphaedit", {"solve": {"keystats_samples": 1500}, "update_gate": {"chats": 0}})
     result = editor.edit(lm, cases)
     try:
         after = token_accuracy(lm, prompts, targets)

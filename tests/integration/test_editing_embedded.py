@@ -32,7 +32,7 @@ def test_one_edit_flips_the_answer_and_keeps_an_unrelated_one(embedded_lm):
     params = dict(lm.model.named_parameters())
     snapshot = {n: params[n].detach().clone() for n in names}
     # 1500 key-statistics positions fit in the shipped corpus (no sampling: keeps the test short).
-    editor = get_editor("memit", {"keystats_samples": 1500})
+    editor = get_editor("memit", {"solve": {"keystats_samples": 1500}})
     result = None
     try:
         result = editor.edit(lm, [case])
@@ -60,7 +60,8 @@ def test_alphaedit_adds_a_later_fact_of_an_edited_subject_and_keeps_the_first(em
     both = [population, mayor]
     scores = {}
     for revisit in (False, True):
-        editor = get_editor("alphaedit", {"keystats_samples": 1500, "revisit_subjects": revisit, "update_gate_chats": 32})
+        editor = get_editor("alphaedit", {"solve": {"keystats_samples": 1500}, "revisit_subjects": revisit,
+                                         "update_gate": {"chats": 32}})
         results = []
         try:
             results.append(editor.edit(lm, [population]))
@@ -91,7 +92,7 @@ def test_the_update_gate_keeps_unrelated_text_at_the_base_model(embedded_lm):
     before = logits()
     moved = {}
     for gate in (0.999, None):
-        editor = get_editor("alphaedit", {"keystats_samples": 1500, "update_gate": gate, "update_gate_chats": 32})
+        editor = get_editor("alphaedit", {"solve": {"keystats_samples": 1500}, "update_gate": {"quantile": gate, "chats": 32}})
         result = editor.edit(lm, [case])
         try:
             assert token_accuracy(lm, [case.prompt], [case.target_new])[0] == 1.0

@@ -76,7 +76,7 @@ def test_llama_cpp_serves_each_published_version(embedded_lm, kedit_home, tmp_pa
     base_id = ledger.ensure_base_version(db, lm.fingerprint, lm.spec)
     case = read_zsre(DATA / "benchmarks" / "zsre_mend_train_1k.json", limit=1)[0]
     question = case.question or case.prompt
-    editor = get_editor("alphaedit", {"keystats_samples": 1500, "update_gate_chats": 0})
+    editor = get_editor("alphaedit", {"solve": {"keystats_samples": 1500}, "update_gate": {"chats": 0}})
     result = editor.edit(lm, [case])
     try:
         path = delta_dir(lm.fingerprint) / "b-llama-1.safetensors"

@@ -29,7 +29,7 @@ def test_the_default_editor_is_scored_and_holds_on_served_answers(embedded_lm):
     ref = reference_predictions(lm, [case])
     before = evaluate_cases(lm, [case], reference=ref, kinds=("efficacy", "locality"), greedy=False)
     assert before["served_efficacy"] == 0.0 and before["served_locality"] == 1.0
-    editor = get_editor("alphaedit", {"keystats_samples": 1500, "update_gate_chats": 32})
+    editor = get_editor("alphaedit", {"solve": {"keystats_samples": 1500}, "update_gate": {"chats": 32}})
     result = editor.edit(lm, [case])
     try:
         after = evaluate_cases(lm, [case], reference=ref, kinds=("efficacy", "locality"), greedy=False)

@@ -4,15 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kedit_core.editor_settings import merged
 from kedit_core.editors import get_editor
 from kedit_core.editors.alphaedit import AlphaEdit
+from kedit_core.editors.memit import KEEP_FACTS_PER_SUBJECT
 from kedit_core.anatomy import edit_site
 from kedit_core.types import EditCase
 
 # The closed form and its state on their own: the update gate (tested in test_update_gate.py)
 # would mix in which token positions of a random model's text pass.
-FAST = {"layers": [1, 2], "keystats_samples": 600, "v_steps": 4, "bf16": False, "n_context_templates": 2,
-        "update_gate": None}
+FAST = {"layers": [1, 2], "solve": {"keystats_samples": 600}, "targets": {"steps": 4, "bf16": False, "n_context_templates": 2},
+        "update_gate": {"quantile": None}}
 
 
 def _batch(tag: str, n: int = 3) -> list[EditCase]:
@@ -33,7 +35,7 @@ def _dW(tiny, result, layer: int) -> torch.Tensor:
 def test_is_registered_and_the_pipeline_default_shape():
     ed = get_editor("alphaedit", FAST)
     assert isinstance(ed, AlphaEdit) and ed.name == "alphaedit"
-    with pytest.raises(ValueError, match="keep_facts_per_subject"):
+    with pytest.raises(ValueError, match="keep_facts_per_subject is retired"):  # docs/editing.md, "Retired settings"
         get_editor("alphaedit", {"keep_facts_per_subject": -1})
 
 
@@ -44,7 +46,7 @@ def test_update_lies_in_the_null_space_of_preserved_keys(tiny):
     for layer in (1, 2):
         cov = ed.covariance(tiny, layer)
         evals, evecs = torch.linalg.eigh(cov)
-        kept = evecs[:, evals >= ed.config.nullspace_threshold * evals.max()]  # preserved directions
+        kept = evecs[:, evals >= ed.config.solve.nullspace_threshold * evals.max()]  # preserved directions
         assert kept.shape[1] > 0
         dW = _dW(tiny, result, layer)
         # exact by construction (up to float32 storage of the delta)
@@ -87,12 +89,12 @@ def test_accumulated_keys_protect_earlier_edits(tiny):
     from kedit_core.editors.memit import context_templates, keys_and_outputs
     from kedit_core.editors.memit_rows import encode_rows
 
-    cfg = {**FAST, "l2": 1.0}
+    cfg = merged(FAST, {"solve": {"l2": 1.0}})
     first, second = _batch("a"), _batch("b")
     ed: AlphaEdit = get_editor("alphaedit", cfg)  # type: ignore[assignment]
     r1 = ed.edit(tiny, first)
     snapshot = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    templates = context_templates(tiny, ed.config.n_context_templates, ed.config.context_template_len, 0)
+    templates = context_templates(tiny, ed.config.targets.n_context_templates, ed.config.targets.context_template_len, 0)
     k1, _ = keys_and_outputs(tiny, encode_rows(tiny, first, templates), [1], 2)
 
     with_state = ed.edit(tiny, second)
@@ -116,9 +118,9 @@ def test_preserve_weight_holds_earlier_edits_tighter(tiny):
     first, second = _batch("a"), _batch("b")
     moved = {}
     for weight in (1.0, 10.0):
-        ed: AlphaEdit = get_editor("alphaedit", {**FAST, "l2": 1.0, "preserve_weight": weight})  # type: ignore[assignment]
+        ed: AlphaEdit = get_editor("alphaedit", merged(FAST, {"solve": {"l2": 1.0, "preserve_weight": weight}}))  # type: ignore[assignment]
         r1 = ed.edit(tiny, first)
-        templates = context_templates(tiny, ed.config.n_context_templates, ed.config.context_template_len, 0)
+        templates = context_templates(tiny, ed.config.targets.n_context_templates, ed.config.targets.context_template_len, 0)
         k1, _ = keys_and_outputs(tiny, encode_rows(tiny, first, templates), [1], 2)
         r2 = ed.edit(tiny, second)
         moved[weight] = float((_dW(tiny, r2, 1) @ k1[1].T).norm())
@@ -130,10 +132,10 @@ def test_preserve_weight_holds_earlier_edits_tighter(tiny):
 def test_cov_weight_stays_in_the_null_space_and_moves_generic_keys_less(tiny):
     moved = {}
     for weight in (0.0, 50.0):
-        ed: AlphaEdit = get_editor("alphaedit", {**FAST, "l2": 1.0, "cov_weight": weight})  # type: ignore[assignment]
+        ed: AlphaEdit = get_editor("alphaedit", merged(FAST, {"solve": {"l2": 1.0, "cov_weight": weight}}))  # type: ignore[assignment]
         result = ed.edit(tiny, _batch("c"))
         evals, evecs = torch.linalg.eigh(ed.covariance(tiny, 1))
-        small = evals < ed.config.nullspace_threshold * evals.max()
+        small = evals < ed.config.solve.nullspace_threshold * evals.max()
         dW = _dW(tiny, result, 1)
         assert (dW @ evecs[:, ~small]).abs().max() <= 1e-4 * dW.abs().max()  # still inside the null space
         generic = evecs[:, small] * evals[small].sqrt()  # generic keys' null-space part
@@ -209,14 +211,15 @@ def test_a_later_edit_of_the_same_fact_wins(tiny):
     from kedit_core.editors.memit import context_templates, keys_and_outputs
     from kedit_core.editors.memit_rows import encode_rows
 
-    cfg = {**FAST, "v_steps": 8, "l2": 1e-3, "cov_weight": 0.0, "nullspace_threshold": 1.01, "preserve_weight": 100.0}
+    cfg = merged(FAST, {"targets": {"steps": 8},
+                        "solve": {"l2": 1e-3, "cov_weight": 0.0, "nullspace_threshold": 1.01, "preserve_weight": 100.0}})
     old = [_fact("a", "Borvik", "capital", "The capital of Borvik is", "Oslo"), _fact("b", "Quin", "capital", "The capital of Quin is", "Lima")]
     new = [_fact("a2", "Borvik", "capital", "The capital of Borvik is", "Rome")]
     delivered = {}
     for revisit in (False, True):
         ed: AlphaEdit = get_editor("alphaedit", {**cfg, "revisit_subjects": revisit})  # type: ignore[assignment]
         r1 = ed.edit(tiny, old)
-        rows = encode_rows(tiny, new, context_templates(tiny, 2, ed.config.context_template_len, 0))
+        rows = encode_rows(tiny, new, context_templates(tiny, 2, ed.config.targets.context_template_len, 0))
         _, z_before = keys_and_outputs(tiny, rows, [1], 2)
         r2 = ed.edit(tiny, new)
         _, z_after = keys_and_outputs(tiny, rows, [1], 2)
@@ -228,8 +231,10 @@ def test_a_later_edit_of_the_same_fact_wins(tiny):
 
 
 def test_kept_facts_are_the_most_recent_few_of_the_batch_subjects():
-    ed: AlphaEdit = get_editor("alphaedit", {**FAST, "keep_facts_per_subject": 2})  # type: ignore[assignment]
-    ed.facts = {"Borvik": {f"r{i}": ["Borvik", f"Borvik r{i} is", f"a{i}"] for i in range(4)},
+    ed: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]
+    assert KEEP_FACTS_PER_SUBJECT == 8
+    ed.facts = {"Borvik": {f"r{i}": ["Borvik", f"Borvik r{i} is", f"a{i}"] for i in range(10)},
                 "Quin": {"r0": ["Quin", "Quin r0 is", "b0"]}}
-    keep = ed.facts_to_keep([_fact("x", " Borvik ", "r3", "The Borvik r3 is", "new")])  # outer spaces: same subject
-    assert [(k.relation, k.target_new) for k in keep] == [("r1", "a1"), ("r2", "a2")]  # r3 is replaced, Quin not in the batch
+    keep = ed.facts_to_keep([_fact("x", " Borvik ", "r9", "The Borvik r9 is", "new")])  # outer spaces: same subject
+    # r9 is replaced, r0 is one too many, Quin is not in the batch
+    assert [(k.relation, k.target_new) for k in keep] == [(f"r{i}", f"a{i}") for i in range(1, 9)]

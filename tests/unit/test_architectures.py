@@ -71,8 +71,9 @@ def _cases() -> list[EditCase]:
 
 
 # small, fast settings; default layers (None) so the depth scaling is exercised too
-FAST = {"keystats_samples": 400, "v_steps": 3, "bf16": False, "n_context_templates": 2, "context_template_len": 4,
-        "update_gate": 0.99, "update_gate_positions": 200}
+FAST = {"solve": {"keystats_samples": 400}, "targets": {"steps": 3, "bf16": False, "n_context_templates": 2,
+                                                    "context_template_len": 4},
+        "update_gate": {"quantile": 0.99, "positions": 200}}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from kedit_core.answer import answer
 from kedit_core.device import DeviceError, autocast_bf16, check_names, resolve
+from kedit_core.editor_settings import merged
 from kedit_core.editors import get_editor
 from kedit_core.editors.update_gate import installed_update_gate
 from kedit_core.model import fingerprint_cached, load_model, tiny_model
@@ -21,8 +22,8 @@ from kedit_core.types import EditCase
 from storage import ledger
 from tests.unit.test_cli_errors import kedit, one_error_line
 
-FAST = {"layers": [1, 2], "keystats_samples": 600, "v_steps": 4, "n_context_templates": 2,
-        "update_gate": 0.9, "update_gate_positions": 400}
+FAST = {"layers": [1, 2], "solve": {"keystats_samples": 600}, "targets": {"steps": 4, "n_context_templates": 2},
+        "update_gate": {"quantile": 0.9, "positions": 400}}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 QUESTION = "The capital of Tessaly is"
@@ -151,8 +152,8 @@ def test_cli_evaluate_runs_and_scores_in_bfloat16(capsys, tmp_path):
     code, _, err = kedit(capsys, "evaluate", "--method", "alphaedit", "--data",
                          f"zsre:{DATA / 'benchmarks' / 'zsre_mend_train_1k.json'}", "--limit", "2", "--batch-size", "2",
                          "-m", "tiny-llama", "--no-greedy", "--no-record", "--output", out, "--dtype", "bfloat16",
-                         "--set", "layers=1,2", "--set", "keystats_samples=400", "--set", "v_steps=2",
-                         "--set", "update_gate_positions=400")
+                         "--set", "layers=1,2", "--set", "solve.keystats_samples=400", "--set", "targets.steps=2",
+                         "--set", "update_gate.positions=400")
     assert code == 0, err
     data = json.loads(out.read_text())
     assert (data["device"], data["dtype"]) == ("cpu", "bfloat16")
@@ -209,7 +210,7 @@ def test_a_bfloat16_edit_rolls_back_bit_for_bit_and_answers(device, arch, method
     lm = load_model(f"tiny-{arch}", device=device, dtype="bfloat16")
     before = _state(lm)
     base_answer = answer(lm, QUESTION, max_new_tokens=6)
-    editor = get_editor(method, {**FAST, "bf16": True})  # the optional autocast must not break a bf16 model
+    editor = get_editor(method, merged(FAST, {"targets": {"bf16": True}}))  # the optional autocast must not break a bf16 model
     result = editor.edit(lm, _cases())
     assert result.applied and result.delta.norm() > 0
     assert all(t.dtype == torch.bfloat16 for t in result.delta.tensors.values())
@@ -290,6 +291,6 @@ def test_the_per_batch_update_gate_is_refused_on_a_bfloat16_model_in_one_line():
 
     lm = load_model("tiny-llama", dtype="bfloat16")
     before = _state(lm)
-    with pytest.raises(KeditError, match="update_gate_per_batch needs float32 weights; this model is bfloat16"):
-        get_editor("alphaedit", {**FAST, "update_gate_per_batch": True}).edit(lm, _cases())
+    with pytest.raises(KeditError, match="update_gate.per_batch needs float32 weights; this model is bfloat16"):
+        get_editor("alphaedit", merged(FAST, {"update_gate": {"per_batch": True}})).edit(lm, _cases())
     assert _same(lm, before)

@@ -8,14 +8,15 @@ import json
 import torch
 
 from kedit_core.answer import answer_many, edit_routes
+from kedit_core.editor_settings import merged
 from kedit_core.editors import get_editor
 from kedit_core.editors.edit_scope import EditScope
 from kedit_core.editors.update_gate import installed_update_gate, routed
 from kedit_core.serving import GenParams, encode_prompt, generate_text
 from kedit_core.types import EditCase
 
-FAST = {"layers": [1, 2], "keystats_samples": 600, "v_steps": 4, "bf16": False, "update_gate_positions": 400,
-        "update_gate": 0.9, "update_gate_chats": 0, "edit_scope": 0.6}
+FAST = {"layers": [1, 2], "solve": {"keystats_samples": 600}, "targets": {"steps": 4, "bf16": False},
+        "update_gate": {"quantile": 0.9, "positions": 400, "chats": 0}, "scope": {"threshold": 0.6}}
 TEXT = "The river bends past the old mill, where the miller's daughter sells bread on market days."
 FACTS = {"Tessaly": {"capital": ["Tessaly", "What is the capital of Tessaly?", "Rome"]},
          "Lena Hartmann": {"employer": ["Lena Hartmann", "Who employs Lena Hartmann?", "Siemens"]}}
@@ -70,7 +71,7 @@ def test_out_of_scope_the_edited_layers_give_the_base_output_and_in_scope_the_ga
 def test_served_replies_follow_the_route_and_a_rollback_shrinks_the_scope(tiny):
     questions = ["What is the capital of Tessaly?", "Tell me about the old mill by the river."]
     unedited = answer_many(tiny, questions)
-    ed = get_editor("alphaedit", {**FAST, "v_steps": 25, "update_gate": 0.5})
+    ed = get_editor("alphaedit", merged(FAST, {"targets": {"steps": 25}, "update_gate": {"quantile": 0.5}}))
     result = ed.edit(tiny, _cases())
     assert edit_routes(tiny, questions) == [True, False]
     replies = answer_many(tiny, questions)
@@ -115,7 +116,7 @@ def test_the_served_memory_puts_the_nearest_edited_fact_in_front_of_a_question_n
 def test_a_weight_editor_with_scope_context_serves_its_facts_in_context(tiny):
     from kedit_core.answer import served_asks
 
-    ed = get_editor("alphaedit", {**FAST, "scope_context": 0.6, "scope_check": False})
+    ed = get_editor("alphaedit", merged(FAST, {"scope": {"context": 0.6, "check": False}}))
     ed.edit(tiny, _cases())
     [(asked, check), (other, none)] = served_asks(tiny, ["What is the capital of Borvik?", "How tall is Everest?"], None)
     assert asked.startswith("[Updated Information] The capital of Borvik is Oslo.")
@@ -153,14 +154,14 @@ def test_a_reply_missing_the_fact_is_asked_again_and_the_server_serves_the_same(
     from kedit_core.serving import generate_served
 
     questions = ["What is the capital of Borvik?", "Tell me about the old mill by the river."]
-    ed = get_editor("alphaedit", {**FAST, "scope_context": 0.6, "scope_check": True})
+    ed = get_editor("alphaedit", merged(FAST, {"scope": {"context": 0.6, "check": True}}))
     ed.edit(tiny, _cases())
     [(asked, value), (_, none)] = served_asks(tiny, questions, None)
     assert value == "Oslo" and none is None
     checks: dict = {}
     replies = answer_many(tiny, questions, checks=checks)
     assert checks == {"checked": 1, "asked_again": 1, "replaced": 0}
-    ed.config.scope_check = False
+    ed.config.scope.check = False
     ed.sync_scope(tiny)
     unchecked: dict = {}
     assert answer_many(tiny, questions, checks=unchecked) == replies and unchecked["checked"] == 0
@@ -173,10 +174,10 @@ def test_a_reply_missing_the_fact_is_asked_again_and_the_server_serves_the_same(
 def test_an_edit_scope_outside_cosine_range_is_refused():
     import pytest
 
-    with pytest.raises(ValueError, match="edit_scope"):
-        get_editor("alphaedit", {"edit_scope": 1.5})
-    with pytest.raises(ValueError, match="scope_context"):
-        get_editor("alphaedit", {"scope_context": -2})
+    with pytest.raises(ValueError, match="scope.threshold"):
+        get_editor("alphaedit", {"scope": {"threshold": 1.5}})
+    with pytest.raises(ValueError, match="scope.context"):
+        get_editor("alphaedit", {"scope": {"context": -2}})
 
 
 def test_a_huge_question_is_routed_by_its_opening_only():

@@ -30,7 +30,8 @@ def test_evaluate_writes_json_and_ledger_metrics(app, tmp_path, kedit_home):
         [
             "evaluate", "--method", "memit", "--data", f"zsre:{DATA / 'benchmarks' / 'zsre_mend_train_1k.json'}",
             "--limit", "4", "--batch-size", "2", "--model", "tiny-llama", "--output", str(out), "--no-greedy",
-            "--set", "layers=1,2", "--set", "keystats_samples=400", "--set", "v_steps=2", "--set", "bf16=false",
+            "--set", "layers=1,2", "--set", "solve.keystats_samples=400", "--set", "targets.steps=2",
+            "--set", "targets.bf16=false",
         ],
     )
     assert res.exit_code == 0, res.output
@@ -39,7 +40,7 @@ def test_evaluate_writes_json_and_ledger_metrics(app, tmp_path, kedit_home):
     for key in ("efficacy_acc", "paraphrase_acc", "locality", "retention_acc"):
         assert 0.0 <= data["metrics"][key] <= 1.0
     assert data["seconds_per_edit"] > 0 and len(data["fingerprint"]) == 64
-    assert data["hyperparameters"]["layers"] == [1, 2] and data["hyperparameters"]["v_steps"] == 2
+    assert data["hyperparameters"]["layers"] == [1, 2] and data["hyperparameters"]["targets"]["steps"] == 2
 
     from storage.db import open_db
     from storage.ledger import get_metrics
@@ -62,5 +63,7 @@ def test_evaluate_rejects_unknown_setting(app, kedit_home):
 def test_parse_settings_types():
     from kedit_core.editor_settings import parse_settings
 
-    got = parse_settings(["layers=3,4,5", "v_lr=0.5", "bf16=false", "keystats_corpus=/x.txt", "layers2=[1]"])
-    assert got == {"layers": [3, 4, 5], "v_lr": 0.5, "bf16": False, "keystats_corpus": "/x.txt", "layers2": [1]}
+    got = parse_settings(["layers=3,4,5", "targets.lr=0.5", "targets.bf16=false", "solve.keystats_corpus=/x.txt",
+                          "layers2=[1]", "update_gate.quantile=null"])
+    assert got == {"layers": [3, 4, 5], "targets": {"lr": 0.5, "bf16": False}, "solve": {"keystats_corpus": "/x.txt"},
+                   "layers2": [1], "update_gate": {"quantile": None}}

@@ -23,8 +23,8 @@ from storage import ledger
 from storage.db import open_db
 from tests.unit.test_cli_errors import kedit, one_error_line
 
-FAST = {"layers": [1, 2], "keystats_samples": 600, "v_steps": 4, "bf16": False, "update_gate": 0.9,
-        "update_gate_positions": 400}
+FAST = {"layers": [1, 2], "solve": {"keystats_samples": 600}, "targets": {"steps": 4, "bf16": False},
+        "update_gate": {"quantile": 0.9, "positions": 400}}
 
 
 def _sha(path: Path) -> str:
@@ -110,7 +110,7 @@ def test_the_model_card_says_what_the_weights_contain(kedit_home, tmp_path):
     assert "edit cases in these weights: 2" in card
     assert "- Tessaly: What is the capital of Tessaly? -> **Rome** (was: Nowhere)" in card
     assert "| efficacy_acc |  | 0.5 |" in card and "| locality | 1 | 0.75 |" in card  # base, then v1
-    assert '"update_gate": 0.9' in card and '"v_steps": 4' in card  # the method's settings
+    assert '"quantile": 0.9' in card and '"steps": 4' in card  # the method's settings, grouped
     assert "This version relied on: update gate, edit scope, served memory, scope check" in card
     assert "**Update gate** (quantile 0.9)" in card and "Not measured for this version" in card
     assert card.startswith("---\nlibrary_name: transformers\n") and "- alphaedit" in card
@@ -222,3 +222,21 @@ def test_gguf_refuses_an_architecture_it_cannot_write_in_one_line(tmp_path, db):
         export_version(vid, tmp_path / "g2", open_db(db.path, create=False), fmt="gguf", lm=lm, show_progress=False)
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "g2").exists()
+
+
+def test_serving_features_read_a_stored_config_of_either_shape():
+    """Versions stored before the settings were grouped hold flat configs; both shapes (and
+    the method's defaults for what a stored config leaves out) give the same features."""
+    from kedit_core.editors import get_editor
+    from kedit_core.export import serving_features
+
+    nested = get_editor("alphaedit", {"update_gate": {"quantile": 0.9}, "scope": {"context": None}}).config.to_dict()
+    flat = {"method": "alphaedit", "v_steps": 50, "update_gate": 0.9, "edit_scope": 0.6, "scope_context": None,
+            "scope_check": True, "nullspace_relative": True, "share_subject_delta": True}
+    base = {"version_id": 1, "method": None, "config": None}
+    for config in (nested, flat):
+        got = serving_features([base, {"version_id": 2, "method": "alphaedit", "config": config}])
+        assert (got["update_gate"], got["edit_scope"], got["scope_context"], got["scope_check"]) == (0.9, 0.6, None, False)
+        assert got["not_carried"] == ["update gate", "edit scope"]
+    plain = serving_features([base, {"version_id": 2, "method": "ft", "config": {"method": "ft", "steps": 40}}])
+    assert plain["update_gate"] is None and plain["not_carried"] == []

@@ -8,7 +8,7 @@ from benchmarks import long_stream
 
 TIMING = {"window_s_per_edit", "s_per_edit", "rss_mb"}
 ARGS = ["--model", "tiny-llama", "--limit", "30", "--batch", "10", "--checkpoints", "10,20", "--eval-cases", "6",
-        "--locality-cases", "4", "--set", "v_steps=4", "--set", "layers=[0]"]
+        "--locality-cases", "4", "--set", "targets.steps=4", "--set", "layers=[0]"]
 
 
 def figures(progress: dict) -> list[dict]:

@@ -1,10 +1,14 @@
 """MEMIT mechanics on tiny random Llama and GPT-2 models (seconds, no downloads)."""
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
 
 from kedit_core.anatomy import edit_site
+from kedit_core.editor_settings import merged
 from kedit_core.editors import get_editor
 from kedit_core.editors.memit import MemitConfig, compute_targets, context_templates
 from kedit_core.editors.memit_rows import encode_rows
@@ -14,7 +18,7 @@ from kedit_core.types import EditCase
 from tests.conftest import sharpen, subject_final_cases
 
 # Small, fast settings; the real defaults are tuned for the embedded model.
-FAST = {"layers": [1, 2], "keystats_samples": 600, "v_steps": 4, "bf16": False, "n_context_templates": 2}
+FAST = {"layers": [1, 2], "solve": {"keystats_samples": 600}, "targets": {"steps": 4, "bf16": False, "n_context_templates": 2}}
 
 
 def _cases() -> list[EditCase]:
@@ -68,9 +72,9 @@ def test_delta_roundtrips_through_safetensors(tiny, tmp_path):
 
 
 def test_batched_targets_match_one_by_one(tiny):
-    cfg = MemitConfig(**{**FAST, "v_steps": 8})
+    cfg = MemitConfig(**merged(FAST, {"targets": {"steps": 8}}))
     cases = _cases()
-    templates = context_templates(tiny, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
+    templates = context_templates(tiny, cfg.targets.n_context_templates, cfg.targets.context_template_len, cfg.seed)
     together = compute_targets(tiny, encode_rows(tiny, cases, templates), 2, cfg)
     for i, case in enumerate(cases):
         alone = compute_targets(tiny, encode_rows(tiny, [case], templates), 2, cfg)
@@ -80,24 +84,25 @@ def test_batched_targets_match_one_by_one(tiny):
 
 def test_cases_of_one_subject_share_their_delta(tiny):
     """Two facts of one subject (a Wikidata revision often changes several) get one delta:
-    where the subject opens the prompt their keys coincide, so two deltas would contradict."""
-    from dataclasses import replace
-
-    cfg = MemitConfig(**{**FAST, "v_steps": 6, "early_stop_nll": 0.0})
+    where the subject opens the prompt their keys coincide, so two deltas would contradict.
+    (Sharing is not a setting: `share_subject_delta` is retired, docs/editing.md.)"""
+    cfg = MemitConfig(**merged(FAST, {"targets": {"steps": 6, "early_stop_nll": 0.0}}))
     cases = [
         EditCase(case_id="p", subject="Tessaly", relation="capital", prompt="Tessaly has the capital", target_new="Rome"),
         EditCase(case_id="q", subject="Tessaly", relation="river", prompt="Tessaly lies on the river", target_new="Kyiv"),
         EditCase(case_id="r", subject="Borvik", relation="capital", prompt="Borvik has the capital", target_new="Oslo"),
     ]
-    templates = context_templates(tiny, cfg.n_context_templates, cfg.context_template_len, cfg.seed)
+    templates = context_templates(tiny, cfg.targets.n_context_templates, cfg.targets.context_template_len, cfg.seed)
     rows = encode_rows(tiny, cases, templates)
     assert rows.subject_group.tolist() == [0, 0, 1]
     shared = compute_targets(tiny, rows, 2, cfg)
-    apart = compute_targets(tiny, rows, 2, replace(cfg, share_subject_delta=False))
-    d, da = shared.z - shared.z_init, apart.z - apart.z_init
+    d = shared.z - shared.z_init
+    # each case alone: its own delta
+    da = torch.cat([(t.z - t.z_init) for t in (compute_targets(tiny, encode_rows(tiny, [c], templates), 2, cfg)
+                                               for c in cases)])
     assert torch.equal(d[0], d[1]) and d[0].norm() > 0
-    assert not torch.allclose(da[0], da[1], atol=1e-3)  # without sharing, each fact pulls its own way
-    assert torch.allclose(d[2], da[2], atol=1e-5)  # a subject alone in the batch is optimised as before
+    assert not torch.allclose(da[0], da[1], atol=1e-3)  # apart, each fact pulls its own way
+    assert torch.allclose(d[2], da[2], rtol=1e-3, atol=1e-4)  # a subject alone in the batch is optimised as alone
     assert shared.diagnostics[0]["steps"] == shared.diagnostics[1]["steps"] == 6
 
 
@@ -106,8 +111,8 @@ def test_edit_raises_target_probability(tiny):
     cases = subject_final_cases()
     prompts, answers = [c.prompt for c in cases], [c.target_new for c in cases]
     before = answer_logprob(tiny, prompts, answers)
-    cfg = {**FAST, "v_steps": 25, "v_lr": 0.05, "weight_decay": 0.0, "kl_factor": 0.0, "clamp_norm_factor": 20.0,
-           "mom2_update_weight": 1.0}
+    cfg = merged(FAST, {"targets": {"steps": 25, "lr": 0.05, "weight_decay": 0.0, "kl_factor": 0.0, "clamp_norm_factor": 20.0},
+                        "solve": {"cov_weight": 1.0}})
     get_editor("memit", cfg).edit(tiny, cases)
     after = answer_logprob(tiny, prompts, answers)
     assert all(a > b + 1.0 for a, b in zip(after, before)), (before, after)
@@ -184,7 +189,7 @@ def test_per_template_keys_fit_every_context_not_only_their_mean(tiny):
     cases = _cases()
     spread = {}
     for per_template in (False, True):
-        cfg = {**FAST, "layers": [2], "mom2_update_weight": 1e-6, "per_template_keys": per_template}
+        cfg = merged(FAST, {"layers": [2], "solve": {"cov_weight": 1e-6, "per_template_keys": per_template}})
         editor = get_editor("memit", cfg)
         rows = encode_rows(tiny, cases, context_templates(tiny, 2, 10))
         _, before = row_keys_and_outputs(tiny, rows, [], 2)
@@ -203,9 +208,10 @@ def test_per_template_keys_fit_every_context_not_only_their_mean(tiny):
 
 def test_unknown_prompt_variant_is_named_when_configured():
     with pytest.raises(ValueError, match="unknown prompt variants \\['reversed'\\].*subject_first"):
-        get_editor("memit", {**FAST, "prompt_variants": ["reversed"]})
-    # a comma list from the command line (`--set prompt_variants=subject_first,chat`)
-    assert get_editor("memit", {**FAST, "prompt_variants": "subject_first,chat"}).config.prompt_variants == (
+        get_editor("memit", merged(FAST, {"targets": {"prompt_variants": ["reversed"]}}))
+    # a comma list from the command line (`--set targets.prompt_variants=subject_first,chat`)
+    variants = merged(FAST, {"targets": {"prompt_variants": "subject_first,chat"}})
+    assert get_editor("memit", variants).config.targets.prompt_variants == (
         "subject_first", "chat")
 
 
@@ -232,3 +238,66 @@ def test_remembers_its_facts_and_keeps_a_revisited_subjects_earlier_ones(tiny):
     assert "kept_facts" not in r2.info
     without.rollback(tiny, r2)
     without.rollback(tiny, r1)
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_a_per_call_config_edits_as_an_editor_built_with_it_and_leaves_the_editor_s_own(tiny, method):
+    """`edit(lm, cases, config=cfg.stronger())` (the regression gate's retry) gives the delta
+    a fresh editor with the stronger config gives, bit for bit, and `editor.config` stays."""
+    settings = merged(FAST, {"update_gate": {"quantile": None}})
+    editor = get_editor(method, settings)
+    own = copy.deepcopy(editor.config)
+    stronger = editor.config.stronger()
+    assert stronger.targets.steps == 2 * own.targets.steps and stronger.targets.clamp_norm_factor == 1.5 * own.targets.clamp_norm_factor
+    original = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    result = editor.edit(tiny, _cases(), config=stronger)
+    assert editor.config == own and result.delta.meta["config"] == stronger.to_dict()
+    editor.rollback(tiny, result)
+    assert all(torch.equal(original[k], v) for k, v in tiny.model.state_dict().items())
+    fresh = get_editor(method, stronger).edit(tiny, _cases())
+    assert sorted(result.delta.tensors) == sorted(fresh.delta.tensors)
+    assert all(torch.equal(result.delta.tensors[k], fresh.delta.tensors[k]) for k in fresh.delta.tensors)
+    # settings that serve every batch follow the editor's own config
+    with pytest.raises(ValueError, match="update_gate"):
+        editor.edit(tiny, _cases(), config=get_editor(method, merged(settings, {"update_gate": {"quantile": 0.9}})).config)
+    with pytest.raises(TypeError, match="config must be"):
+        editor.edit(tiny, _cases(), config=get_editor("ft").config)
+
+
+def test_settings_are_grouped_and_round_trip_nested():
+    cfg = get_editor("memit", merged(FAST, {"update_gate": {"quantile": 0.99, "per_batch": True},
+                                            "scope": {"threshold": 0.6}})).config
+    d = cfg.to_dict()
+    assert d["targets"]["steps"] == 4 and d["update_gate"] == {**d["update_gate"], "quantile": 0.99, "per_batch": True}
+    assert d["scope"]["threshold"] == 0.6 and d["solve"]["keystats_samples"] == 600 and "v_steps" not in d
+    assert MemitConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    # a group given in part keeps the method's own defaults for the rest (AlphaEdit's re-defaults)
+    alpha = get_editor("alphaedit", {"targets": {"steps": 4}}).config
+    assert (alpha.targets.steps, alpha.targets.kl_factor, alpha.targets.prompt_variants) == (4, 0.5, ("chat",))
+    with pytest.raises(ValueError, match=r"unknown settings \['targets.stepz'\]"):
+        get_editor("memit", {"targets": {"stepz": 4}})
+    with pytest.raises(ValueError, match="update_gate.quantile must be between 0 and 1"):
+        get_editor("memit", {"update_gate": {"quantile": 1.5}})
+
+
+def test_flat_configs_stored_before_the_grouping_still_load():
+    """Ledgers and editor states written before the grouping store flat dicts; each old name
+    maps to one new name, and a retired toggle is accepted only with the value kept."""
+    old = {"method": "memit", "layers": [1, 2], "v_steps": 50, "v_lr": 0.5, "update_gate": 0.999,
+           "update_gate_per_batch": True, "edit_scope": 0.6, "scope_context": None, "scope_check": False,
+           "mom2_update_weight": 1500.0, "keystats_samples": 600, "prompt_variants": ["chat"],
+           "share_subject_delta": True, "keep_facts_per_subject": 8, "device": "cpu"}
+    cfg = MemitConfig.from_dict(old)
+    assert (cfg.targets.steps, cfg.update_gate.quantile, cfg.update_gate.per_batch, cfg.scope.threshold) == (50, 0.999, True, 0.6)
+    assert (cfg.solve.cov_weight, cfg.solve.keystats_samples, cfg.targets.prompt_variants) == (1500.0, 600, ("chat",))
+    with pytest.raises(ValueError, match="share_subject_delta is retired.*only true is kept, got false"):
+        MemitConfig.from_dict({**old, "share_subject_delta": False})
+    with pytest.raises(ValueError, match="keep_facts_per_subject is retired"):
+        MemitConfig.from_dict({**old, "keep_facts_per_subject": 2})
+    # AlphaEdit never read MEMIT's covariance weight; its own was cov_weight
+    alpha_old = {"method": "alphaedit", "mom2_update_weight": 1500.0, "cov_weight": 0.0, "nullspace_threshold": 0.02,
+                 "nullspace_relative": True, "preserve_weight": 10.0, "l2": 10.0, "update_gate": 0.999}
+    alpha = get_editor("alphaedit", alpha_old).config
+    assert alpha == get_editor("alphaedit").config
+    with pytest.raises(ValueError, match="nullspace_relative is retired"):
+        get_editor("alphaedit", {**alpha_old, "nullspace_relative": False})

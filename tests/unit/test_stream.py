@@ -7,7 +7,7 @@ from kedit_core.editors import get_editor
 from kedit_core.stream import run_stream
 from kedit_core.types import EditCase, Probe
 
-FAST = {"layers": [1, 2], "keystats_samples": 400, "v_steps": 2, "bf16": False, "n_context_templates": 1}
+FAST = {"layers": [1, 2], "solve": {"keystats_samples": 400}, "targets": {"steps": 2, "bf16": False, "n_context_templates": 1}}
 
 
 def _case(i: int, subject: str, target: str) -> EditCase:

@@ -8,13 +8,15 @@ import json
 import pytest
 import torch
 
+from kedit_core.editor_settings import merged
 from kedit_core.editors import get_editor
 from kedit_core.anatomy import edit_site
 from kedit_core.editors.update_gate import installed_update_gate
 from kedit_core.types import EditCase
 from tests.conftest import sharpen, subject_final_cases
 
-FAST = {"layers": [1, 2], "keystats_samples": 600, "v_steps": 4, "bf16": False, "update_gate_positions": 400}
+FAST = {"layers": [1, 2], "solve": {"keystats_samples": 600}, "targets": {"steps": 4, "bf16": False},
+        "update_gate": {"positions": 400}}
 TEXT = "The river bends past the old mill, where the miller's daughter sells bread on market days."
 
 
@@ -53,7 +55,7 @@ def _layer_outputs(lm, layers: list[int], text: str) -> dict[int, tuple[torch.Te
 
 
 def test_gated_layer_outputs_base_where_small_and_edited_where_large(tiny):
-    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9})
+    ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9}}))
     ed.edit(tiny, _cases())
     gate = installed_update_gate(tiny)
     assert gate is not None and gate.layers == [1, 2]
@@ -80,13 +82,13 @@ def test_a_gated_edit_raises_its_answer_as_the_plain_edit_does(tiny):
     cases = subject_final_cases()
     prompts, answers = [c.prompt for c in cases], [c.target_new for c in cases]
     before = answer_logprob(tiny, prompts, answers)
-    cfg = {**FAST, "v_steps": 25, "v_lr": 0.05, "weight_decay": 0.0, "kl_factor": 0.0, "clamp_norm_factor": 20.0,
-           "mom2_update_weight": 1.0}
+    cfg = merged(FAST, {"targets": {"steps": 25, "lr": 0.05, "weight_decay": 0.0, "kl_factor": 0.0, "clamp_norm_factor": 20.0},
+                        "solve": {"cov_weight": 1.0}})
     plain = get_editor("memit", cfg)
     result = plain.edit(tiny, cases)
     after_plain = answer_logprob(tiny, prompts, answers)
     plain.rollback(tiny, result)
-    get_editor("memit", {**cfg, "update_gate": 0.99}).edit(tiny, cases)
+    get_editor("memit", merged(cfg, {"update_gate": {"quantile": 0.99}})).edit(tiny, cases)
     after_gated = answer_logprob(tiny, prompts, answers)
     for b, p, g in zip(before, after_plain, after_gated):
         assert p > b + 1.0 and g > b + 0.5 * (p - b), (before, after_plain, after_gated)
@@ -94,13 +96,13 @@ def test_a_gated_edit_raises_its_answer_as_the_plain_edit_does(tiny):
 
 def test_rollback_and_removal_give_the_plain_model_back(tiny):
     before = _logits(tiny, TEXT)
-    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9})
+    ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9}}))
     result = ed.edit(tiny, _cases())
     ed.rollback(tiny, result)
     assert torch.equal(_logits(tiny, TEXT), before)  # the weights are back, the gate has nothing to pass
     result = ed.edit(tiny, _cases())
     gated = _logits(tiny, TEXT)
-    plain = get_editor("alphaedit", {**FAST, "update_gate": None})  # no gate configured: attach removes it
+    plain = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": None}}))  # no gate configured: attach removes it
     plain.attach(tiny)
     assert installed_update_gate(tiny) is None
     assert not torch.equal(_logits(tiny, TEXT), gated)  # the ungated update leaks into this text
@@ -109,15 +111,15 @@ def test_rollback_and_removal_give_the_plain_model_back(tiny):
 
 
 def test_bad_quantile_is_refused():
-    with pytest.raises(ValueError, match="update_gate"):
-        get_editor("alphaedit", {"update_gate": 1.5})
+    with pytest.raises(ValueError, match="update_gate.quantile"):
+        get_editor("alphaedit", {"update_gate": {"quantile": 1.5}})
 
 
 def test_a_served_version_gets_the_gate_of_its_weight_editor(tiny):
     """Serving and the pipeline rebuild the gate from the config in the version's note."""
     from flows.services.runtime import weight_editor_attach
 
-    note = json.dumps({"config": get_editor("alphaedit", {**FAST, "update_gate": 0.9}).config.to_dict()}, default=str)
+    note = json.dumps({"config": get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9}})).config.to_dict()}, default=str)
     chain = [
         {"version_id": 1, "method": None, "delta_path": None, "note": None},
         {"version_id": 2, "method": "alphaedit", "delta_path": "v2.safetensors", "note": note},
@@ -133,7 +135,7 @@ def test_a_served_version_gets_the_gate_of_its_weight_editor(tiny):
 def test_the_server_installs_a_versions_gate_and_removes_it_for_an_ungated_one(tiny):
     from kedit_core.serving import ServingState, VersionPlan
 
-    editor = get_editor("alphaedit", {**FAST, "update_gate": 0.9})
+    editor = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9}}))
     plans = {
         0: VersionPlan(version_id=0),
         1: VersionPlan(version_id=1, attach=editor.attach),
@@ -162,7 +164,7 @@ def test_per_batch_gate_gates_each_batch_on_its_own_and_forgets_a_rolled_back_on
     """Per-batch mode: each batch's update keeps its own tau; where every change passes the
     layer gives the edited output, where none does the base output; a rollback of the last
     batch removes exactly its change."""
-    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
+    ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9, "per_batch": True}}))
     ed.edit(tiny, _cases())
     gate = installed_update_gate(tiny)
     gate.refresh()
@@ -192,7 +194,7 @@ def test_per_batch_gate_gates_each_batch_on_its_own_and_forgets_a_rolled_back_on
 
 
 def test_per_batch_gate_state_restores_over_the_same_weights(tiny):
-    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
+    ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9, "per_batch": True}}))
     ed.edit(tiny, _cases())
     ed.edit(tiny, _more_cases())
     gate = installed_update_gate(tiny)
@@ -208,7 +210,7 @@ def test_per_batch_gate_state_restores_over_the_same_weights(tiny):
 def test_per_batch_gate_rebuilt_from_the_chains_deltas_serves_as_the_live_one(tiny):
     """A server or a new night rebuilds a version from the ledger's deltas: the per-batch
     gate takes its changes from those links and answers as the process that applied them."""
-    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
+    ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9, "per_batch": True}}))
     links = [ed.edit(tiny, _cases()).delta.tensors, ed.edit(tiny, _more_cases()).delta.tensors]
     gate = installed_update_gate(tiny)
     text = TEXT + " The capital of Tessaly is"
@@ -234,7 +236,7 @@ def test_a_version_rebuilt_from_the_ledger_gates_each_of_its_batches_on_its_own(
     from flows.services import runtime
     from kedit_core.editors.update_gate import remove_update_gate
 
-    ed = get_editor("alphaedit", {**FAST, "update_gate": 0.9, "update_gate_per_batch": True})
+    ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9, "per_batch": True}}))
     note = json.dumps({"config": ed.config.to_dict()}, default=str)
     chain = [{"version_id": 1, "method": None, "delta_path": None, "delta_sha256": None, "note": None}]
     for version, cases in ((2, _cases()), (3, _more_cases())):
