@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.stream_args import ZSRE  # noqa: E402
-from kedit_core.routing import installed_gate  # noqa: E402
+from kedit_core.routing import installed_update_gate  # noqa: E402
 
 log = logging.getLogger("long_stream")
 
@@ -123,7 +123,7 @@ def save_state(folder: Path, lm: Any, editor: Any, touched: set[str], progress: 
     with atomic_target(folder / f"weights-{tag}.safetensors") as tmp:
         save_file({n: params[n].detach().cpu().contiguous() for n in sorted(touched)}, str(tmp))
     save_editor_state(editor.state_dict(), folder / f"editor-{tag}.safetensors", editor.name)
-    gate = installed_gate(lm)
+    gate = installed_update_gate(lm)
     if gate is not None and any(g.per_batch for g in gate.gates):  # per-batch changes: not in the weights
         with atomic_target(folder / f"gate-{tag}.pt") as tmp:
             torch.save(gate.segments_state(), tmp)
@@ -243,8 +243,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         touched = restore_state(folder, lm, editor, progress) if progress.get("saved") else set()
     editor.attach(lm)  # the update gate as it now stands, as the server would serve it
     gate_file = folder / f"gate-{progress.get('saved')}.pt"
-    if progress.get("saved") and gate_file.exists() and installed_gate(lm) is not None:
-        installed_gate(lm).load_segments_state(torch.load(gate_file))
+    if progress.get("saved") and gate_file.exists() and installed_update_gate(lm) is not None:
+        installed_update_gate(lm).load_segments_state(torch.load(gate_file))
     progress["chunks"] += 1
 
     n_done, started = progress["n_done"], time.perf_counter()
