@@ -11,7 +11,8 @@ the same loop. For each batch of pending cases:
    sequential state beside it, a new live model version is recorded, cases are 'applied';
    rejected: the edit is rolled back exactly, the editor's state restored, cases are
    'rejected' with the reason; a batch whose own cases did not take is retried once with
-   `editor.config.stronger()` (a new batch row, attempt 2) before it is rejected;
+   `editor.config.stronger()` (a new batch row, attempt 2; the stronger config is passed
+   to that edit call, the editor's own config never changes) before it is rejected;
 4. every metric goes to DuckDB with run, method, step, version, batch and fingerprint.
 
 Crash safety: a process killed mid-batch leaves the batch 'applying'. The next run looks
@@ -40,7 +41,7 @@ from typing import Any, Sequence
 from flows.services.runtime import LiveModel, ledger_link, load_version_state
 from kedit_core.artifacts import delta_path, save_editor_state, state_path, suite_path
 from kedit_core.atomic import atomic_write_text, clean_kedit_home
-from kedit_core.editors.base import Editor, EditResult
+from kedit_core.editors.base import Editor, EditorConfig, EditResult
 from kedit_core.errors import KeditError
 from kedit_core.evaluate import reference_predictions
 from kedit_core.regression_gate import RegressionGateConfig, RegressionDecision, decide, is_full_check
@@ -296,6 +297,27 @@ def _batch_until_committed(
     )
 
 
+@dataclass
+class _Claimed:
+    """A batch whose cases this run claimed, and what every attempt at it shares."""
+
+    live: LiveModel
+    editor: Editor
+    db: Database
+    cfg: RegressionGateConfig
+    run_id: str | None
+    suite: RegressionSuite
+    report: PipelineReport
+    claimable: tuple[str, ...]
+    owner: dict[str, Any]
+    base_id: str
+    ids: list[str]
+    cases: list[EditCase]
+    full: bool  # the full regression check is due on this batch
+    rewriter: Any  # how questions are asked of the model (the memory editor, or the live model's)
+    before: Any  # the model's predictions on the batch's locality probes before the edit
+
+
 def _gated_batch(
     live: LiveModel,
     editor: Editor,
@@ -308,103 +330,132 @@ def _gated_batch(
     report: PipelineReport,
     claimable: tuple[str, ...] = ("pending",),
 ) -> tuple[BatchOutcome | None, int]:
-    lm, method = live.lm, editor.name
+    """Claim the batch's cases, then attempt it: attempt 2 (when the regression gate asks for
+    a retry) edits with `editor.config.stronger()`, passed to that one edit call only."""
+    claimed = _claim(live, editor, batch, db, cfg, run_id, suite, report, claimable)
+    if claimed is None:
+        return None, step
+    config = None  # attempt 1: the editor's own settings
+    for attempt in range(1, cfg.max_attempts + 1):
+        batch_id = claimed.base_id if attempt == 1 else f"{claimed.base_id}-a{attempt}"
+        if attempt > 1 and ledger.create_batch(db, batch_id, run_id, editor.name, claimed.ids, attempt,
+                                               claimed.owner, claimable) != claimed.ids:
+            ledger.release_batch(db, batch_id, "cases taken by another run between attempts")
+            return BatchOutcome(batch_id, "conflict", len(claimed.cases), attempt, None, ["cases taken"]), step
+        step += 1
+        outcome, retry_with = _attempt(claimed, batch_id, attempt, config, step)
+        if outcome is not None:
+            return outcome, step
+        config = retry_with
+    raise AssertionError("unreachable: the last attempt never retries")
+
+
+def _claim(live: LiveModel, editor: Editor, batch: list[EditCase], db: Database, cfg: RegressionGateConfig,
+           run_id: str | None, suite: RegressionSuite, report: PipelineReport,
+           claimable: tuple[str, ...]) -> _Claimed | None:
     batch_no = pipeline_store.count_batches(db, run_id) + 1
     base_id = f"{run_id or 'run'}-b{batch_no:05d}"
     owner = _owner()
     # Claim first: cases another run is applying, or applied since we read them, are not ours.
-    ids = ledger.create_batch(db, base_id, run_id, method, [c.case_id for c in batch], 1, owner, claimable)
+    ids = ledger.create_batch(db, base_id, run_id, editor.name, [c.case_id for c in batch], 1, owner, claimable)
     if not ids:
         log.warning("batch %s: all %d cases were taken by another run; skipped", base_id, len(batch))
-        return None, step
-    batch = [c for c in batch if c.case_id in set(ids)]
-    full = is_full_check(batch_no, cfg)  # the run's batch count, so the schedule survives restarts
+        return None
+    cases = [c for c in batch if c.case_id in set(ids)]
     rewriter = editor if editor.is_memory_editor else live.rewriter
-    # What the model says on the batch's locality probes before the edit (locality reference).
-    before = reference_predictions(lm, batch, rewriter=rewriter)
-    original_config = editor.config
-    reasons: list[str] = []
-    try:
-        for attempt in range(1, cfg.max_attempts + 1):
-            batch_id = base_id if attempt == 1 else f"{base_id}-a{attempt}"
-            if attempt > 1 and ledger.create_batch(db, batch_id, run_id, method, ids, attempt, owner,
-                                                   claimable) != ids:
-                ledger.release_batch(db, batch_id, "cases taken by another run between attempts")
-                return BatchOutcome(batch_id, "conflict", len(batch), attempt, None, ["cases taken"]), step
-            step += 1
-            state_before = copy.deepcopy(editor.state_dict())
-            t_edit = time.perf_counter()
-            try:
-                result = editor.edit(lm, batch)
-            except Exception as exc:  # an editor bug or bad case must not stop the stream
-                log.exception("editor %s failed on batch %s", method, batch_id)
-                why = f"editor failed: {type(exc).__name__}: {exc}"
-                editor.load_state_dict(state_before)
-                ledger.finish_batch(db, batch_id, "failed", why)
-                ledger.set_case_status(db, ids, "rejected", why, batch_id)
-                return BatchOutcome(batch_id, "failed", len(batch), attempt, None, [why]), step
-            if not result.applied and not result.delta.is_empty:
-                result.delta.apply(lm.model)
-                result.applied = True
-            edit_s = time.perf_counter() - t_edit
+    return _Claimed(live, editor, db, cfg, run_id, suite, report, claimable, owner, base_id, ids, cases,
+                    full=is_full_check(batch_no, cfg),  # the run's batch count, so the schedule survives restarts
+                    rewriter=rewriter,
+                    # what the model says on the batch's locality probes before the edit (locality reference)
+                    before=reference_predictions(live.lm, cases, rewriter=rewriter))
 
-            t_check = time.perf_counter()
-            details: dict[str, list[dict[str, Any]]] = {}
-            check = full_check if full else fast_check
-            metrics = check(lm, suite, batch, before, rewriter=rewriter, details=details)
-            check_s = time.perf_counter() - t_check
-            decision: RegressionDecision = decide(metrics, suite.base_metrics, cfg, attempt)
-            timing = {"edit_seconds": edit_s, "check_seconds": check_s, "delta_norm": result.delta.norm(),
-                      "full_check": float(full), "accepted": float(decision.accept)}
 
-            if decision.accept:
-                try:
-                    vid = _commit(live, editor, result, batch, batch_id, db, metrics)
-                except ledger.VersionConflict as exc:
-                    # Another writer moved the live version: this edit sits on a stale parent.
-                    editor.rollback(lm, result)
-                    editor.load_state_dict(state_before)
-                    _forget_files(lm.fingerprint, batch_id)
-                    why = f"not committed: {exc}; made again on top of version {exc.live_id}"
-                    ledger.release_batch(db, batch_id, why)
-                    log.warning("batch %s: %s", batch_id, why)
-                    return BatchOutcome(batch_id, "conflict", len(batch), attempt, None, [why]), step
-                _record(db, metrics | timing, details, run_id, method, step, vid, batch_id, lm.fingerprint)
-                suite.add_applied(batch, seen_before=report.n_applied)
-                return BatchOutcome(batch_id, "applied", len(batch), attempt, vid, [], metrics), step
+def _attempt(c: _Claimed, batch_id: str, attempt: int, config: EditorConfig | None,
+             step: int) -> tuple[BatchOutcome | None, EditorConfig | None]:
+    """Edit, check, decide. Returns the batch's outcome, or (None, the config to retry with)."""
+    lm, editor, method, n = c.live.lm, c.editor, c.editor.name, len(c.cases)
+    state_before = copy.deepcopy(editor.state_dict())
+    t_edit = time.perf_counter()
+    result = _edit(c, batch_id, attempt, config, state_before)
+    if isinstance(result, BatchOutcome):
+        return result, None
+    edit_s = time.perf_counter() - t_edit
 
-            # Rejected: exact restore of weights and editor state, then maybe retry.
+    t_check = time.perf_counter()
+    details: dict[str, list[dict[str, Any]]] = {}
+    check = full_check if c.full else fast_check
+    metrics = check(lm, c.suite, c.cases, c.before, rewriter=c.rewriter, details=details)
+    check_s = time.perf_counter() - t_check
+    decision: RegressionDecision = decide(metrics, c.suite.base_metrics, c.cfg, attempt)
+    timing = {"edit_seconds": edit_s, "check_seconds": check_s, "delta_norm": result.delta.norm(),
+              "full_check": float(c.full), "accepted": float(decision.accept)}
+
+    if decision.accept:
+        try:
+            vid = _commit(c.live, editor, config or editor.config, result, c.cases, batch_id, c.db, metrics)
+        except ledger.VersionConflict as exc:
+            # Another writer moved the live version: this edit sits on a stale parent.
             editor.rollback(lm, result)
             editor.load_state_dict(state_before)
-            _record(db, metrics | timing, details, run_id, method, step, live.version_id, batch_id, lm.fingerprint)
-            reasons = list(decision.reasons)
-            if decision.retry:
-                stronger = editor.config.stronger()
-                if stronger is editor.config or stronger == editor.config:
-                    reasons.append(f"{method} has no stronger settings to retry with")
-                else:
-                    ledger.finish_batch(db, batch_id, "rolled_back", "; ".join(reasons))
-                    editor.config = stronger
-                    continue
-            why = "; ".join(reasons)
-            ledger.finish_batch(db, batch_id, "rolled_back", why)
-            ledger.set_case_status(db, ids, "rejected", why, batch_id)
-            return BatchOutcome(batch_id, "rejected", len(batch), attempt, None, reasons, metrics), step
-    finally:
-        editor.config = original_config
-    raise AssertionError("unreachable: the last attempt never retries")
+            _forget_files(lm.fingerprint, batch_id)
+            why = f"not committed: {exc}; made again on top of version {exc.live_id}"
+            ledger.release_batch(c.db, batch_id, why)
+            log.warning("batch %s: %s", batch_id, why)
+            return BatchOutcome(batch_id, "conflict", n, attempt, None, [why]), None
+        _record(c.db, metrics | timing, details, c.run_id, method, step, vid, batch_id, lm.fingerprint)
+        c.suite.add_applied(c.cases, seen_before=c.report.n_applied)
+        return BatchOutcome(batch_id, "applied", n, attempt, vid, [], metrics), None
+
+    # Rejected: exact restore of weights and editor state, then maybe retry.
+    editor.rollback(lm, result)
+    editor.load_state_dict(state_before)
+    _record(c.db, metrics | timing, details, c.run_id, method, step, c.live.version_id, batch_id, lm.fingerprint)
+    reasons = list(decision.reasons)
+    if decision.retry:
+        current = config or editor.config
+        stronger = current.stronger()
+        if stronger is current or stronger == current:
+            reasons.append(f"{method} has no stronger settings to retry with")
+        else:
+            ledger.finish_batch(c.db, batch_id, "rolled_back", "; ".join(reasons))
+            return None, stronger
+    why = "; ".join(reasons)
+    ledger.finish_batch(c.db, batch_id, "rolled_back", why)
+    ledger.set_case_status(c.db, c.ids, "rejected", why, batch_id)
+    return BatchOutcome(batch_id, "rejected", n, attempt, None, reasons, metrics), None
+
+
+def _edit(c: _Claimed, batch_id: str, attempt: int, config: EditorConfig | None,
+          state_before: dict[str, Any]) -> EditResult | BatchOutcome:
+    """The edit, applied to the model; a failing editor is recorded and ends the batch."""
+    editor, lm = c.editor, c.live.lm
+    try:
+        result = editor.edit(lm, c.cases, config=config)
+    except Exception as exc:  # an editor bug or bad case must not stop the stream
+        log.exception("editor %s failed on batch %s", editor.name, batch_id)
+        why = f"editor failed: {type(exc).__name__}: {exc}"
+        editor.load_state_dict(state_before)
+        ledger.finish_batch(c.db, batch_id, "failed", why)
+        ledger.set_case_status(c.db, c.ids, "rejected", why, batch_id)
+        return BatchOutcome(batch_id, "failed", len(c.cases), attempt, None, [why])
+    if not result.applied and not result.delta.is_empty:
+        result.delta.apply(lm.model)
+        result.applied = True
+    return result
 
 
 def _commit(
     live: LiveModel,
     editor: Editor,
+    config: EditorConfig,
     result: EditResult,
     batch: list[EditCase],
     batch_id: str,
     db: Database,
     metrics: dict[str, float],
 ) -> int:
-    """Persist an accepted batch: delta file, editor state, version row, case and batch status.
+    """Persist an accepted batch: delta file, editor state, version row (with the `config` the
+    batch was edited with), case and batch status.
 
     Order matters for crash recovery: files first, then one transaction (the commit point:
     version row, cases and batch 'applied', only if the version we built on is still live;
@@ -420,7 +471,7 @@ def _commit(
     state = editor.state_dict()
     state_sha = save_editor_state(state, state_path(fp, batch_id), editor.name) if state else None
     note = json.dumps({"n_cases": len(batch), "efficacy_acc": metrics.get("efficacy_acc"),
-                       "config": editor.config.to_dict(), "state_sha256": state_sha}, default=str)
+                       "config": config.to_dict(), "state_sha256": state_sha}, default=str)
     # The commit point, one transaction, compare-and-set on the live version we built on.
     vid = ledger.commit_batch(
         db, batch_id, live.version_id, fp, lm.spec, editor.name, [c.case_id for c in batch], delta_file, sha,

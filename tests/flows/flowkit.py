@@ -39,11 +39,12 @@ class NudgeConfig(EditorConfig):
 class NudgeEditor(Editor):
     config_class = NudgeConfig
 
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+    def edit(self, lm: LoadedModel, cases: list[EditCase], config=None) -> EditResult:
+        cfg = config or self.config  # a retry passes its stronger settings for this call only
         name = _mlp_out(lm)
         param = dict(lm.model.named_parameters())[name]
         g = torch.Generator().manual_seed(sum(len(c.case_id) for c in cases))
-        delta = WeightDelta({name: torch.randn(param.shape, generator=g) * self.config.scale})
+        delta = WeightDelta({name: torch.randn(param.shape, generator=g) * cfg.scale})
         pause = os.environ.get("KEDIT_TEST_PAUSE_FILE")
         if pause and not Path(pause).exists():
             Path(pause).write_text(str(os.getpid()))
@@ -67,10 +68,11 @@ class HarmfulConfig(EditorConfig):
 class HarmfulEditor(Editor):
     config_class = HarmfulConfig
 
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+    def edit(self, lm: LoadedModel, cases: list[EditCase], config=None) -> EditResult:
+        cfg = config or self.config  # a retry passes its stronger settings for this call only
         g = torch.Generator().manual_seed(0)
         tensors = {
-            n: torch.randn(p.shape, generator=g) * self.config.scale
+            n: torch.randn(p.shape, generator=g) * cfg.scale
             for n, p in lm.model.named_parameters()
             if n.endswith(("mlp.down_proj.weight", "mlp.c_proj.weight"))
         }

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 class CovarianceFreeBlowUp(Editor):
     """W += u v^T with a large norm in layers 3-7's down projections."""
 
-    def edit(self, lm, cases):
+    def edit(self, lm, cases, config=None):
         g = torch.Generator().manual_seed(0)
         params = dict(lm.model.named_parameters())
         tensors = {}

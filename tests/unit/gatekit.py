@@ -153,15 +153,16 @@ class NudgeEditor(Editor):
         self.keys = torch.zeros((0, 4))  # sequential state, like AlphaEdit's accumulated keys
         self.calls = 0
 
-    def edit(self, lm: LoadedModel, cases: list[EditCase]) -> EditResult:
+    def edit(self, lm: LoadedModel, cases: list[EditCase], config=None) -> EditResult:
+        cfg = config or self.config  # a retry passes its stronger settings for this call only
         self.calls += 1
-        g = torch.Generator().manual_seed(self.config.seed + 1000 * len(self.keys) + len(cases))
+        g = torch.Generator().manual_seed(cfg.seed + 1000 * len(self.keys) + len(cases))
         names = [n for n, p in lm.model.named_parameters() if "mlp" in n and p.dim() == 2]
-        if not self.config.all_layers:
+        if not cfg.all_layers:
             names = names[:1]
         params = dict(lm.model.named_parameters())
         delta = WeightDelta(
-            {n: torch.randn(params[n].shape, generator=g) * self.config.scale for n in names},
+            {n: torch.randn(params[n].shape, generator=g) * cfg.scale for n in names},
             meta={"method": self.name},
         )
         delta.apply(lm.model)

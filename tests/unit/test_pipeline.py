@@ -92,7 +92,7 @@ def test_did_not_take_is_retried_stronger_once_then_rejected(db):
     before = _state(live.lm.model)
     editor = g.NudgeEditor()
     rep = apply_gated_batches(live, editor, g.edit_cases("x", n=2, take=False), db, CFG, 2, "run-x", suite)
-    assert editor.calls == 2 and editor.config.scale == 1e-6  # original settings back after the retry
+    assert editor.calls == 2 and editor.config.scale == 1e-6  # the retry passed its settings to edit(); the editor's own never changed
     (outcome,) = rep.batches
     assert outcome.status == "rejected" and outcome.attempts == 2
     batches = ledger.list_batches(db, run_id="run-x")
@@ -153,7 +153,7 @@ class _Interloper(g.NudgeEditor):
         super().__init__()
         self.db, self.folder, self.other_version = db, folder, None
 
-    def edit(self, lm, cases):
+    def edit(self, lm, cases, config=None):
         if self.other_version is None:
             from kedit_core.editors.base import WeightDelta
 
