@@ -98,7 +98,7 @@ class EditorConfig:
                 kept = cls.RETIRED[key]
                 if value != kept:
                     raise ValueError(f"{cls.__name__}: {key} is retired (docs/editing.md, \"Retired settings\"): "
-                                     f"only {json.dumps(kept)} is kept, got {json.dumps(value)}")
+                                     f"only {json.dumps(kept)} is kept, got {json.dumps(value, default=str)}")
                 if not legacy:
                     raise ValueError(f"{cls.__name__}: {key} is retired (docs/editing.md, \"Retired settings\"); "
                                      "drop the setting")
