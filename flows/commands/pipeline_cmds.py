@@ -10,7 +10,7 @@ import typer
 
 from flows.commands import CONFIG_OPTION, DEVICE_OPTION, DTYPE_OPTION, WAIT_HELP, with_config
 
-SET_HELP = "Editor setting KEY=VALUE (repeatable), as for `kedit evaluate`, e.g. --set v_steps=50."
+SET_HELP = "Editor setting KEY=VALUE (repeatable), as for `kedit evaluate`, e.g. --set targets.steps=50."
 
 
 def _utc(value: Optional[datetime]) -> Optional[datetime]:
