@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def state_folder(args: argparse.Namespace, method: str) -> Path:
     if args.state is not None:
         return args.state
-    from kedit_core.model import kedit_home
+    from kedit_core.home import kedit_home
 
     kind, _, path = args.data.partition(":")
     tag = "-".join([method, kind, Path(path).stem, f"n{args.limit}", f"bs{args.batch}", args.model,
@@ -115,7 +115,7 @@ def save_state(folder: Path, lm: Any, editor: Any, touched: set[str], progress: 
     then the progress file last: a crash mid-save leaves the previous consistent state."""
     from safetensors.torch import save_file
 
-    from flows.services.runtime import save_editor_state
+    from kedit_core.artifacts import save_editor_state
     from kedit_core.atomic import atomic_target, atomic_write_text
 
     params = dict(lm.model.named_parameters())
@@ -140,7 +140,7 @@ def save_state(folder: Path, lm: Any, editor: Any, touched: set[str], progress: 
 def restore_state(folder: Path, lm: Any, editor: Any, progress: dict[str, Any]) -> set[str]:
     from safetensors.torch import load_file
 
-    from flows.services.runtime import load_editor_state
+    from kedit_core.artifacts import load_editor_state
 
     tag = progress["saved"]
     weights = load_file(str(folder / f"weights-{tag}.safetensors"))

@@ -34,7 +34,7 @@ def make_two_versions(lm, db, folder: Path) -> tuple[int, int]:
     """(base version id, child version id): the child adds a small random delta to one matrix."""
     import torch
 
-    from kedit_core.editors.base import WeightDelta
+    from kedit_core.weights import WeightDelta
     from kedit_core.model import fingerprint_model
     from storage import ledger
 

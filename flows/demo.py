@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kedit_core.errors import KeditError
-from kedit_core.model import kedit_home
+from kedit_core.home import kedit_home
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDED_WEEK = REPO / "data" / "wikidata_week"

@@ -77,7 +77,7 @@ def check_target(out: Path, force: bool, db: Any) -> None:
             raise ExportError(f"{out} is not empty: name a new or empty folder, or pass --force to replace its contents")
         resolved = out.resolve()
         protected = [Path("/"), Path.home()]
-        from kedit_core.model import kedit_home
+        from kedit_core.home import kedit_home
 
         protected.append(kedit_home(create=False))
         if db is not None and getattr(db, "path", None):

@@ -27,7 +27,7 @@ import torch
 from kedit_core.atomic import atomic_folder, atomic_write_text
 from kedit_core.device import resolve as resolve_device_dtype
 from kedit_core.errors import KeditError
-from kedit_core.home import kedit_home  # noqa: F401  (importable from here, as before)
+from kedit_core.home import kedit_home
 
 log = logging.getLogger(__name__)
 

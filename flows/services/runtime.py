@@ -13,20 +13,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kedit_core.answer import PromptRewriter, answer, model_summary
-from kedit_core.artifacts import delta_dir, file_sha256, load_editor_state, save_editor_state, state_path
+from kedit_core.artifacts import file_sha256, load_editor_state, state_path
 from kedit_core.editors.base import EDITORS, available_editors, get_editor
-from kedit_core.editors.update_gate import installed_update_gate, serve_as
+from kedit_core.editors.update_gate import serve_as
+from kedit_core.routing import installed_update_gate
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, load_model
 from kedit_core.weights import ChainState, DeltaRef, UnknownParameters, WeightDelta, move_to_chain
 from storage import ledger
 from storage.db import Database, open_db
-
-# Re-exported: the pipeline, tests and benchmarks/long_stream.py find the artifact helpers here.
-__all__ = ["LiveModel", "VersionError", "check_state_sha", "checked_chain", "delta_dir", "delta_refs", "ledger_link",
-           "load_delta", "load_editor_state", "load_version_state", "open_live_model", "rebuild_version",
-           "save_editor_state", "state_path", "weight_editor_attach"]
-
 
 class VersionError(KeditError):
     """A model version cannot be loaded (unknown id, missing or tampered delta)."""

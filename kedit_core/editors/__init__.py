@@ -11,7 +11,6 @@ from kedit_core.editors.base import (  # noqa: F401
     Editor,
     EditorConfig,
     EditResult,
-    WeightDelta,
     available_editors,
     get_editor,
     register,

@@ -6,7 +6,7 @@ named parameters. Memory editors (retrieval, LTE) return an empty delta and chan
 questions are asked through `rewrite_prompt`.
 
 `WeightDelta` and how it is applied, reverted and replayed exactly live in
-`kedit_core/weights.py`; it is re-exported here because every editor returns one.
+`kedit_core/weights.py` (import it from there).
 """
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
-from kedit_core.artifacts import file_sha256
 from kedit_core.editors.update_gate import remove_update_gate
 from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
 from kedit_core.weights import WeightDelta
 
-__all__ = ["EDITORS", "CaseDiagnostics", "EditResult", "Editor", "EditorConfig", "WeightDelta", "available_editors",
-           "file_sha256", "get_editor", "register"]
+__all__ = ["EDITORS", "CaseDiagnostics", "EditResult", "Editor", "EditorConfig", "available_editors", "get_editor",
+           "register"]
 
 
 @dataclass

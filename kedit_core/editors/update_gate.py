@@ -48,13 +48,10 @@ from kedit_core.anatomy import edit_site
 from kedit_core.errors import KeditError
 from kedit_core.keystats import chat_keys, generic_keys
 from kedit_core.model import LoadedModel
-from kedit_core.routing import GATE_ATTR, ROUTE, installed_update_gate, routed
+from kedit_core.routing import GATE_ATTR, ROUTE, installed_update_gate
 
 log = logging.getLogger(__name__)
 
-# GATE_ATTR, routed, installed_update_gate: kedit_core/routing.py (imported here, so the names
-# stay importable from this module)
-__all__ = ["GATE_ATTR", "UpdateGate", "install_update_gate", "installed_update_gate", "remove_update_gate", "routed", "serve_as"]
 
 
 @dataclass

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from kedit_core.editors.base import Editor, EditorConfig, EditResult, WeightDelta, register
+from kedit_core.editors.base import Editor, EditorConfig, EditResult, register
+from kedit_core.weights import WeightDelta
 from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
 

@@ -10,7 +10,8 @@ import torch
 from storage.report_queries import collect_report
 from flows.services.gated_batches import apply_gated_batches
 from flows.services.runtime import open_live_model
-from kedit_core.editors.base import Editor, EditResult, WeightDelta
+from kedit_core.editors.base import Editor, EditResult
+from kedit_core.weights import WeightDelta
 from kedit_core.regression_gate import RegressionGateConfig
 from kedit_core.regression import FLUENCY_PROMPTS, freeze_suite, load_known_facts, load_reference_text
 from kedit_core.report import terminal_summary

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from kedit_core.answer import answer_many, chat_prompt, edit_routes, generate, served_asks
-from kedit_core.editors.update_gate import installed_update_gate, routed
+from kedit_core.routing import installed_update_gate, routed
 from kedit_core.matching import answer_forms, states_answer
 from kedit_core.serving import GenParams, encode_prompt, generate_served
 from kedit_core.editors import get_editor

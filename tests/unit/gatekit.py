@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kedit_core.editors.base import Editor, EditorConfig, EditResult, WeightDelta
+from kedit_core.editors.base import Editor, EditorConfig, EditResult
+from kedit_core.weights import WeightDelta
 from kedit_core.answer import chat_prompt
 from kedit_core.regression_gate import RegressionGateConfig
 from kedit_core.model import LoadedModel, fingerprint_model, tiny_model

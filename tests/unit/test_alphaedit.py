@@ -189,7 +189,7 @@ def test_remembers_facts_keeps_earlier_ones_of_a_revisited_subject_and_rolls_bac
     assert ed.n_edits == 5  # kept facts are not new edits
     assert ed.facts["Borvik"]["capital"][2] == "Rome" and "Pell" in ed.facts
 
-    from flows.services.runtime import load_editor_state, save_editor_state  # how the pipeline persists it
+    from kedit_core.artifacts import load_editor_state, save_editor_state  # how the pipeline persists it
 
     save_editor_state(ed.state_dict(), tmp_path / "state.safetensors", ed.name)
     fresh: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]

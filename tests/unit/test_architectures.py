@@ -17,7 +17,7 @@ from kedit_core.anatomy import AnatomyError, decoder_layers, edit_site, stop_aft
 from kedit_core.answer import answer_many
 from kedit_core.editors import get_editor
 from kedit_core.editors.memit import default_layers
-from kedit_core.editors.update_gate import installed_update_gate
+from kedit_core.routing import installed_update_gate
 from kedit_core.errors import KeditError
 from kedit_core.model import ByteTokenizer, LoadedModel, fingerprint_model
 from kedit_core.types import EditCase

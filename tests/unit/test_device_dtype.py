@@ -16,7 +16,7 @@ from kedit_core.answer import answer
 from kedit_core.device import DeviceError, autocast_bf16, check_names, resolve
 from kedit_core.editor_settings import merged
 from kedit_core.editors import get_editor
-from kedit_core.editors.update_gate import installed_update_gate
+from kedit_core.routing import installed_update_gate
 from kedit_core.model import fingerprint_cached, load_model, tiny_model
 from kedit_core.types import EditCase
 from storage import ledger

@@ -11,7 +11,7 @@ from kedit_core.answer import answer_many, edit_routes
 from kedit_core.editor_settings import merged
 from kedit_core.editors import get_editor
 from kedit_core.editors.edit_scope import EditScope
-from kedit_core.editors.update_gate import installed_update_gate, routed
+from kedit_core.routing import installed_update_gate, routed
 from kedit_core.serving import GenParams, encode_prompt, generate_text
 from kedit_core.types import EditCase
 
@@ -89,11 +89,12 @@ def test_served_replies_follow_the_route_and_a_rollback_shrinks_the_scope(tiny):
 def test_a_served_version_routes_by_the_facts_saved_with_it(tiny, tmp_path, monkeypatch):
     """Serving rebuilds the scope from the editor state saved with the version's batch."""
     from flows.services import runtime
+    from kedit_core.artifacts import save_editor_state
 
     monkeypatch.setattr(runtime, "state_path", lambda fp, batch_id: tmp_path / f"{batch_id}.state.safetensors")
     ed = get_editor("alphaedit", FAST)
     ed.edit(tiny, _cases())
-    sha = runtime.save_editor_state(ed.state_dict(), tmp_path / "b1.state.safetensors", "alphaedit")
+    sha = save_editor_state(ed.state_dict(), tmp_path / "b1.state.safetensors", "alphaedit")
     note = json.dumps({"config": ed.config.to_dict(), "state_sha256": sha}, default=str)
     chain = [{"version_id": 1, "method": None, "delta_path": None, "note": None},
              {"version_id": 2, "method": "alphaedit", "delta_path": "v2.safetensors", "note": note,

@@ -13,7 +13,8 @@ import torch
 
 import gatekit as g
 from gatekit import single_thread  # noqa: F401  (autouse fixture)
-from flows.services.runtime import delta_dir, open_live_model
+from flows.services.runtime import open_live_model
+from kedit_core.artifacts import delta_dir
 from kedit_core.editors import get_editor
 from kedit_core.errors import KeditError
 from flows.services.export import export_version

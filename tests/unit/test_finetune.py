@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kedit_core.editors import WeightDelta, get_editor
+from kedit_core.editors import get_editor
+from kedit_core.weights import WeightDelta
 from kedit_core.editors.finetune import default_layer, lora_target_regex, mlp_out_params
 from kedit_core.model import fingerprint_model, tiny_model
 from kedit_core.scoring import token_accuracy

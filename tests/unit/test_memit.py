@@ -63,7 +63,7 @@ def test_delta_names_shapes_applied_and_exact_revert(tiny):
 
 
 def test_delta_roundtrips_through_safetensors(tiny, tmp_path):
-    from kedit_core.editors.base import WeightDelta
+    from kedit_core.weights import WeightDelta
 
     result = get_editor("memit", FAST).edit(tiny, _cases()[:1])
     sha = result.delta.save(tmp_path / "d.safetensors")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kedit_core.editors.base import WeightDelta
+from kedit_core.weights import WeightDelta
 from kedit_core.model import ModelLoadError, fingerprint_model, kv_cache_kwargs, kv_cache_of, load_model, tiny_model
 
 

@@ -8,9 +8,9 @@ import torch
 import gatekit as g
 from gatekit import single_thread  # noqa: F401  (autouse fixture)
 from flows.services.gated_batches import apply_gated_batches, state_path
-from flows.services.runtime import delta_dir
+from kedit_core.artifacts import delta_dir
 from flows.services.runtime import open_live_model, rebuild_version
-from kedit_core.editors.base import file_sha256
+from kedit_core.artifacts import file_sha256
 from kedit_core.errors import KeditError
 from kedit_core.regression_gate import RegressionGateConfig
 from kedit_core.model import fingerprint_model
@@ -155,7 +155,7 @@ class _Interloper(g.NudgeEditor):
 
     def edit(self, lm, cases, config=None):
         if self.other_version is None:
-            from kedit_core.editors.base import WeightDelta
+            from kedit_core.weights import WeightDelta
 
             name = [n for n, p in lm.model.named_parameters() if "mlp" in n and p.dim() == 2][-1]
             shape = dict(lm.model.named_parameters())[name].shape

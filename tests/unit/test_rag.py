@@ -117,7 +117,7 @@ def test_rag_changes_the_answer_and_leaves_weights_untouched(tiny_llama, cases):
 
 
 def test_state_dict_carries_the_memory(cases, tmp_path):
-    from flows.services.runtime import load_editor_state, save_editor_state  # how the pipeline persists editor state
+    from kedit_core.artifacts import load_editor_state, save_editor_state  # how the pipeline persists editor state
 
     a = get_editor("rag")
     a.edit(None, cases[:3])

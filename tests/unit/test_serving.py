@@ -16,7 +16,7 @@ import torch
 from connectors.served import ServedModelClient, ServedModelError
 from flows.services.audit import audit_ledger, audit_server
 from flows.services.serving import build_serving_state
-from kedit_core.editors.base import WeightDelta
+from kedit_core.weights import WeightDelta
 from kedit_core.model import fingerprint_model
 from kedit_core.serving import BackgroundServer, ServingState, check_admin_binding, create_app, version_tag
 from storage import ledger
@@ -443,7 +443,7 @@ def test_memory_editor_version_is_restored_from_its_saved_state(tiny_llama, db, 
     from dataclasses import dataclass as dc
     from typing import ClassVar
 
-    from flows.services.runtime import save_editor_state, state_path
+    from kedit_core.artifacts import save_editor_state, state_path
     from kedit_core.editors.base import EDITORS, Editor, EditorConfig, register
 
     @dc

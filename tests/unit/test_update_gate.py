@@ -11,7 +11,7 @@ import torch
 from kedit_core.editor_settings import merged
 from kedit_core.editors import get_editor
 from kedit_core.anatomy import edit_site
-from kedit_core.editors.update_gate import installed_update_gate
+from kedit_core.routing import installed_update_gate
 from kedit_core.types import EditCase
 from tests.conftest import sharpen, subject_final_cases
 
