@@ -238,10 +238,10 @@ def apply_gated_batches(
         "pipeline %s (%s): %d cases to apply in %d batches of %d, %d skipped (already settled), live version %s",
         run_id, method, len(todo), n_batches, batch_size, report.n_skipped, live.version_id,
     )
+    run = _Run(live, editor, db, gate_config, run_id, suite, report, runnable)
     for i in range(n_batches):
         batch = todo[i * batch_size : (i + 1) * batch_size]
-        outcome, step = _batch_until_committed(live, editor, batch, db, gate_config, run_id, suite, step, report,
-                                               runnable)
+        outcome, step = _batch_until_committed(run, batch, step)
         if outcome is None:  # every case was taken by another run meanwhile
             report.n_skipped += len(batch)
             continue
@@ -271,35 +271,9 @@ class LiveVersionKeepsMoving(KeditError):
     """Batches keep losing the compare-and-set: another process writes the ledger without its lock."""
 
 
-def _batch_until_committed(
-    live: LiveModel,
-    editor: Editor,
-    batch: list[EditCase],
-    db: Database,
-    cfg: RegressionGateConfig,
-    run_id: str | None,
-    suite: RegressionSuite,
-    step: int,
-    report: PipelineReport,
-    claimable: tuple[str, ...],
-) -> tuple[BatchOutcome | None, int]:
-    """One batch through the gate; made again on top of the new live version each time
-    another writer moved it (compare-and-set lost)."""
-    for _ in range(MAX_CONFLICTS + 1):
-        outcome, step = _gated_batch(live, editor, batch, db, cfg, run_id, suite, step, report, claimable)
-        if outcome is None or outcome.status != "conflict":
-            return outcome, step
-        report.conflicts.append(outcome.batch_id)
-        resync_after_conflict(live, editor, db)
-    raise LiveVersionKeepsMoving(
-        f"the live version moved under {MAX_CONFLICTS + 1} batches in a row ({', '.join(report.conflicts[-3:])}): "
-        "another process is writing the ledger without holding its lock"
-    )
-
-
 @dataclass
-class _Claimed:
-    """A batch whose cases this run claimed, and what every attempt at it shares."""
+class _Run:
+    """What every batch of one `apply_gated_batches` call shares."""
 
     live: LiveModel
     editor: Editor
@@ -308,7 +282,29 @@ class _Claimed:
     run_id: str | None
     suite: RegressionSuite
     report: PipelineReport
-    claimable: tuple[str, ...]
+    claimable: tuple[str, ...]  # case statuses this run may claim
+
+
+def _batch_until_committed(run: _Run, batch: list[EditCase], step: int) -> tuple[BatchOutcome | None, int]:
+    """One batch through the gate; made again on top of the new live version each time
+    another writer moved it (compare-and-set lost)."""
+    for _ in range(MAX_CONFLICTS + 1):
+        outcome, step = _gated_batch(run, batch, step)
+        if outcome is None or outcome.status != "conflict":
+            return outcome, step
+        run.report.conflicts.append(outcome.batch_id)
+        resync_after_conflict(run.live, run.editor, run.db)
+    raise LiveVersionKeepsMoving(
+        f"the live version moved under {MAX_CONFLICTS + 1} batches in a row ({', '.join(run.report.conflicts[-3:])}): "
+        "another process is writing the ledger without holding its lock"
+    )
+
+
+@dataclass
+class _Claimed:
+    """A batch whose cases this run claimed, and what every attempt at it shares."""
+
+    run: _Run
     owner: dict[str, Any]
     base_id: str
     ids: list[str]
@@ -318,29 +314,18 @@ class _Claimed:
     before: Any  # the model's predictions on the batch's locality probes before the edit
 
 
-def _gated_batch(
-    live: LiveModel,
-    editor: Editor,
-    batch: list[EditCase],
-    db: Database,
-    cfg: RegressionGateConfig,
-    run_id: str | None,
-    suite: RegressionSuite,
-    step: int,
-    report: PipelineReport,
-    claimable: tuple[str, ...] = ("pending",),
-) -> tuple[BatchOutcome | None, int]:
+def _gated_batch(run: _Run, batch: list[EditCase], step: int) -> tuple[BatchOutcome | None, int]:
     """Claim the batch's cases, then attempt it: attempt 2 (when the regression gate asks for
     a retry) edits with `editor.config.stronger()`, passed to that one edit call only."""
-    claimed = _claim(live, editor, batch, db, cfg, run_id, suite, report, claimable)
+    claimed = _claim(run, batch)
     if claimed is None:
         return None, step
     config = None  # attempt 1: the editor's own settings
-    for attempt in range(1, cfg.max_attempts + 1):
+    for attempt in range(1, run.cfg.max_attempts + 1):
         batch_id = claimed.base_id if attempt == 1 else f"{claimed.base_id}-a{attempt}"
-        if attempt > 1 and ledger.create_batch(db, batch_id, run_id, editor.name, claimed.ids, attempt,
-                                               claimed.owner, claimable) != claimed.ids:
-            ledger.release_batch(db, batch_id, "cases taken by another run between attempts")
+        if attempt > 1 and ledger.create_batch(run.db, batch_id, run.run_id, run.editor.name, claimed.ids, attempt,
+                                               claimed.owner, run.claimable) != claimed.ids:
+            ledger.release_batch(run.db, batch_id, "cases taken by another run between attempts")
             return BatchOutcome(batch_id, "conflict", len(claimed.cases), attempt, None, ["cases taken"]), step
         step += 1
         outcome, retry_with = _attempt(claimed, batch_id, attempt, config, step)
@@ -350,30 +335,31 @@ def _gated_batch(
     raise AssertionError("unreachable: the last attempt never retries")
 
 
-def _claim(live: LiveModel, editor: Editor, batch: list[EditCase], db: Database, cfg: RegressionGateConfig,
-           run_id: str | None, suite: RegressionSuite, report: PipelineReport,
-           claimable: tuple[str, ...]) -> _Claimed | None:
-    batch_no = pipeline_store.count_batches(db, run_id) + 1
-    base_id = f"{run_id or 'run'}-b{batch_no:05d}"
+def _claim(run: _Run, batch: list[EditCase]) -> _Claimed | None:
+    db, editor = run.db, run.editor
+    batch_no = pipeline_store.count_batches(db, run.run_id) + 1
+    base_id = f"{run.run_id or 'run'}-b{batch_no:05d}"
     owner = _owner()
     # Claim first: cases another run is applying, or applied since we read them, are not ours.
-    ids = ledger.create_batch(db, base_id, run_id, editor.name, [c.case_id for c in batch], 1, owner, claimable)
+    ids = ledger.create_batch(db, base_id, run.run_id, editor.name, [c.case_id for c in batch], 1, owner,
+                              run.claimable)
     if not ids:
         log.warning("batch %s: all %d cases were taken by another run; skipped", base_id, len(batch))
         return None
     cases = [c for c in batch if c.case_id in set(ids)]
-    rewriter = editor if editor.is_memory_editor else live.rewriter
-    return _Claimed(live, editor, db, cfg, run_id, suite, report, claimable, owner, base_id, ids, cases,
-                    full=is_full_check(batch_no, cfg),  # the run's batch count, so the schedule survives restarts
+    rewriter = editor if editor.is_memory_editor else run.live.rewriter
+    return _Claimed(run, owner, base_id, ids, cases,
+                    full=is_full_check(batch_no, run.cfg),  # the run's batch count, so the schedule survives restarts
                     rewriter=rewriter,
                     # what the model says on the batch's locality probes before the edit (locality reference)
-                    before=reference_predictions(live.lm, cases, rewriter=rewriter))
+                    before=reference_predictions(run.live.lm, cases, rewriter=rewriter))
 
 
 def _attempt(c: _Claimed, batch_id: str, attempt: int, config: EditorConfig | None,
              step: int) -> tuple[BatchOutcome | None, EditorConfig | None]:
     """Edit, check, decide. Returns the batch's outcome, or (None, the config to retry with)."""
-    lm, editor, method, n = c.live.lm, c.editor, c.editor.name, len(c.cases)
+    run = c.run
+    lm, editor, method, n = run.live.lm, run.editor, run.editor.name, len(c.cases)
     state_before = copy.deepcopy(editor.state_dict())
     t_edit = time.perf_counter()
     result = _edit(c, batch_id, attempt, config, state_before)
@@ -384,32 +370,32 @@ def _attempt(c: _Claimed, batch_id: str, attempt: int, config: EditorConfig | No
     t_check = time.perf_counter()
     details: dict[str, list[dict[str, Any]]] = {}
     check = full_check if c.full else fast_check
-    metrics = check(lm, c.suite, c.cases, c.before, rewriter=c.rewriter, details=details)
+    metrics = check(lm, run.suite, c.cases, c.before, rewriter=c.rewriter, details=details)
     check_s = time.perf_counter() - t_check
-    decision: RegressionDecision = decide(metrics, c.suite.base_metrics, c.cfg, attempt)
+    decision: RegressionDecision = decide(metrics, run.suite.base_metrics, run.cfg, attempt)
     timing = {"edit_seconds": edit_s, "check_seconds": check_s, "delta_norm": result.delta.norm(),
               "full_check": float(c.full), "accepted": float(decision.accept)}
 
     if decision.accept:
         try:
-            vid = _commit(c.live, editor, config or editor.config, result, c.cases, batch_id, c.db, metrics)
+            vid = _commit(run.live, editor, config or editor.config, result, c.cases, batch_id, run.db, metrics)
         except ledger.VersionConflict as exc:
             # Another writer moved the live version: this edit sits on a stale parent.
             editor.rollback(lm, result)
             editor.load_state_dict(state_before)
             _forget_files(lm.fingerprint, batch_id)
             why = f"not committed: {exc}; made again on top of version {exc.live_id}"
-            ledger.release_batch(c.db, batch_id, why)
+            ledger.release_batch(run.db, batch_id, why)
             log.warning("batch %s: %s", batch_id, why)
             return BatchOutcome(batch_id, "conflict", n, attempt, None, [why]), None
-        _record(c.db, metrics | timing, details, c.run_id, method, step, vid, batch_id, lm.fingerprint)
-        c.suite.add_applied(c.cases, seen_before=c.report.n_applied)
+        _record(run.db, metrics | timing, details, run.run_id, method, step, vid, batch_id, lm.fingerprint)
+        run.suite.add_applied(c.cases, seen_before=run.report.n_applied)
         return BatchOutcome(batch_id, "applied", n, attempt, vid, [], metrics), None
 
     # Rejected: exact restore of weights and editor state, then maybe retry.
     editor.rollback(lm, result)
     editor.load_state_dict(state_before)
-    _record(c.db, metrics | timing, details, c.run_id, method, step, c.live.version_id, batch_id, lm.fingerprint)
+    _record(run.db, metrics | timing, details, run.run_id, method, step, run.live.version_id, batch_id, lm.fingerprint)
     reasons = list(decision.reasons)
     if decision.retry:
         current = config or editor.config
@@ -417,26 +403,27 @@ def _attempt(c: _Claimed, batch_id: str, attempt: int, config: EditorConfig | No
         if stronger is current or stronger == current:
             reasons.append(f"{method} has no stronger settings to retry with")
         else:
-            ledger.finish_batch(c.db, batch_id, "rolled_back", "; ".join(reasons))
+            ledger.finish_batch(run.db, batch_id, "rolled_back", "; ".join(reasons))
             return None, stronger
     why = "; ".join(reasons)
-    ledger.finish_batch(c.db, batch_id, "rolled_back", why)
-    ledger.set_case_status(c.db, c.ids, "rejected", why, batch_id)
+    ledger.finish_batch(run.db, batch_id, "rolled_back", why)
+    ledger.set_case_status(run.db, c.ids, "rejected", why, batch_id)
     return BatchOutcome(batch_id, "rejected", n, attempt, None, reasons, metrics), None
 
 
 def _edit(c: _Claimed, batch_id: str, attempt: int, config: EditorConfig | None,
           state_before: dict[str, Any]) -> EditResult | BatchOutcome:
     """The edit, applied to the model; a failing editor is recorded and ends the batch."""
-    editor, lm = c.editor, c.live.lm
+    run = c.run
+    editor, lm = run.editor, run.live.lm
     try:
         result = editor.edit(lm, c.cases, config=config)
     except Exception as exc:  # an editor bug or bad case must not stop the stream
         log.exception("editor %s failed on batch %s", editor.name, batch_id)
         why = f"editor failed: {type(exc).__name__}: {exc}"
         editor.load_state_dict(state_before)
-        ledger.finish_batch(c.db, batch_id, "failed", why)
-        ledger.set_case_status(c.db, c.ids, "rejected", why, batch_id)
+        ledger.finish_batch(run.db, batch_id, "failed", why)
+        ledger.set_case_status(run.db, c.ids, "rejected", why, batch_id)
         return BatchOutcome(batch_id, "failed", len(c.cases), attempt, None, [why])
     if not result.applied and not result.delta.is_empty:
         result.delta.apply(lm.model)
