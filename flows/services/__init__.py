@@ -5,8 +5,10 @@ the Wikidata client): ingest a window of revisions (`ingest.py`, `steps.ingest_w
 turn stored fact changes into edit cases (`steps.build_pending_cases`), apply them in
 gated batches (`gated_batches.py`), publish the live version (`steps`, `publish.py`),
 run the full regression check and write the drift report (`steps`), export a version
-(`export.py`), compare methods (`comparison.py`). `runtime.py` holds the live model and
-rebuilds any version from the ledger; `settings.py` the settings every service reads.
+(`export.py`), compare methods (`comparison.py`), evaluate one on a benchmark
+(`evaluation.py`), give `kedit serve` its versions from the ledger (`serving.py`) and audit
+them (`audit.py`). `runtime.py` holds the live model and rebuilds any version from the
+ledger; `settings.py` the settings every service reads.
 
 Who calls them: the Prefect flows (`flows/prefect_flows.py`) schedule them with retries,
 the CLI (`flows/cli.py`, `flows/commands/`) starts them, and the tests call them directly.
