@@ -11,6 +11,12 @@ import typer
 from flows.commands import CONFIG_OPTION, DEVICE_OPTION, DTYPE_OPTION, WAIT_HELP, with_config
 
 SET_HELP = "Editor setting KEY=VALUE (repeatable), as for `kedit evaluate`, e.g. --set targets.steps=50."
+# Options nightly and backfill share (one definition, one help text).
+MODEL_OPTION = typer.Option(None, help="Model spec (default: smollm2, the embedded model).")
+METHOD_OPTION = typer.Option(None, help="Editing method (default: alphaedit).")
+ENDPOINT_OPTION = typer.Option(None, help="Wikidata API endpoint (default: the real one).")
+SET_OPTION = typer.Option([], "--set", help=SET_HELP)
+WAIT_OPTION = typer.Option(None, "--wait", help=WAIT_HELP)
 
 
 def _utc(value: Optional[datetime]) -> Optional[datetime]:
@@ -59,14 +65,14 @@ def nightly(
                    "the last run ended (a cursor in the ledger)."),
     window_hours: float = typer.Option(24.0, help="Hours per window (a missed night is caught up one window at "
                                                   "a time); the first run ever reads one window."),
-    model: Optional[str] = typer.Option(None, help="Model spec (default: smollm2, the embedded model)."),
-    method: Optional[str] = typer.Option(None, help="Editing method (default: alphaedit)."),
-    endpoint: Optional[str] = typer.Option(None, help="Wikidata API endpoint (default: the real one)."),
+    model: Optional[str] = MODEL_OPTION,
+    method: Optional[str] = METHOD_OPTION,
+    endpoint: Optional[str] = ENDPOINT_OPTION,
     server: Optional[str] = typer.Option(None, "--server", help="Publish new versions to this `kedit serve` URL."),
     html: Optional[str] = typer.Option(None, help="Where to write the HTML drift report."),
-    settings: List[str] = typer.Option([], "--set", help=SET_HELP),
+    settings: List[str] = SET_OPTION,
     config: Optional[Path] = CONFIG_OPTION,
-    wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
+    wait: Optional[float] = WAIT_OPTION,
     device: Optional[str] = DEVICE_OPTION,
     dtype: Optional[str] = DTYPE_OPTION,
 ) -> None:
@@ -94,12 +100,12 @@ def backfill_cmd(
     items: Optional[str] = typer.Option(
         None, help="Comma-separated item ids (source=api): their revision history, any age."),
     chunk_hours: float = typer.Option(24.0, help="Chunk size in hours."),
-    model: Optional[str] = typer.Option(None),
-    method: Optional[str] = typer.Option(None),
-    endpoint: Optional[str] = typer.Option(None),
-    settings: List[str] = typer.Option([], "--set", help=SET_HELP),
+    model: Optional[str] = MODEL_OPTION,
+    method: Optional[str] = METHOD_OPTION,
+    endpoint: Optional[str] = ENDPOINT_OPTION,
+    settings: List[str] = SET_OPTION,
     config: Optional[Path] = CONFIG_OPTION,
-    wait: Optional[float] = typer.Option(None, "--wait", help=WAIT_HELP),
+    wait: Optional[float] = WAIT_OPTION,
     device: Optional[str] = DEVICE_OPTION,
     dtype: Optional[str] = DTYPE_OPTION,
 ) -> None:
