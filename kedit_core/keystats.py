@@ -48,8 +48,8 @@ from kedit_core.answer import answer_many, chat_prompt
 from kedit_core.atomic import atomic_target, atomic_write_text
 from kedit_core.device import autocast_bf16
 from kedit_core.errors import KeditError
-from kedit_core.model import LoadedModel, kv_cache_kwargs, kv_cache_of
 from kedit_core.home import kedit_home
+from kedit_core.model import LoadedModel, kv_cache_kwargs, kv_cache_of
 
 log = logging.getLogger(__name__)
 

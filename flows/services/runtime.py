@@ -16,9 +16,9 @@ from kedit_core.answer import PromptRewriter, answer, model_summary
 from kedit_core.artifacts import file_sha256, load_editor_state, state_path
 from kedit_core.editors.base import EDITORS, available_editors, get_editor
 from kedit_core.editors.update_gate import serve_as
-from kedit_core.routing import installed_update_gate
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, load_model
+from kedit_core.routing import installed_update_gate
 from kedit_core.weights import ChainState, DeltaRef, UnknownParameters, WeightDelta, move_to_chain
 from storage import ledger
 from storage.db import Database, open_db

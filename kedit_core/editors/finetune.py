@@ -33,10 +33,10 @@ import torch
 
 from kedit_core.anatomy import edit_site, edit_sites
 from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditResult, register
-from kedit_core.weights import WeightDelta
 from kedit_core.model import LoadedModel
 from kedit_core.scoring import encode_pairs, hidden_and_head
 from kedit_core.types import EditCase
+from kedit_core.weights import WeightDelta
 
 log = logging.getLogger(__name__)
 

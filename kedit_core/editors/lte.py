@@ -41,15 +41,15 @@ from typing import Any, ClassVar, Iterable, Sequence
 from kedit_core.atomic import atomic_write_text
 from kedit_core.benchmark_records import BenchmarkFormatError, zsre_record_to_case
 from kedit_core.editors.base import EditorConfig, EditResult, register
-from kedit_core.weights import WeightDelta
 from kedit_core.editors.finetune import train_lora_delta
 from kedit_core.editors.rag import RAGConfig, RAGEditor
 from kedit_core.errors import KeditError
+from kedit_core.home import kedit_home
 from kedit_core.memory import render_fact
 from kedit_core.model import LoadedModel
-from kedit_core.home import kedit_home
 from kedit_core.scoring import normalise_answer
 from kedit_core.types import EditCase
+from kedit_core.weights import WeightDelta
 
 log = logging.getLogger(__name__)
 

@@ -54,15 +54,15 @@ import torch.nn.functional as F
 
 from kedit_core.anatomy import StopForward, decoder_layers, edit_site, stop_after
 from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditResult, register
-from kedit_core.weights import WeightDelta
 from kedit_core.editors.edit_scope import EditScope
 from kedit_core.editors.memit_rows import EditRows, check_prompt_variants, encode_rows
 from kedit_core.editors.memit_speedups import UpperLayers, UpperOutput, hidden_of
 from kedit_core.editors.update_gate import install_update_gate, remove_update_gate
-from kedit_core.routing import installed_update_gate
 from kedit_core.keystats import key_second_moment
 from kedit_core.model import LoadedModel
+from kedit_core.routing import installed_update_gate
 from kedit_core.types import EditCase
+from kedit_core.weights import WeightDelta
 
 
 # The most recent earlier facts of a revisited subject that join its batch as kept rows

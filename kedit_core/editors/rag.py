@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kedit_core.editors.base import CaseDiagnostics, Editor, EditorConfig, EditResult, register
-from kedit_core.weights import WeightDelta
 from kedit_core.memory import CONTEXT_TEMPLATE, EditMemory, MemoryStore
 from kedit_core.model import LoadedModel
 from kedit_core.types import EditCase
+from kedit_core.weights import WeightDelta
 
 
 @dataclass

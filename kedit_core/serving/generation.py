@@ -14,8 +14,8 @@ import torch
 
 from kedit_core.answer import TOKENIZER_LOCK as _TOKENIZER_LOCK
 from kedit_core.answer import keep_checked, states_value
-from kedit_core.routing import routed
 from kedit_core.model import LoadedModel
+from kedit_core.routing import routed
 
 
 class _QueueStreamer:
