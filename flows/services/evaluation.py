@@ -14,6 +14,8 @@ from kedit_core.editors.base import Editor
 from kedit_core.errors import KeditError
 from kedit_core.model import LoadedModel, load_model
 from kedit_core.stream import StreamResult, run_stream
+from storage.db import open_db
+from storage.ledger import finish_run, record_metrics, start_run
 
 
 def evaluate_benchmark(editor: Editor, data: str, *, model: str = "smollm2", limit: int | None = None,
@@ -50,19 +52,13 @@ class _LedgerRun:
     """The evaluate run's rows in the ledger: the run, each batch's metrics, the final ones."""
 
     def __init__(self, run_id: str, method: str, lm: LoadedModel) -> None:
-        from storage.db import open_db
-
         self.run_id, self.method, self.fingerprint = run_id, method, lm.fingerprint
         self.db = open_db()
 
     def start(self, params: dict[str, Any]) -> None:
-        from storage.ledger import start_run
-
         start_run(self.db, self.run_id, "evaluate", params, self.fingerprint)
 
     def record(self, values: dict[str, float], step: int) -> None:
-        from storage.ledger import record_metrics
-
         record_metrics(self.db, values, run_id=self.run_id, method=self.method, step=step,
                        model_fingerprint=self.fingerprint)
 
@@ -70,8 +66,6 @@ class _LedgerRun:
         self.record({**rec.metrics, "seconds": rec.seconds}, rec.index)
 
     def finish(self, status: str) -> None:
-        from storage.ledger import finish_run
-
         finish_run(self.db, self.run_id, status)
 
 
