@@ -122,6 +122,11 @@ class UpdateGateSettings:
     # instead of the summed update: over a long stream the summed update's tau grows with
     # it and blocks the early edits (docs/editing.md, "A thousand edits"). Experimental.
     per_batch: bool = False
+    # Per-batch only: raise every change's tau by one common factor so that the share of
+    # ordinary positions where *any* change passes stays at 1 - quantile (and on served
+    # chats at 1 - chat_quantile), as the summed gate's does; false: each change passes on
+    # its own share, and B changes on up to B times as many (docs/editing.md, thirteenth round).
+    per_batch_union: bool = True
 
     def __post_init__(self) -> None:
         if self.quantile is not None and not 0.0 < self.quantile < 1.0:
@@ -610,7 +615,8 @@ class Memit(Editor):
         else:
             install_update_gate(lm, resolve_layers(cfg, lm.model), g.quantile, corpus=cfg.solve.keystats_corpus,
                                 positions=g.positions, samples=cfg.solve.keystats_samples,
-                                served_chats=g.chats, served_quantile=g.chat_quantile, per_batch=g.per_batch)
+                                served_chats=g.chats, served_quantile=g.chat_quantile, per_batch=g.per_batch,
+                                union=g.per_batch_union)
         self.sync_scope(lm)
 
     def sync_scope(self, lm: LoadedModel) -> None:

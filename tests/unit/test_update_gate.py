@@ -193,6 +193,39 @@ def test_per_batch_gate_gates_each_batch_on_its_own_and_forgets_a_rolled_back_on
         assert len(g.segments.taus) == 1 and g.segments.taus[0] == first[g.layer][1]
 
 
+def _share_where_any_change_passes(g, keys: torch.Tensor) -> float:
+    seg = g.segments
+    per_change = torch.stack([(keys @ (u @ v).T).norm(dim=-1) for u, v in zip(seg.us, seg.vs)], dim=1)  # [P, B]
+    return float((per_change > seg.scale * torch.tensor(seg.taus)).any(dim=1).float().mean())
+
+
+@pytest.mark.parametrize("union", [True, False])
+def test_per_batch_gate_bounds_where_any_change_passes_on_ordinary_text(tiny, union):
+    """With `per_batch_union` (the default) the changes' taus are raised together until the
+    share of ordinary positions where any of them passes is the gate's 1 - quantile, as the
+    summed gate's is; without it each change passes on its own share."""
+    ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9, "per_batch": True, "chats": 0,
+                                                               "per_batch_union": union}}))
+    for cases in (_cases(), _more_cases(), [EditCase(case_id="e0", subject="Quin", relation="capital",
+                                                     prompt="The capital of Quin is", target_new="Paris")]):
+        ed.edit(tiny, cases)
+    gate = installed_update_gate(tiny)
+    gate.refresh()
+    for g in gate.gates:
+        assert len(g.segments.taus) == 3
+        share = _share_where_any_change_passes(g, g.keys)
+        if union:
+            assert g.segments.scale >= 1.0
+            assert share <= 0.1 + 1.5 / len(g.keys), f"layer {g.layer}: changes pass on {share:.3f} of ordinary positions"
+        else:
+            assert g.segments.scale == 1.0
+            alone = [float(((g.keys @ (u @ v).T).norm(dim=-1) > tau).float().mean())
+                     for u, v, tau in zip(g.segments.us, g.segments.vs, g.segments.taus)]
+            assert max(alone) <= 0.1 + 1.5 / len(g.keys) and share >= max(alone)
+    stats = gate.stats()
+    assert all(stats[f"L{g.layer}"]["changes"] == 3 for g in gate.gates)
+
+
 def test_per_batch_gate_state_restores_over_the_same_weights(tiny):
     ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9, "per_batch": True}}))
     ed.edit(tiny, _cases())
@@ -216,6 +249,7 @@ def test_per_batch_gate_rebuilt_from_the_chains_deltas_serves_as_the_live_one(ti
     text = TEXT + " The capital of Tessaly is"
     live = _logits(tiny, text)
     live_taus = {g.layer: list(g.segments.taus) for g in gate.gates}
+    live_scale = {g.layer: g.segments.scale for g in gate.gates}
     for g in gate.gates:  # a fresh process: one merged change
         g.segments, g.version = None, None
     gate.refresh()
@@ -227,6 +261,7 @@ def test_per_batch_gate_rebuilt_from_the_chains_deltas_serves_as_the_live_one(ti
     for g in gate.gates:
         assert len(g.segments.taus) == 2
         assert g.segments.taus == pytest.approx(live_taus[g.layer], rel=1e-4)
+        assert g.segments.scale == pytest.approx(live_scale[g.layer], rel=1e-4)
     assert torch.allclose(_logits(tiny, text), live, atol=1e-4)
 
 
