@@ -45,7 +45,6 @@ from typing import Any, Callable
 import torch
 
 from kedit_core.anatomy import edit_site
-from kedit_core.errors import KeditError
 from kedit_core.keystats import chat_keys, generic_keys
 from kedit_core.model import LoadedModel
 from kedit_core.routing import GATE_ATTR, ROUTE, installed_update_gate
@@ -414,17 +413,20 @@ def install_update_gate(
     if not 0.0 < quantile < 1.0:
         raise ValueError(f"gate quantile must be between 0 and 1, got {quantile}")
     dtype = lm.dtype
-    if per_batch and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
-        # Each batch's change is read off the weights, and a half-precision W + dW rounds by
-        # up to half an ulp of W per entry: on a bfloat16 model that is as large as a batch's
-        # whole update (on a tiny Llama one batch's update lost a quarter of its norm to it),
-        # so changes could not be told from rounding, nor a rebuilt gate's from the live one's.
-        raise KeditError(f"update_gate.per_batch needs float32 weights; this model is {str(dtype).removeprefix('torch.')} "
-                         "(load it with --dtype float32, or edit with --set update_gate.per_batch=false)")
+    # Each batch's change is read off the weights, and a half-precision W + dW rounds by up
+    # to half an ulp of W per entry: on a bfloat16 model that is as large as a batch's whole
+    # update (on a tiny Llama one batch's update lost a quarter of its norm to it), so
+    # changes could not be told from rounding, nor a rebuilt gate's from the live one's.
+    # There the summed update is gated (the same on every rebuild of that dtype).
+    summed_instead = per_batch and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
+    per_batch = per_batch and not summed_instead
     source = (corpus, positions, samples, served_chats, served_quantile, per_batch, union)
     current = installed_update_gate(lm)
     if current is not None and (current.quantile, current.layers, current.source) == (quantile, sorted(layers), source):
         return current
+    if summed_instead:
+        log.warning("update_gate.per_batch needs float32 weights; this model is %s, so its summed update is gated "
+                    "(load it with --dtype float32 to gate each batch on its own)", str(dtype).removeprefix("torch."))
     remove_update_gate(lm)
     keys = generic_keys(lm, layers, corpus=corpus, positions=positions, samples=samples)
     served = chat_keys(lm, layers, served_chats) if served_chats and getattr(lm.tokenizer, "chat_template", None) else {}

@@ -284,13 +284,16 @@ def test_a_bfloat16_version_rebuilds_from_the_ledger_bit_for_bit_and_is_served(d
     assert isinstance(body["choices"][0]["message"]["content"], str)
 
 
-def test_the_per_batch_update_gate_is_refused_on_a_bfloat16_model_in_one_line():
+def test_a_bfloat16_model_gates_the_summed_update_instead_of_each_batch_and_says_so(caplog):
     """bfloat16 rounding of W + dW is as large as a batch's change, so the per-batch gate
-    (which reads each change off the weights) cannot work there; the summed gate does."""
-    from kedit_core.errors import KeditError
-
+    (which reads each change off the weights) cannot work there: the summed update is gated,
+    with one warning line, and the edit goes through."""
     lm = load_model("tiny-llama", dtype="bfloat16")
     before = _state(lm)
-    with pytest.raises(KeditError, match="update_gate.per_batch needs float32 weights; this model is bfloat16"):
-        get_editor("alphaedit", merged(FAST, {"update_gate": {"per_batch": True}})).edit(lm, _cases())
-    assert _same(lm, before)
+    with caplog.at_level("WARNING", logger="kedit_core.editors.update_gate"):
+        result = get_editor("alphaedit", merged(FAST, {"update_gate": {"per_batch": True}})).edit(lm, _cases())
+    assert not _same(lm, before) and result.delta is not None
+    gate = installed_update_gate(lm)
+    assert gate is not None and not gate.per_batch and all(g.segments is None for g in gate.gates)
+    warned = [r.getMessage() for r in caplog.records if "per_batch needs float32" in r.getMessage()]
+    assert len(warned) == 1 and "this model is bfloat16, so its summed update is gated" in warned[0]
