@@ -93,12 +93,12 @@ def test_a_served_version_routes_by_the_facts_saved_with_it(tiny, tmp_path, monk
 
     monkeypatch.setattr(runtime, "state_path", lambda fp, batch_id: tmp_path / f"{batch_id}.state.safetensors")
     ed = get_editor("alphaedit", FAST)
-    ed.edit(tiny, _cases())
+    delta_sha = ed.edit(tiny, _cases()).delta.save(tmp_path / "v2.safetensors")
     sha = save_editor_state(ed.state_dict(), tmp_path / "b1.state.safetensors", "alphaedit")
     note = json.dumps({"config": ed.config.to_dict(), "state_sha256": sha}, default=str)
     chain = [{"version_id": 1, "method": None, "delta_path": None, "note": None},
-             {"version_id": 2, "method": "alphaedit", "delta_path": "v2.safetensors", "note": note,
-              "batch_id": "b1", "base_fingerprint": tiny.fingerprint}]
+             {"version_id": 2, "method": "alphaedit", "delta_path": str(tmp_path / "v2.safetensors"),
+              "delta_sha256": delta_sha, "note": note, "batch_id": "b1", "base_fingerprint": tiny.fingerprint}]
     installed_update_gate(tiny).remove()
     delattr(tiny.model, "_kedit_update_gate")
     runtime.weight_editor_attach(chain)(tiny)

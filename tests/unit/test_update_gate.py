@@ -16,7 +16,7 @@ from kedit_core.types import EditCase
 from tests.conftest import sharpen, subject_final_cases
 
 FAST = {"layers": [1, 2], "solve": {"keystats_samples": 600}, "targets": {"steps": 4, "bf16": False},
-        "update_gate": {"positions": 400}}
+        "update_gate": {"positions": 400, "per_batch": False}}  # the summed gate; per-batch tests say so
 TEXT = "The river bends past the old mill, where the miller's daughter sells bread on market days."
 
 
