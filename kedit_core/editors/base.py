@@ -118,10 +118,19 @@ class EditorConfig:
                 nested.setdefault(key, {}).update(value)
             else:
                 nested[key] = value
+        if legacy:
+            nested = cls.as_stored(d, nested)
         unknown = set(nested) - names
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown settings {sorted(unknown)}; known: {sorted(names)}")
         return cls(**{k: (_group_from_dict(cls, k, groups[k], v) if k in groups else v) for k, v in nested.items()})
+
+    @classmethod
+    def as_stored(cls, d: dict[str, Any], nested: dict[str, Any]) -> dict[str, Any]:
+        """A stored config (`from_dict`) written before a setting existed: give that setting
+        the value that reproduces what the config did then (a method whose defaults moved
+        overrides this), so a version rebuilt from the ledger serves as it was applied."""
+        return nested
 
     def stronger(self) -> EditorConfig:
         """Settings for a retry when a batch's own cases did not take (the gate uses this)."""

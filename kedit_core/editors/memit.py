@@ -120,7 +120,8 @@ class UpdateGateSettings:
     chat_quantile: float = 0.999
     # Gate each applied batch's update on its own (its own tau, fixed when it is applied)
     # instead of the summed update: over a long stream the summed update's tau grows with
-    # it and blocks the early edits (docs/editing.md, "A thousand edits"). Experimental.
+    # it and blocks the early edits (docs/editing.md, "A thousand edits"). AlphaEdit's
+    # default (thirteenth round); MEMIT has no gate by default.
     per_batch: bool = False
     # Per-batch only: raise every change's tau by one common factor so that the share of
     # ordinary positions where *any* change passes stays at 1 - quantile (and on served
@@ -212,6 +213,23 @@ class MemitConfig(EditorConfig):
     solve: SolveSettings = field(default_factory=SolveSettings)
     update_gate: UpdateGateSettings = field(default_factory=UpdateGateSettings)
     scope: ScopeSettings = field(default_factory=ScopeSettings)
+
+    @classmethod
+    def as_stored(cls, d: dict[str, Any], nested: dict[str, Any]) -> dict[str, Any]:
+        """Update gate settings a stored config predates keep the gate it was applied with:
+        no `per_batch` (flat configs from before it) is the summed gate, no
+        `per_batch_union` (every config before the thirteenth round) gates each change on its
+        own share. Only a stored config says what it predates: a flat one (the old
+        `update_gate` name) or a whole `update_gate` group as `to_dict` wrote it; partial
+        settings (`--set`, tests) take today's defaults."""
+        gate = d.get("update_gate")
+        whole = isinstance(gate, dict) and {"quantile", "positions", "chats", "chat_quantile"} <= set(gate)
+        flat = "update_gate" in d and not isinstance(gate, dict)
+        if whole or flat:
+            stored = nested.setdefault("update_gate", {})
+            stored.setdefault("per_batch", False)
+            stored.setdefault("per_batch_union", False)
+        return nested
 
     def stronger(self) -> MemitConfig:
         out = copy.deepcopy(self)  # no group shared with this config

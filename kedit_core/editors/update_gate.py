@@ -27,10 +27,13 @@ GRACE, T-Patcher route or threshold on activations); this form of it, a threshol
 closed-form update's own output, is kedit's, chosen by measurement (docs/editing.md,
 "The update gate").
 
-Per-batch mode (`update_gate.per_batch`, opt-in; `_Segments`; docs/editing.md "Each batch
-gated on its own"): each applied change of a layer is gated on its own with the tau it got
-when applied, so the gate is a function of the version chain (each link's delta), not of
-the summed weights alone; a rebuilt version gets its links through `UpdateGate.load_links`.
+Per-batch mode (`update_gate.per_batch`, AlphaEdit's default; `_Segments`; docs/editing.md
+"Each batch gated on its own", eleventh and thirteenth rounds): each applied change of a
+layer is gated on its own with the tau it got when applied, all taus scaled by one common
+factor so that the changes together pass on no more ordinary text than the quantile allows
+(`_Segments.union_scale`); the gate is then a function of the version chain (each link's
+delta), not of the summed weights alone, and a rebuilt version gets its links through
+`UpdateGate.load_links`.
 
 Where the base weights come from: the model's own weight files (read tensor by tensor;
 exact, whatever version is live), or for in-memory test models a snapshot taken when

@@ -280,6 +280,25 @@ def test_settings_are_grouped_and_round_trip_nested():
         get_editor("memit", {"update_gate": {"quantile": 1.5}})
 
 
+def test_a_stored_config_keeps_the_update_gate_it_was_applied_with():
+    """AlphaEdit's default gate became per-batch with the union held (thirteenth round): a
+    version stored before keeps its gate when rebuilt; a config stored now round-trips; and
+    partial settings take today's defaults."""
+    current = get_editor("alphaedit").config
+    assert (current.update_gate.per_batch, current.update_gate.per_batch_union) == (True, True)
+    assert get_editor("alphaedit", current.to_dict()).config == current
+    stored = current.to_dict()
+    before_union = {**stored, "update_gate": {k: v for k, v in stored["update_gate"].items() if k != "per_batch_union"}}
+    assert get_editor("alphaedit", {**before_union, "update_gate": {**before_union["update_gate"], "per_batch": False}}
+                      ).config.update_gate.per_batch is False  # a summed-gate version stays summed
+    opted_in = get_editor("alphaedit", before_union).config.update_gate
+    assert (opted_in.per_batch, opted_in.per_batch_union) == (True, False)  # the eleventh round's per-batch gate
+    flat = get_editor("alphaedit", {"method": "alphaedit", "update_gate": 0.999}).config.update_gate
+    assert (flat.quantile, flat.per_batch) == (0.999, False)
+    partial = get_editor("alphaedit", {"update_gate": {"positions": 400}}).config.update_gate
+    assert (partial.per_batch, partial.per_batch_union) == (True, True)
+
+
 def test_flat_configs_stored_before_the_grouping_still_load():
     """Ledgers and editor states written before the grouping store flat dicts; each old name
     maps to one new name, and a retired toggle is accepted only with the value kept."""
@@ -298,6 +317,7 @@ def test_flat_configs_stored_before_the_grouping_still_load():
     alpha_old = {"method": "alphaedit", "mom2_update_weight": 1500.0, "cov_weight": 0.0, "nullspace_threshold": 0.02,
                  "nullspace_relative": True, "preserve_weight": 10.0, "l2": 10.0, "update_gate": 0.999}
     alpha = get_editor("alphaedit", alpha_old).config
-    assert alpha == get_editor("alphaedit").config
+    # stored before the per-batch gate existed: the summed gate it was applied with
+    assert alpha == get_editor("alphaedit", {"update_gate": {"per_batch": False, "per_batch_union": False}}).config
     with pytest.raises(ValueError, match="nullspace_relative is retired"):
         get_editor("alphaedit", {**alpha_old, "nullspace_relative": False})
