@@ -256,6 +256,14 @@ class _Segments:
             self._stack = (torch.cat(self.vs), u_all, u_all.norm(dim=0), owner, torch.tensor(self.taus, device=dev))
         return self._stack
 
+    def _sizes2(self, z: torch.Tensor) -> torch.Tensor:
+        """Each change's squared output size at each position, [N, B], from the positions'
+        coordinates on the changes' directions `z` ([..., R], k @ V^T): ||S_b (V_b k)||^2,
+        in float32 (U_b is orthonormal, so no output of the layer's width is formed)."""
+        _v, _u, s_all, owner, _taus = self._stacked()
+        flat = (z.detach().float() * s_all).reshape(-1, z.shape[-1]) ** 2
+        return torch.zeros(flat.shape[0], len(self.taus), device=z.device).index_add_(1, owner, flat)
+
     def union_scale(self, gate: _LayerGate) -> float:
         """The factor s >= 1 on every tau that keeps the share of ordinary positions where
         *any* change passes at the gate's quantile (and on served chats at theirs).
@@ -269,10 +277,9 @@ class _Segments:
         number of changes like an extreme value, not like the sum. Recomputed whenever the
         changes change (a function of the chain, as each tau is)."""
         def share_bar(keys: torch.Tensor, q: float) -> float:
-            v_all, _u, s_all, owner, taus = self._stacked()
-            z = (keys.to(v_all.dtype) @ v_all.T) * s_all  # [P, R]: each direction's part of the change's output
-            size2 = torch.zeros(z.shape[0], len(self.taus), dtype=z.dtype, device=z.device).index_add_(1, owner, z**2)
-            worst = (size2 / taus.to(z.dtype) ** 2).max(dim=1).values.sqrt().double()
+            v_all, _u, _s, _owner, taus = self._stacked()
+            size2 = self._sizes2(keys.to(v_all.dtype) @ v_all.T)  # [P, B]
+            worst = (size2 / taus.float() ** 2).max(dim=1).values.sqrt().double()
             return float(worst.max() if q >= 1.0 else torch.quantile(worst, q))
 
         scale = share_bar(gate.keys, gate.quantile)
@@ -286,12 +293,10 @@ class _Segments:
         A change's output is U_b S_b (V_b k) with U_b orthonormal, so its size is
         ||S_b (V_b k)||: computed in the R-dimensional space of the factors, never as B
         outputs of the layer's width (cost per token ~ R * (in + out), R = the changes' ranks)."""
-        v_all, u_all, s_all, owner, taus = self._stacked()
+        v_all, u_all, _s, owner, taus = self._stacked()
         dt = k.dtype
         z = k @ v_all.to(dt).T  # [..., R]
-        flat = (z.detach().float() * s_all).reshape(-1, z.shape[-1]) ** 2
-        size2 = torch.zeros(flat.shape[0], len(self.taus), device=z.device).index_add_(1, owner, flat)  # [N, B]
-        small = size2 <= (self.scale * taus.float()) ** 2
+        small = self._sizes2(z) <= (self.scale * taus.float()) ** 2  # [N, B]
         gate.passed += int((~small).sum())
         gate.seen += small.numel()
         keep = small[:, owner].reshape(z.shape).to(dt)  # [..., R]: directions of the blocked changes
