@@ -264,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result.delta.apply(lm.model)
             dt = time.perf_counter() - t0
             result.delta.release()  # the stream never rolls back: keep no copies of old weights
+            editor.settle(result)  # ... and no rollback records
             touched |= set(result.delta.tensors)
             n_done += len(batch)
             progress["edit_seconds"] += dt

@@ -106,7 +106,11 @@ def run_stream(
         for b, batch in enumerate(batches):
             result, dt = _apply_batch(lm, editor, batch)
             editing += dt
-            results.append(result)
+            if restore:
+                results.append(result)
+            else:  # nothing will undo this batch: hold no copy of the old weights, no rollback record
+                result.delta.release()
+                editor.settle(result)
             rec = _batch_record(lm, b, batch, result, dt, rw)
             if eval_each_batch:
                 rec.metrics.update(_scores_so_far(lm, cases[: (b + 1) * batch_size], batches[0], reference, rw))

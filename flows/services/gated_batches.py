@@ -466,6 +466,7 @@ def _commit(
     )
     live.record_applied(result.delta, ledger_link(vid, delta_file, sha))
     live.version_id = vid
+    editor.settle(result)  # from here on the batch is undone through the ledger's versions
     if editor.is_memory_editor:
         live.rewriter = editor
     return vid

@@ -214,9 +214,22 @@ class Editor(ABC):
 
     def rollback(self, lm: LoadedModel, result: EditResult) -> None:
         """Undo one `edit` exactly. Weight editors revert the delta; memory editors override."""
+        if result.info.get("settled"):
+            raise RuntimeError("this batch was settled (its rollback records are gone); undo it through the "
+                               "ledger's versions instead")
         if result.applied and not result.delta.is_empty:
             result.delta.revert(lm.model)
         result.applied = False
+
+    def settle(self, result: EditResult) -> None:
+        """`result` will not be undone through `rollback`: forget what undoing it would need.
+
+        Why. An editor keeps a record per batch for an exact `rollback` (AlphaEdit: the
+        batch's keys); a long stream or a backfill that never rolls back an accepted batch
+        would otherwise hold every batch's record for the life of the process. Callers
+        settle a batch once it is committed (a later undo goes through the ledger's
+        versions) or when they never roll back; `rollback` refuses a settled batch."""
+        result.info["settled"] = True
 
     def state_dict(self) -> dict[str, Any]:
         """Sequential state carried between batches (e.g. AlphaEdit's accumulated keys)."""

@@ -690,6 +690,10 @@ class Memit(Editor):
                 self.facts[label] = facts
         self.sync_scope(lm)
 
+    def settle(self, result: EditResult) -> None:
+        super().settle(result)
+        self._batch_facts.pop(result.info.get("batch_token", ""), None)
+
     def state_dict(self) -> dict[str, Any]:
         return {"method": self.name,
                 "facts": {label: {rel: list(f) for rel, f in rels.items()} for label, rels in self.facts.items()}}

@@ -84,6 +84,25 @@ def test_keys_accumulate_and_state_roundtrips(tiny):
     ed.rollback(tiny, r1)
 
 
+def test_a_settled_batch_keeps_no_rollback_record(tiny):
+    """A batch's rollback record is its keys (rows x inter), not their inter x inter Gram
+    matrix, and settling the batch drops it: a long stream holds no record per batch."""
+    ed: AlphaEdit = get_editor("alphaedit", FAST)  # type: ignore[assignment]
+    r1 = ed.edit(tiny, _batch("a"))
+    record = ed._batch_keys[r1.info["batch_token"]]
+    inter = ed.prev_keys[1].shape[0]
+    assert all(k.shape[1] == inter and k.shape[0] < inter for k in record.values())
+    r2 = ed.edit(tiny, _batch("b"))
+    ed.settle(r1)
+    assert list(ed._batch_keys) == [r2.info["batch_token"]] and r1.info["batch_token"] not in ed._batch_facts
+    keys_now = {layer: t.clone() for layer, t in ed.prev_keys.items()}
+    with pytest.raises(RuntimeError, match="settled"):
+        ed.rollback(tiny, r1)
+    assert all(torch.equal(keys_now[layer], ed.prev_keys[layer]) for layer in keys_now)  # refused: nothing touched
+    ed.rollback(tiny, r2)  # the unsettled batch still rolls back, from its keys
+    assert ed.n_edits == 3 and not ed._batch_keys
+
+
 def test_accumulated_keys_protect_earlier_edits(tiny):
     """Batch 2's update disturbs batch 1's keys less when batch 1's keys are in the state."""
     from kedit_core.editors.memit import context_templates, keys_and_outputs

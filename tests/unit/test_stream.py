@@ -35,3 +35,14 @@ def test_stream_measures_after_last_batch_and_restores_exactly(tiny_llama):
     after = tiny_llama.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
+
+
+def test_a_stream_that_is_not_restored_keeps_no_rollback_records(tiny_llama):
+    """Without `restore`, no batch will be undone: the stream holds neither copies of the old
+    weights nor the editor's rollback records, however many batches it applies."""
+    cases = [_case(i, s, t) for i, (s, t) in enumerate([("Tessaly", "Rome"), ("Borvik", "Oslo"), ("Quin", "Lima"),
+                                                          ("Marrow", "Kyiv")])]
+    editor = get_editor("alphaedit", FAST)
+    result = run_stream(tiny_llama, editor, cases, batch_size=2, greedy=False, show_progress=False)
+    assert [b.case_ids for b in result.batches] == [["c0", "c1"], ["c2", "c3"]]
+    assert not editor._batch_keys and not editor._batch_facts and editor.n_edits == 4
