@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--save-every", type=int, default=10, help="save the state every N batches")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this much editing")
     ap.add_argument("--max-batches", type=int, default=None, help="stop (resumably) after this many batches")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep the state saved at each checkpoint (weights, editor, gate: ~150 MB each on SmolLM2) "
+                         "for evaluations on it later; by default only the latest state is kept")
     ap.add_argument("--fresh", action="store_true", help="discard a saved state and start over")
     ap.add_argument("--report", action="store_true", help="print the saved figures and exit")
     return ap.parse_args(argv)
@@ -110,9 +113,11 @@ def load_reference(path: Path) -> Any:
     return ref
 
 
-def save_state(folder: Path, lm: Any, editor: Any, touched: set[str], progress: dict[str, Any]) -> None:
+def save_state(folder: Path, lm: Any, editor: Any, touched: set[str], progress: dict[str, Any],
+               keep: frozenset[str] = frozenset()) -> None:
     """The edited tensors' current values (exact, not deltas), the editor's sequential state,
-    then the progress file last: a crash mid-save leaves the previous consistent state."""
+    then the progress file last: a crash mid-save leaves the previous consistent state. The
+    previous save's files are removed unless its tag is in `keep` (`--keep-checkpoints`)."""
     from safetensors.torch import save_file
 
     from kedit_core.artifacts import save_editor_state
@@ -130,7 +135,7 @@ def save_state(folder: Path, lm: Any, editor: Any, touched: set[str], progress: 
     previous = progress.get("saved")
     progress["saved"] = tag
     atomic_write_text(folder / "progress.json", json.dumps(progress, indent=1))
-    if previous and previous != tag:
+    if previous and previous != tag and previous not in keep:
         for old in (folder / f"weights-{previous}.safetensors", folder / f"editor-{previous}.safetensors",
                     folder / f"gate-{previous}.pt"):
             old.unlink(missing_ok=True)
@@ -221,6 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if len(cases) < args.limit:
         log.warning("the benchmark has %d usable cases, fewer than --limit %d", len(cases), args.limit)
     marks = checkpoints(args.checkpoints, len(cases), args.batch)
+    keep = frozenset(f"{m:06d}" for m in marks) if args.keep_checkpoints else frozenset()
     lm = load_model(args.model, show_progress=True)
     editor = editor_from_settings(method, args.settings, "--set")
     pool = cases[: args.locality_cases]
@@ -228,6 +234,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref_file = folder / "reference.json"
     if progress and progress.get("fingerprint") != lm.fingerprint:
         raise SystemExit(f"error: state in {folder} is for model {progress.get('fingerprint', '?')[:12]}; use --fresh")
+    if progress and sorted(progress.get("settings", [])) != sorted(args.settings):
+        # (a longer --limit is fine: it extends the same stream)
+        raise SystemExit(f"error: state in {folder} was edited with --set {progress.get('settings')}, not "
+                         f"{args.settings}; use the same settings, or --fresh")
     if not progress:
         t0 = time.perf_counter()
         reference = reference_predictions(lm, pool)
@@ -285,13 +295,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 log.info("after %d edits: %s", n_done, json.dumps({k: round(row[k], 3) for k in SHOWN if k in row}))
             if n_done in marks or batches_since_save >= args.save_every:
                 progress["n_done"] = n_done
-                save_state(folder, lm, editor, touched, progress)
+                save_state(folder, lm, editor, touched, progress, keep)
                 batches_since_save = 0
     finally:
         bar.close()
     if batches_since_save:
         progress["n_done"] = n_done
-        save_state(folder, lm, editor, touched, progress)
+        save_state(folder, lm, editor, touched, progress, keep)
     write_figures(folder, progress)
     return progress
 
