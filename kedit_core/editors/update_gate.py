@@ -78,6 +78,14 @@ class _LayerGate:
 
     def refresh(self) -> None:
         w = self.module.weight
+        if w.dtype != self.base.dtype:
+            # A lower-precision stand-in for these weights (memit_speedups.weights_in holds a
+            # float32 model in bfloat16 while targets are optimised): the same weights rounded.
+            # Keep the gate the float32 weights gave. Read off the stand-in, the rounding was
+            # a full-rank change: the per-batch gate factored and gated it as a new batch
+            # (a full SVD, and a union scale over R + 576 directions, on every layer) and took
+            # it out again when the float32 weights came back, twice per batch for nothing.
+            return
         # `_version` counts in-place changes of the tensor (apply/revert/copy_ are in place),
         # `data_ptr` catches a replaced tensor: together a cheap "did the weights change?"
         stamp = (w.data_ptr(), w._version)

@@ -226,6 +226,26 @@ def test_per_batch_gate_bounds_where_any_change_passes_on_ordinary_text(tiny, un
     assert all(stats[f"L{g.layer}"]["changes"] == 3 for g in gate.gates)
 
 
+def test_a_bfloat16_stand_in_of_the_weights_leaves_the_gate_as_the_float32_weights_gave_it(tiny):
+    """While targets are optimised the float32 weights are held in bfloat16 (`weights_in`):
+    the same weights rounded. The gate must not read the rounding as a new batch's change
+    (it once pushed a full-rank 'change', rescaled the union, and took it out again after)."""
+    from kedit_core.editors.memit_speedups import weights_in
+
+    ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9, "per_batch": True, "chats": 0}}))
+    ed.edit(tiny, _cases())
+    gate = installed_update_gate(tiny)
+    gate.refresh()
+    before = {g.layer: (list(g.segments.taus), g.segments.scale, g.version) for g in gate.gates}
+    with weights_in(tiny.model, torch.bfloat16):
+        assert edit_site(tiny.model, gate.layers[0]).module.weight.dtype == torch.bfloat16
+        _logits(tiny, TEXT)  # every gate hook runs on the stand-in
+        during = {g.layer: (list(g.segments.taus), g.segments.scale, g.version) for g in gate.gates}
+    _logits(tiny, TEXT)
+    assert during == before
+    assert {g.layer: (list(g.segments.taus), g.segments.scale, g.version) for g in gate.gates} == before
+
+
 def test_per_batch_gate_state_restores_over_the_same_weights(tiny):
     ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9, "per_batch": True}}))
     ed.edit(tiny, _cases())
