@@ -207,6 +207,10 @@ class _Segments:
         self.scale = 1.0  # every tau times this (`union_scale`); 1.0: each change on its own share
         self.total: torch.Tensor | None = None  # the summed update accounted for, [out, in]
         self._stack: tuple[torch.Tensor, ...] | None = None
+        # union_scale's per-position worst ratio over the first n changes, per key set:
+        # name -> (n, [P] float64). Changes are only appended or removed from the end, and a
+        # change's ratios never move, so a new change costs its own ranks, not all R.
+        self._worst: dict[str, tuple[int, torch.Tensor]] = {}
 
     def account(self, delta: torch.Tensor, threshold: Callable[[torch.Tensor], float], rounding: float) -> None:
         """Take the weights' summed update `delta` [out, in]: a new change, a rollback of the
@@ -229,6 +233,7 @@ class _Segments:
             if float((change - undone).norm()) <= 1e-3 * scale:
                 del self.us[-n:], self.vs[-n:], self.taus[-n:]
                 self._stack = None
+                self._worst = {}  # (rare: a rollback) recomputed whole on the next union_scale
                 return
         self.push(change, threshold)
         self.total = delta.clone()
@@ -255,22 +260,41 @@ class _Segments:
         return seg
 
     def _stacked(self) -> tuple[torch.Tensor, ...]:
-        """Every change's factors side by side: V [R, in] (orthonormal rows), U*S [out, R],
-        S [R], which change each of the R directions belongs to [R], and the taus [B]."""
+        """Every change's factors side by side (cached): see `_stack_of`."""
         if self._stack is None:
-            dev = self.us[0].device
-            u_all = torch.cat(self.us, dim=1)
-            owner = torch.cat([torch.full((v.shape[0],), b, dtype=torch.long, device=dev) for b, v in enumerate(self.vs)])
-            self._stack = (torch.cat(self.vs), u_all, u_all.norm(dim=0), owner, torch.tensor(self.taus, device=dev))
+            self._stack = self._stack_of(0)
         return self._stack
 
-    def _sizes2(self, z: torch.Tensor) -> torch.Tensor:
+    def _stack_of(self, first: int) -> tuple[torch.Tensor, ...]:
+        """The factors of changes first.. side by side: V [R, in] (orthonormal rows), U*S
+        [out, R], S [R], which of these changes each of the R directions belongs to [R], and
+        their taus."""
+        us, vs = self.us[first:], self.vs[first:]
+        dev = us[0].device
+        u_all = torch.cat(us, dim=1)
+        owner = torch.cat([torch.full((v.shape[0],), b, dtype=torch.long, device=dev) for b, v in enumerate(vs)])
+        return torch.cat(vs), u_all, u_all.norm(dim=0), owner, torch.tensor(self.taus[first:], device=dev)
+
+    @staticmethod
+    def _sizes2(z: torch.Tensor, stack: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Each change's squared output size at each position, [N, B], from the positions'
         coordinates on the changes' directions `z` ([..., R], k @ V^T): ||S_b (V_b k)||^2,
         in float32 (U_b is orthonormal, so no output of the layer's width is formed)."""
-        _v, _u, s_all, owner, _taus = self._stacked()
+        _v, _u, s_all, owner, taus = stack
         flat = (z.detach().float() * s_all).reshape(-1, z.shape[-1]) ** 2
-        return torch.zeros(flat.shape[0], len(self.taus), device=z.device).index_add_(1, owner, flat)
+        return torch.zeros(flat.shape[0], len(taus), device=z.device).index_add_(1, owner, flat)
+
+    def _worst_ratio(self, name: str, keys: torch.Tensor) -> torch.Tensor:
+        """Per position of `keys`, max over all changes of ||dW_b k|| / tau_b ([P], float64),
+        computing only the changes added since the last call for this key set."""
+        done, worst = self._worst.get(name, (0, None))
+        if done < len(self.taus):
+            stack = self._stack_of(done)
+            size2 = self._sizes2(keys.to(stack[0].dtype) @ stack[0].T, stack)  # [P, new changes]
+            new = (size2 / stack[4].float() ** 2).max(dim=1).values.sqrt().double()
+            worst = new if worst is None else torch.maximum(worst, new)
+            self._worst[name] = (len(self.taus), worst)
+        return worst
 
     def union_scale(self, gate: _LayerGate) -> float:
         """The factor s >= 1 on every tau that keeps the share of ordinary positions where
@@ -283,16 +307,17 @@ class _Segments:
         with every batch; here the bar is each change's own tau, raised together only as
         far as the *largest* ratio size/tau over the changes needs: it grows with the
         number of changes like an extreme value, not like the sum. Recomputed whenever the
-        changes change (a function of the chain, as each tau is)."""
-        def share_bar(keys: torch.Tensor, q: float) -> float:
-            v_all, _u, _s, _owner, taus = self._stacked()
-            size2 = self._sizes2(keys.to(v_all.dtype) @ v_all.T)  # [P, B]
-            worst = (size2 / taus.float() ** 2).max(dim=1).values.sqrt().double()
+        changes change (a function of the chain, as each tau is); each change's ratios are
+        computed once (`_worst_ratio`), so a batch costs its own ranks, not the stream's:
+        done whole on every refresh it took 1.2 s per layer at 1,000 edits (R ~1,900), a
+        third of a batch's time there (docs/editing.md, fourteenth round)."""
+        def share_bar(name: str, keys: torch.Tensor, q: float) -> float:
+            worst = self._worst_ratio(name, keys)
             return float(worst.max() if q >= 1.0 else torch.quantile(worst, q))
 
-        scale = share_bar(gate.keys, gate.quantile)
+        scale = share_bar("ordinary", gate.keys, gate.quantile)
         if gate.served_keys is not None and gate.served_keys.numel():
-            scale = max(scale, share_bar(gate.served_keys, gate.served_quantile))
+            scale = max(scale, share_bar("served", gate.served_keys, gate.served_quantile))
         return max(1.0, scale)
 
     def blocked(self, k: torch.Tensor, gate: _LayerGate) -> torch.Tensor:
@@ -301,10 +326,11 @@ class _Segments:
         A change's output is U_b S_b (V_b k) with U_b orthonormal, so its size is
         ||S_b (V_b k)||: computed in the R-dimensional space of the factors, never as B
         outputs of the layer's width (cost per token ~ R * (in + out), R = the changes' ranks)."""
-        v_all, u_all, _s, owner, taus = self._stacked()
+        stack = self._stacked()
+        v_all, u_all, _s, owner, taus = stack
         dt = k.dtype
         z = k @ v_all.to(dt).T  # [..., R]
-        small = self._sizes2(z) <= (self.scale * taus.float()) ** 2  # [N, B]
+        small = self._sizes2(z, stack) <= (self.scale * taus.float()) ** 2  # [N, B]
         gate.passed += int((~small).sum())
         gate.seen += small.numel()
         keep = small[:, owner].reshape(z.shape).to(dt)  # [..., R]: directions of the blocked changes

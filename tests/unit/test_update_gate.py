@@ -226,6 +226,30 @@ def test_per_batch_gate_bounds_where_any_change_passes_on_ordinary_text(tiny, un
     assert all(stats[f"L{g.layer}"]["changes"] == 3 for g in gate.gates)
 
 
+def test_the_union_scale_kept_across_batches_is_the_one_computed_afresh(tiny):
+    """The union scale keeps each change's ratios from the batch it came with; after more
+    batches and after a rollback it is the scale a fresh gate computes over all changes."""
+    from kedit_core.editors.update_gate import _Segments
+
+    ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9, "per_batch": True}}))
+    gate = None
+    for cases in (_cases(), _more_cases()):
+        last = ed.edit(tiny, cases)
+        gate = installed_update_gate(tiny)
+        gate.refresh()
+
+    def afresh(g) -> float:
+        return _Segments.from_state(g.segments.state()).union_scale(g)
+
+    for g in gate.gates:
+        assert g.segments._worst["ordinary"][0] == 2  # both changes' ratios, kept
+        assert g.segments.scale == pytest.approx(afresh(g), rel=1e-6)
+    ed.rollback(tiny, last)
+    gate.refresh()
+    for g in gate.gates:
+        assert len(g.segments.taus) == 1 and g.segments.scale == pytest.approx(afresh(g), rel=1e-6)
+
+
 def test_a_bfloat16_stand_in_of_the_weights_leaves_the_gate_as_the_float32_weights_gave_it(tiny):
     """While targets are optimised the float32 weights are held in bfloat16 (`weights_in`):
     the same weights rounded. The gate must not read the rounding as a new batch's change
