@@ -249,6 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.info("unedited model measured in %.0fs (ppl %.2f)", time.perf_counter() - t0, progress["base_ppl"])
         touched: set[str] = set()
     else:
+        progress["limit"] = len(cases)  # a longer --limit extends the stream
         reference = load_reference(ref_file)
         touched = restore_state(folder, lm, editor, progress) if progress.get("saved") else set()
     editor.attach(lm)  # the update gate as it now stands, as the server would serve it
