@@ -148,6 +148,38 @@ def test_preserve_weight_holds_earlier_edits_tighter(tiny):
     assert moved[10.0] < moved[1.0]
 
 
+def test_past_the_preserve_horizon_earlier_keys_share_a_fixed_weight(tiny):
+    """Past `preserve_horizon` edits each earlier edit's keys weigh preserve_weight * horizon / n:
+    batch 3 after 6 edits with horizon 3 and weight 10 solves exactly as with weight 5 and
+    no horizon, from the same state; within the horizon the weight is the plain one."""
+    cfg = merged(FAST, {"solve": {"l2": 1.0, "preserve_weight": 10.0, "preserve_horizon": 3}})
+    ed: AlphaEdit = get_editor("alphaedit", cfg)  # type: ignore[assignment]
+    r1 = ed.edit(tiny, _batch("a"))
+    assert ed.preserve_weight_now(ed.config.solve) == 10.0  # 3 edits: within the horizon
+    r2 = ed.edit(tiny, _batch("b"))
+    assert ed.n_edits == 6 and ed.preserve_weight_now(ed.config.solve) == pytest.approx(5.0)
+    third = _batch("c")
+    horizon = ed.edit(tiny, third)
+    dW_horizon = _dW(tiny, horizon, 1)
+    ed.rollback(tiny, horizon)
+
+    fixed: AlphaEdit = get_editor("alphaedit", merged(FAST, {"solve": {"l2": 1.0, "preserve_weight": 5.0,
+                                                                       "preserve_horizon": None}}))  # type: ignore[assignment]
+    fixed.load_state_dict(ed.state_dict())
+    same = fixed.edit(tiny, third)
+    assert torch.allclose(_dW(tiny, same, 1), dW_horizon, rtol=1e-4, atol=1e-7)
+    fixed.rollback(tiny, same)
+
+    plain: AlphaEdit = get_editor("alphaedit", merged(FAST, {"solve": {"l2": 1.0, "preserve_weight": 10.0,
+                                                                       "preserve_horizon": None}}))  # type: ignore[assignment]
+    plain.load_state_dict(ed.state_dict())
+    other = plain.edit(tiny, third)  # weight 10: a different solve
+    assert not torch.allclose(_dW(tiny, other, 1), dW_horizon, rtol=1e-3, atol=1e-6)
+    plain.rollback(tiny, other)
+    ed.rollback(tiny, r2)
+    ed.rollback(tiny, r1)
+
+
 def test_cov_weight_stays_in_the_null_space_and_moves_generic_keys_less(tiny):
     moved = {}
     for weight in (0.0, 50.0):
