@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 import json
+import types
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any, ClassVar
 
@@ -144,7 +146,38 @@ def _group_from_dict(owner: type, name: str, group_cls: type, d: dict[str, Any])
     if unknown:
         raise ValueError(f"{owner.__name__}: unknown settings {sorted(f'{name}.{k}' for k in unknown)}; "
                          f"known in {name}: {sorted(known)}")
+    hints = typing.get_type_hints(group_cls)
+    for key, value in d.items():
+        if not _fits(value, hints.get(key, Any)):
+            raise ValueError(f"{owner.__name__}: {name}.{key} takes {_type_name(hints[key])}, got {value!r}")
     return group_cls(**d)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a setting's value has its field's type, loosely: a number where a float is
+    wanted, a list, tuple or comma string where a sequence is. Catches a word where a number belongs
+    (`--set solve.l2=abc`) before it fails deep inside an edit; dataclasses do not check."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or tp in (tuple, list):  # (a group may split a comma string itself)
+        return isinstance(value, (tuple, list, str))
+    return True  # anything else is not checked here
+
+
+def _type_name(tp: Any) -> str:
+    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a))
+                       for a in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)))
 
 
 @dataclass

@@ -278,6 +278,15 @@ def test_settings_are_grouped_and_round_trip_nested():
         get_editor("memit", {"targets": {"stepz": 4}})
     with pytest.raises(ValueError, match="update_gate.quantile must be between 0 and 1"):
         get_editor("memit", {"update_gate": {"quantile": 1.5}})
+    # a value of the wrong type is one error naming the setting, before any edit runs
+    with pytest.raises(ValueError, match=r"solve.l2 takes float, got 'abc'"):
+        get_editor("alphaedit", {"solve": {"l2": "abc"}})
+    with pytest.raises(ValueError, match=r"solve.preserve_horizon takes int or null, got 2.5"):
+        get_editor("alphaedit", {"solve": {"preserve_horizon": 2.5}})
+    with pytest.raises(ValueError, match=r"update_gate.per_batch takes bool"):
+        get_editor("alphaedit", {"update_gate": {"per_batch": "yes"}})
+    ok = get_editor("alphaedit", {"solve": {"l2": 3, "preserve_horizon": None}, "update_gate": {"quantile": None}}).config
+    assert (ok.solve.l2, ok.solve.preserve_horizon, ok.update_gate.quantile) == (3, None, None)
 
 
 def test_a_stored_config_keeps_the_update_gate_it_was_applied_with():
