@@ -125,6 +125,11 @@ class AlphaEditSolve(SolveSettings):
     # locality 0.87 -> 0.85.
     per_template_keys: bool = True
 
+    def __post_init__(self) -> None:
+        if self.preserve_horizon is not None and self.preserve_horizon < 1:
+            raise ValueError(f"solve.preserve_horizon is a number of edits (>= 1, or null for a fixed weight), "
+                             f"got {self.preserve_horizon}")
+
 
 @dataclass
 class AlphaEditUpdateGate(UpdateGateSettings):

@@ -285,6 +285,8 @@ def test_settings_are_grouped_and_round_trip_nested():
         get_editor("alphaedit", {"solve": {"preserve_horizon": 2.5}})
     with pytest.raises(ValueError, match=r"update_gate.per_batch takes bool"):
         get_editor("alphaedit", {"update_gate": {"per_batch": "yes"}})
+    with pytest.raises(ValueError, match=r"solve.preserve_horizon is a number of edits \(>= 1"):
+        get_editor("alphaedit", {"solve": {"preserve_horizon": 0}})
     ok = get_editor("alphaedit", {"solve": {"l2": 3, "preserve_horizon": None}, "update_gate": {"quantile": None}}).config
     assert (ok.solve.l2, ok.solve.preserve_horizon, ok.update_gate.quantile) == (3, None, None)
 
