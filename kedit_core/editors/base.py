@@ -157,9 +157,9 @@ def _fits(value: Any, tp: Any) -> bool:
     """Whether a setting's value has its field's type, loosely: a number where a float is
     wanted, a list, tuple or comma string where a sequence is. Catches a word where a number belongs
     (`--set solve.l2=abc`) before it fails deep inside an edit; dataclasses do not check."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, arg) for arg in typing.get_args(tp))
+    alternatives = _alternatives(tp)
+    if len(alternatives) > 1:
+        return any(_fits(value, arg) for arg in alternatives)
     if tp is type(None):
         return value is None
     if tp is bool:
@@ -170,14 +170,18 @@ def _fits(value: Any, tp: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is str:
         return isinstance(value, str)
-    if origin in (tuple, list) or tp in (tuple, list):  # (a group may split a comma string itself)
+    if typing.get_origin(tp) in (tuple, list) or tp in (tuple, list):  # (a group may split a comma string itself)
         return isinstance(value, (tuple, list, str))
     return True  # anything else is not checked here
 
 
 def _type_name(tp: Any) -> str:
-    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a))
-                       for a in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)))
+    return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in _alternatives(tp))
+
+
+def _alternatives(tp: Any) -> tuple[Any, ...]:
+    """The types a union (`int | None`, `Optional[int]`) allows; any other type alone."""
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
 
 
 @dataclass
