@@ -333,3 +333,26 @@ def test_a_version_rebuilt_from_the_ledger_gates_each_of_its_batches_on_its_own(
     for g in gate.gates:
         assert g.segments.taus == pytest.approx(live_taus[g.layer], rel=1e-4)
     assert torch.allclose(_logits(tiny, text), live, atol=1e-4)
+
+
+def test_per_batch_gate_holds_each_changes_factors_once(tiny):
+    """The hook reads every change's factors stacked; the per-change factors are views of
+    that one stack, not a second copy (a copy doubled the gate's memory, which grows with
+    every batch of a lifelong stream), and a rollback leaves no dropped factor behind."""
+    ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9, "per_batch": True}}))
+    ed.edit(tiny, _cases())
+    last = ed.edit(tiny, _more_cases())
+    gate = installed_update_gate(tiny)
+    _logits(tiny, TEXT)  # the hook builds what it reads
+    for g in gate.gates:
+        seg = g.segments
+        v_all, u_all = seg._stacked()[:2]
+        storages = {t.untyped_storage().data_ptr() for t in seg.vs + [v_all]}
+        assert storages == {seg.v_all.untyped_storage().data_ptr()}, "V held twice"
+        assert {t.untyped_storage().data_ptr() for t in seg.us + [u_all]} == {seg.u_all.untyped_storage().data_ptr()}
+        assert seg.v_all.shape[0] == sum(v.shape[0] for v in seg.vs) == u_all.shape[1]
+    ranks = {g.layer: g.segments.ranks[0] for g in gate.gates}
+    ed.rollback(tiny, last)
+    gate.refresh()
+    for g in gate.gates:
+        assert g.segments.v_all.untyped_storage().nbytes() == ranks[g.layer] * g.segments.v_all.shape[1] * 4
