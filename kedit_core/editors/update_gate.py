@@ -247,7 +247,6 @@ class _Segments:
             undone -= u @ v
             if float((change - undone).norm()) <= 1e-3 * scale:
                 self._drop_last(n)
-                self._worst = {}  # (rare: a rollback) recomputed whole on the next union_scale
                 return
         self.push(change, threshold)
         self.total = delta.clone()
@@ -279,8 +278,10 @@ class _Segments:
 
     def _drop_last(self, n: int) -> None:
         """Remove the last n changes (a rollback); the kept factors are copied out, so the
-        dropped ones' memory goes with them."""
+        dropped ones' memory goes with them. Both caches derived from the changes go too: the
+        stack, and union_scale's worst ratios (rare: recomputed whole on the next call)."""
         keep = sum(self.ranks[:-n])
+        self._worst = {}
         del self.ranks[-n:], self.taus[-n:]
         if self.ranks:
             self.u_all, self.v_all = self.u_all[:, :keep].clone(), self.v_all[:keep].clone()
