@@ -389,6 +389,9 @@ class UpdateGate:
     handles: list[Any] = field(default_factory=list)
     scope: Any = None  # edit_scope.EditScope of the editor that installed it; None: no routing
     link_cache: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = field(default_factory=dict)
+    # per layer, what `load_links` last left: (the segments, the chain's keys, their count of
+    # changes), to tell a chain that extends it from one that needs a rebuild
+    _loaded: dict[int, tuple[Any, list[str], int]] = field(default_factory=dict)
 
     def in_scope(self, questions: list[str]) -> list[bool | None]:
         """Per question, how it is routed (None for all when the gate has no scope)."""
@@ -415,7 +418,14 @@ class UpdateGate:
         in chain order, each (a key unique to the stored delta, a function reading its
         {parameter name: W_new - W_old}); a link seen before is not read again (its factors
         and taus are kept on the gate: a server moving along its chain factors each link
-        once). The weights must already be base + those links."""
+        once). The weights must already be base + those links.
+
+        A server moves forward one night at a time: when the gate already holds a prefix of
+        the chain (loaded here, nothing applied or rolled back since), only the new links are
+        added, so the union scale's per-change ratios are computed for them alone (done
+        whole, ~1.2 s a layer at 1,000 edits and ten times that at 10,000). Each link's
+        factors are held once: the cached factors of the links in use are views into the
+        gate's stack, not a second copy of it."""
         if not self.per_batch:
             return
         for key, read in links:
@@ -423,13 +433,40 @@ class UpdateGate:
                 tensors = read()
                 with torch.no_grad():
                     self.link_cache[key] = {g.layer: g.factor_link(tensors) for g in self.gates if g.per_batch}
+        keys = [key for key, _ in links]
         for g in self.gates:
             if not g.per_batch:
                 continue
-            g.version, g.segments = None, _Segments()
-            parts = [self.link_cache[key].get(g.layer) for key, _ in links]
+            held = self._loaded.get(g.layer)
+            if held is not None and held[0] is g.segments and len(g.segments.taus) == held[2] \
+                    and keys[:len(held[1])] == held[1]:
+                new_keys = keys[len(held[1]):]  # the gate holds this chain's first links as loaded
+            else:
+                g.version, g.segments, new_keys = None, _Segments(), keys
+            parts = [self.link_cache[key].get(g.layer) for key in new_keys]
             g.segments.extend([part for part in parts if part is not None])
             g.refresh()  # the summed update now; float rounding of the sum is not a new change
+            on_chain = sum(self.link_cache[key].get(g.layer) is not None for key in keys)
+            if g.segments is not None and len(g.segments.taus) == on_chain:
+                self._share_factors(g, keys)
+                self._loaded[g.layer] = (g.segments, keys, on_chain)
+            else:  # at base, or the weights hold more than the chain: rebuild next time
+                self._loaded.pop(g.layer, None)
+
+    def _share_factors(self, g: _LayerGate, chain: list[str]) -> None:
+        """Point the cached factors of `chain`'s links at layer `g` to views of its stack, and
+        give cached links off the chain their own copy (a view would keep a whole old stack)."""
+        held = iter(zip(g.segments.us, g.segments.vs))  # the chain's changes, in chain order
+        for key in chain:
+            part = self.link_cache[key].get(g.layer)
+            if part is not None:
+                u, v = next(held)
+                self.link_cache[key][g.layer] = (u, v, part[2])
+        on_chain = set(chain)
+        for key, per_layer in self.link_cache.items():
+            part = per_layer.get(g.layer)
+            if key not in on_chain and part is not None and part[0]._base is not None:
+                per_layer[g.layer] = (part[0].clone(), part[1].clone(), part[2])
 
     def segments_state(self) -> dict[int, dict[str, Any]]:
         """Per layer, the changes a per-batch gate holds (to save with the weights: they

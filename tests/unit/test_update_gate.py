@@ -309,6 +309,54 @@ def test_per_batch_gate_rebuilt_from_the_chains_deltas_serves_as_the_live_one(ti
     assert torch.allclose(_logits(tiny, text), live, atol=1e-4)
 
 
+def test_a_server_moving_forward_adds_only_the_new_links_and_holds_each_factor_once(tiny):
+    """A server moves to the next night's version: the gate keeps the changes it loaded and
+    adds the new link (the union scale's ratios of earlier changes are not recomputed), the
+    result serves as a full rebuild does, and the cached factors of the links in use are
+    views of the gate's stack, not a second copy of it."""
+    ed = get_editor("alphaedit", merged(FAST, {"update_gate": {"quantile": 0.9, "per_batch": True}}))
+    third = [EditCase(case_id="e0", subject="Pellin", relation="capital", prompt="The capital of Pellin is",
+                      target_new="Berlin")]
+    results = [ed.edit(tiny, cases) for cases in (_cases(), _more_cases(), third)]
+    gate = installed_update_gate(tiny)
+    text = TEXT + " The capital of Pellin is"
+    live = _logits(tiny, text)
+    live_taus = {g.layer: list(g.segments.taus) for g in gate.gates}
+    links = [r.delta.tensors for r in results]
+    reads: list[int] = []
+    chain = [(f"v{i}", lambda t=t, i=i: reads.append(i) or t) for i, t in enumerate(links)]
+
+    results[2].delta.revert(tiny.model)  # the server is at the second night's version
+    gate.load_links(chain[:2])
+    first = {g.layer: g.segments for g in gate.gates}
+    results[2].delta.apply(tiny.model)  # and moves to the third's
+    gate.load_links(chain)
+    assert reads == [0, 1, 2], "a link already factored was read again"
+    for g in gate.gates:
+        assert g.segments is first[g.layer], "the gate was rebuilt instead of extended"
+        assert g.segments.taus == pytest.approx(live_taus[g.layer], rel=1e-4)
+        v_store = g.segments.v_all.untyped_storage().data_ptr()
+        assert {gate.link_cache[key][g.layer][1].untyped_storage().data_ptr() for key, _ in chain} == {v_store}, \
+            "the cached factors are a second copy of the stack"
+    assert torch.allclose(_logits(tiny, text), live, atol=1e-4)
+    extended = {g.layer: g.segments.scale for g in gate.gates}
+
+    results[2].delta.revert(tiny.model)  # back a night: not a prefix move, rebuilt
+    gate.load_links(chain[:2])
+    for g in gate.gates:
+        assert g.segments is not first[g.layer] and len(g.segments.taus) == 2
+        third_v = gate.link_cache["v2"][g.layer][1]
+        assert third_v._base is None, "a link off the chain keeps a view of the old stack alive"
+    results[2].delta.apply(tiny.model)
+    for g in gate.gates:  # a full rebuild of the three links gives the extended gate's scale
+        g.segments, g.version = None, None
+    gate._loaded.clear()
+    gate.load_links(chain)
+    assert reads == [0, 1, 2]
+    assert {g.layer: g.segments.scale for g in gate.gates} == pytest.approx(extended, rel=1e-6)
+    assert torch.allclose(_logits(tiny, text), live, atol=1e-4)
+
+
 def test_a_version_rebuilt_from_the_ledger_gates_each_of_its_batches_on_its_own(tiny, tmp_path):
     """The runtime and the server serve a version through `weight_editor_attach`: with a
     per-batch gate in the version's config, the chain's stored deltas become its changes."""
