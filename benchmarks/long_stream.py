@@ -322,18 +322,25 @@ def write_figures(folder: Path, progress: dict[str, Any]) -> None:
     except ImportError:
         return
     x = [r["n_edits"] for r in rows]
-    fig, (quality, cost) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (quality, cost, memory) = plt.subplots(1, 3, figsize=(15, 4))
     for key in ("served_efficacy", "served_paraphrase", "served_locality", "served_retention", "efficacy_acc",
-                "locality"):
+                "paraphrase_acc", "locality"):
         if all(key in r for r in rows):
             quality.plot(x, [r[key] for r in rows], marker="o", label=key, linestyle="-" if "served" in key else ":")
     quality.set(xscale="log", xlabel="sequential edits", ylim=(0, 1.02), title=f"{progress['method']}: quality")
     quality.legend(fontsize=7)
-    cost.plot(x, [r["window_s_per_edit"] for r in rows], marker="o", label="s per edit (window)")
-    cost.set(xscale="log", xlabel="sequential edits", ylabel="seconds per edit", title="cost")
+    # axes from zero (cost) and around the +10% bar (perplexity), so that flat reads flat
+    seconds = [r["window_s_per_edit"] for r in rows]
+    cost.plot(x, seconds, marker="o", label="s per edit (window)")
+    cost.set(xscale="log", xlabel="sequential edits", ylabel="seconds per edit", title="cost",
+             ylim=(0, 1.2 * max(seconds)))
     twin = cost.twinx()
-    twin.plot(x, [r["ppl_ratio"] for r in rows], marker="s", color="tab:red", label="perplexity / base")
-    twin.set_ylabel("perplexity / base")
+    ppl = [r["ppl_ratio"] for r in rows]
+    twin.plot(x, ppl, marker="s", color="tab:red", label="perplexity / base")
+    twin.set(ylabel="perplexity / base (red)", ylim=(min(0.95, min(ppl)), max(1.15, max(ppl))))
+    if all("rss_mb" in r for r in rows):
+        memory.plot(x, [r["rss_mb"] / 1024 for r in rows], marker="o", color="tab:green")
+    memory.set(xscale="log", xlabel="sequential edits", ylabel="GiB", title="resident memory", ylim=(0, None))
     fig.tight_layout()
     fig.savefig(folder / "figures.png", dpi=110)
     plt.close(fig)
