@@ -259,11 +259,15 @@ class _Segments:
         """Add one change given as factors (U*S [out, r], V [r, in]) and its tau."""
         self.extend([(u, v, tau)])
 
-    def extend(self, parts: list[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    def extend(self, parts: list[tuple[torch.Tensor, torch.Tensor, float]],
+               total: torch.Tensor | None = None) -> None:
         """Add changes given as (U*S, V, tau), in order, with one copy of the stack: appending
         copies every factor held (R x (in + out) floats, ~0.1 s a layer at 10,000 edits), the
-        price of holding each once; a rebuilt chain is added in one go, not one copy a link."""
+        price of holding each once; a rebuilt chain is added in one go, not one copy a link.
+        `total`: the summed update the changes make, when known (a restored state saved it),
+        instead of summing the factors."""
         if not parts:
+            self.total = total if total is not None else self.total
             return
         start = sum(self.ranks)
         held = [] if self.u_all is None else [self.u_all]
@@ -272,8 +276,11 @@ class _Segments:
         self.v_all = torch.cat(held + [v for _, v, _ in parts], dim=0)
         self.ranks += [v.shape[0] for _, v, _ in parts]
         self.taus += [tau for _, _, tau in parts]
-        added = self.u_all[:, start:] @ self.v_all[start:]
-        self.total = added if self.total is None else self.total + added
+        if total is not None:
+            self.total = total
+        else:
+            added = self.u_all[:, start:] @ self.v_all[start:]
+            self.total = added if self.total is None else self.total + added
         self._stack = None
 
     def _drop_last(self, n: int) -> None:
@@ -295,8 +302,8 @@ class _Segments:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> _Segments:
         seg = cls()
-        seg.extend(list(zip(state["us"], state["vs"], state["taus"])))
-        seg.total = state["total"]  # as the weights held it (the factors' sum to rounding)
+        # the summed update as the weights held it (the factors' sum to rounding)
+        seg.extend(list(zip(state["us"], state["vs"], state["taus"])), total=state["total"])
         return seg
 
     def _stacked(self) -> tuple[torch.Tensor, ...]:
