@@ -215,6 +215,7 @@ class _Segments:
         # name -> (n, [P] float64). Changes are only appended or removed from the end, and a
         # change's ratios never move, so a new change costs its own ranks, not all R.
         self._worst: dict[str, tuple[int, torch.Tensor]] = {}
+        self.generation = 0  # counts every change of the changes held (added or removed)
 
     @property
     def us(self) -> list[torch.Tensor]:
@@ -276,6 +277,7 @@ class _Segments:
         self.v_all = torch.cat(held + [v for _, v, _ in parts], dim=0)
         self.ranks += [v.shape[0] for _, v, _ in parts]
         self.taus += [tau for _, _, tau in parts]
+        self.generation += 1
         if total is not None:
             self.total = total
         else:
@@ -289,6 +291,7 @@ class _Segments:
         stack, and union_scale's worst ratios (rare: recomputed whole on the next call)."""
         keep = sum(self.ranks[:-n])
         self._worst = {}
+        self.generation += 1
         del self.ranks[-n:], self.taus[-n:]
         if self.ranks:
             self.u_all, self.v_all = self.u_all[:, :keep].clone(), self.v_all[:keep].clone()
@@ -396,8 +399,8 @@ class UpdateGate:
     handles: list[Any] = field(default_factory=list)
     scope: Any = None  # edit_scope.EditScope of the editor that installed it; None: no routing
     link_cache: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = field(default_factory=dict)
-    # per layer, what `load_links` last left: (the segments, the chain's keys, their count of
-    # changes), to tell a chain that extends it from one that needs a rebuild
+    # per layer, what `load_links` last left: (the segments, the chain's keys, the segments'
+    # generation then), to tell a chain that extends it from one that needs a rebuild
     _loaded: dict[int, tuple[Any, list[str], int]] = field(default_factory=dict)
 
     def in_scope(self, questions: list[str]) -> list[bool | None]:
@@ -445,7 +448,7 @@ class UpdateGate:
             if not g.per_batch:
                 continue
             held = self._loaded.get(g.layer)
-            if held is not None and held[0] is g.segments and len(g.segments.taus) == held[2] \
+            if held is not None and held[0] is g.segments and g.segments.generation == held[2] \
                     and keys[:len(held[1])] == held[1]:
                 new_keys = keys[len(held[1]):]  # the gate holds this chain's first links as loaded
             else:
@@ -456,7 +459,7 @@ class UpdateGate:
             on_chain = sum(self.link_cache[key].get(g.layer) is not None for key in keys)
             if g.segments is not None and len(g.segments.taus) == on_chain:
                 self._share_factors(g, keys)
-                self._loaded[g.layer] = (g.segments, keys, on_chain)
+                self._loaded[g.layer] = (g.segments, keys, g.segments.generation)
             else:  # at base, or the weights hold more than the chain: rebuild next time
                 self._loaded.pop(g.layer, None)
 

@@ -356,6 +356,16 @@ def test_a_server_moving_forward_adds_only_the_new_links_and_holds_each_factor_o
     assert {g.layer: g.segments.scale for g in gate.gates} == pytest.approx(extended, rel=1e-6)
     assert torch.allclose(_logits(tiny, text), live, atol=1e-4)
 
+    results[2].delta.revert(tiny.model)
+    gate.load_links(chain[:2])
+    loaded = {g.layer: g.segments for g in gate.gates}
+    results[2].delta.apply(tiny.model)
+    _logits(tiny, text)  # a request sees the new weights first: the gate takes them as a change of its own
+    gate.load_links(chain)
+    for g in gate.gates:  # so the loaded prefix no longer describes the gate: rebuilt, not extended
+        assert g.segments is not loaded[g.layer] and len(g.segments.taus) == 3
+    assert torch.allclose(_logits(tiny, text), live, atol=1e-4)
+
 
 def test_a_version_rebuilt_from_the_ledger_gates_each_of_its_batches_on_its_own(tiny, tmp_path):
     """The runtime and the server serve a version through `weight_editor_attach`: with a
