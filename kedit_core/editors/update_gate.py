@@ -216,6 +216,9 @@ class _Segments:
         # change's ratios never move, so a new change costs its own ranks, not all R.
         self._worst: dict[str, tuple[int, torch.Tensor]] = {}
         self.generation = 0  # counts every change of the changes held (added or removed)
+        # (the chain's link keys, generation) when `UpdateGate.load_links` left these changes:
+        # a later load whose chain extends it adds only the new links, unless they changed since
+        self.loaded: tuple[list[str], int] | None = None
 
     @property
     def us(self) -> list[torch.Tensor]:
@@ -399,9 +402,6 @@ class UpdateGate:
     handles: list[Any] = field(default_factory=list)
     scope: Any = None  # edit_scope.EditScope of the editor that installed it; None: no routing
     link_cache: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = field(default_factory=dict)
-    # per layer, what `load_links` last left: (the segments, the chain's keys, the segments'
-    # generation then), to tell a chain that extends it from one that needs a rebuild
-    _loaded: dict[int, tuple[Any, list[str], int]] = field(default_factory=dict)
 
     def in_scope(self, questions: list[str]) -> list[bool | None]:
         """Per question, how it is routed (None for all when the gate has no scope)."""
@@ -447,21 +447,20 @@ class UpdateGate:
         for g in self.gates:
             if not g.per_batch:
                 continue
-            held = self._loaded.get(g.layer)
-            if held is not None and held[0] is g.segments and g.segments.generation == held[2] \
-                    and keys[:len(held[1])] == held[1]:
-                new_keys = keys[len(held[1]):]  # the gate holds this chain's first links as loaded
+            held = g.segments.loaded if g.segments is not None else None
+            if held is not None and g.segments.generation == held[1] and keys[:len(held[0])] == held[0]:
+                new_keys = keys[len(held[0]):]  # the gate holds this chain's first links as loaded
             else:
                 g.version, g.segments, new_keys = None, _Segments(), keys
             parts = [self.link_cache[key].get(g.layer) for key in new_keys]
             g.segments.extend([part for part in parts if part is not None])
             g.refresh()  # the summed update now; float rounding of the sum is not a new change
             on_chain = sum(self.link_cache[key].get(g.layer) is not None for key in keys)
-            if g.segments is not None and len(g.segments.taus) == on_chain:
-                self._share_factors(g, keys)
-                self._loaded[g.layer] = (g.segments, keys, g.segments.generation)
-            else:  # at base, or the weights hold more than the chain: rebuild next time
-                self._loaded.pop(g.layer, None)
+            if g.segments is not None:  # (None: the chain leaves the layer at base)
+                exact = len(g.segments.taus) == on_chain  # else the weights hold more: rebuild next time
+                if exact:
+                    self._share_factors(g, keys)
+                g.segments.loaded = (keys, g.segments.generation) if exact else None
 
     def _share_factors(self, g: _LayerGate, chain: list[str]) -> None:
         """Point the cached factors of `chain`'s links at layer `g` to views of its stack, and
